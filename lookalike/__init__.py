@@ -1,0 +1,3 @@
+"""lookalike: self-hosted visual similarity search for product catalogues."""
+
+__version__ = "0.1.0"

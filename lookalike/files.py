@@ -1,0 +1,62 @@
+"""File helpers shared by the exporter and the worker: checksums and crash-safe writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from lookalike.errors import LookalikeError
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the whole new one, never a part."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        atomic_replace(Path(temporary), path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_replace(source: Path, target: Path) -> None:
+    """Move a finished file (on the same file system) into place durably: flush it, rename, flush the folder."""
+    with open(source, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(source, target)
+    fsync_directory(target.parent)
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Make a rename inside `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def ensure_writable_file(path: str | Path) -> Path:
+    """Create the parent folder if needed and prove a file can be written there, before any slow work."""
+    path = Path(path)
+    if path.is_dir():
+        raise LookalikeError(f"output {path} is a folder; give a file name such as {path / 'model.onnx'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise LookalikeError(f"can't write to {path.parent}: {error.strerror or error}") from error
+    return path

@@ -1,0 +1,86 @@
+"""Decoding as the worker will: any mode and orientation to RGB at the model's size, a coded error otherwise."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.decode import ImageError, ResizePolicy, decode_image
+
+SIZE = (32, 32)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_jpeg_is_decoded_to_rgb_at_the_model_size():
+    data = encode(Image.new("RGB", (1800, 2400), (200, 30, 40)), "JPEG", quality=95)
+    pixels = decode_image(data, SIZE)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - (200, 30, 40)).max() <= 3
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))
+    pixels = decode_image(encode(rgba, "PNG"), (40, 40))
+    assert tuple(pixels[20, 5]) == (0, 0, 255)
+    assert tuple(pixels[20, 35]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (60, 30), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 30, 30))  # white on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
+    pixels = decode_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95), (30, 60))
+    assert pixels[:25].mean() > 200 and pixels[35:].mean() < 50  # the left half is now on top
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "LA", "1", "I;16"])
+def test_every_mode_becomes_rgb(mode):
+    fmt = "JPEG" if mode in ("CMYK", "L") else ("TIFF" if mode == "I;16" else "PNG")
+    image = Image.new(mode, (20, 10))
+    assert decode_image(encode(image, fmt), SIZE).shape == (32, 32, 3)
+
+
+def test_sixteen_bit_samples_are_scaled_not_clipped():
+    gray = Image.fromarray(np.full((10, 10), 32896, dtype=np.uint16))  # half of 65535
+    assert decode_image(encode(gray, "PNG"), SIZE)[0, 0, 0] == 128
+
+
+def test_the_first_frame_of_an_animation_is_used():
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert tuple(decode_image(data, SIZE)[8, 8]) == (255, 0, 0)
+
+
+def test_pad_keeps_the_aspect_ratio_on_white():
+    wide = encode(Image.new("RGB", (64, 16), (0, 0, 0)), "PNG")
+    padded = decode_image(wide, SIZE, ResizePolicy.PAD)
+    assert tuple(padded[0, 16]) == (255, 255, 255) and tuple(padded[16, 16]) == (0, 0, 0)
+    assert decode_image(wide, SIZE, "stretch")[0, 16].max() == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "empty"),
+        (b"just some text, not pixels", "not_an_image"),
+        (encode(Image.new("RGB", (64, 64)), "JPEG")[:300], "truncated"),
+        (encode(Image.new("RGB", (64, 64)), "PPM"), "unsupported_format"),
+        (encode(Image.new("1", (20000, 20000)), "PNG"), "too_large"),
+    ],
+    ids=["empty", "text", "truncated-jpeg", "ppm", "20000x20000-png"],
+)
+def test_bad_input_gets_a_coded_error(data, code):
+    with pytest.raises(ImageError) as refused:
+        decode_image(data, SIZE)
+    assert refused.value.code == code
+    assert refused.value.as_dict() == {"code": code, "message": refused.value.message}

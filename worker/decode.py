@@ -1,0 +1,116 @@
+"""Image bytes -> RGB uint8 array at the model's input size, with a coded error for every way it can fail."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from enum import StrEnum
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+DEFAULT_MAX_PIXELS = 50_000_000
+WHITE = (255, 255, 255)
+
+
+class ResizePolicy(StrEnum):
+    """How an image of any aspect ratio becomes the model's square input."""
+
+    STRETCH = "stretch"  # the tutorial's way: ignore the aspect ratio
+    PAD = "pad"  # keep the aspect ratio, pad to square on white
+
+
+class ImageError(ValueError):
+    """An image that can't be used, with a stable machine-readable code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    policy: ResizePolicy | str = ResizePolicy.STRETCH,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode `data` to a `(height, width, 3)` uint8 RGB array of `size` = (width, height)."""
+    policy = ResizePolicy(policy)
+    image = _open(data, max_pixels)
+    try:
+        if image.format in ("JPEG", "MPO"):
+            # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing; ask for at least the target size
+            # on both sides so that EXIF rotation and padding still have enough pixels.
+            side = max(size)
+            image.draft("RGB", (side, side))
+        image = ImageOps.exif_transpose(image) or image
+        rgb = _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise _unreadable(error) from error
+    if policy is ResizePolicy.PAD:
+        rgb = ImageOps.pad(rgb, size, method=Image.Resampling.BILINEAR, color=WHITE)
+    else:
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError("empty", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError("too_large", f"the image is too large: {error}") from error
+    except Image.UnidentifiedImageError as error:
+        raise ImageError("not_an_image", "the file is not an image in a known format") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise _unreadable(error) from error
+    if image.format not in ALLOWED_FORMATS:
+        allowed = ", ".join(sorted(ALLOWED_FORMATS - {"MPO"}))
+        raise ImageError("unsupported_format", f"{image.format} images are not accepted (allowed: {allowed})")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError("corrupt", f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError("too_large", f"the image is {width}x{height} pixels, over the cap of {max_pixels:,} pixels")
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    return image
+
+
+def _unreadable(error: Exception) -> ImageError:
+    """Pillow says "truncated" in several ways (header or pixel data); everything else is corrupt data."""
+    if "truncat" in str(error).lower():
+        return ImageError("truncated", "the image data ends early (truncated file)")
+    return ImageError("corrupt", f"the image data can't be decoded: {error}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited on white, high bit depths scaled to 8 bits."""
+    if image.mode == "RGB":
+        image.load()
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_rgb(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    # Modes "I;16*" and "I" hold 16-bit samples (Pillow opens 16-bit PNG and TIFF this way); "F" is taken as 0..255.
+    scale = 1.0 if image.mode == "F" else 255.0 / 65535.0
+    gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
