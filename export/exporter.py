@@ -1,0 +1,90 @@
+"""`lookalike export`: build the Keras model, convert it, prove parity, write the model and its card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from export.card import contract_fields, write_card
+from export.errors import ExportError
+from export.keras_model import build_embedding_model, check_pooling
+from export.parity import PARITY_BOUND, check_parity, parity_images
+from export.progress import Progress
+from export.weights import WeightsSource, resolve_weights
+from lookalike.files import ensure_writable_file
+from worker.model import load_model
+
+if TYPE_CHECKING:
+    import keras
+
+BACKBONE = "ResNet50"
+
+
+@dataclass
+class ExportedModel:
+    """What an export produced: the ONNX file, its card, and the Keras model it was converted from."""
+
+    path: Path
+    card: dict[str, Any]
+    keras_model: keras.Model
+
+
+def export_resnet50(
+    out: Path,
+    pooling: str = "max",
+    weights: str = "imagenet",
+    sample: Path | None = None,
+    progress: Progress | None = None,
+) -> ExportedModel:
+    """Export ResNet50 + global `pooling` with `weights` to `out`, with its card beside it."""
+    progress = progress or Progress()
+    check_pooling(pooling)
+    ensure_writable_file(out)
+    source = _weights(weights, progress)
+
+    # TensorFlow takes seconds to import: only after every argument has been checked.
+    from export.convert import OPSET, convert_to_onnx
+
+    progress.say(f"Exporting {BACKBONE} with {pooling} pooling, weights: {source.describe()}")
+    with progress.step("build Keras model") as note:
+        keras_model = build_embedding_model(pooling, source)
+        note["detail"] = f"{keras_model.count_params():,} parameters"
+    with progress.step("convert to ONNX with tf2onnx") as note:
+        convert_to_onnx(keras_model, out)
+        note["detail"] = f"opset {OPSET}, {out.stat().st_size / 1e6:.1f} MB"
+    with progress.step("parity check, Keras vs onnxruntime") as note:
+        onnx_model = load_model(out, providers=["cpu"])
+        images, origin = parity_images(onnx_model.contract.size, sample)
+        expected = keras_model.predict(images, batch_size=len(images), verbose=0)
+        try:
+            difference = check_parity(expected, onnx_model.embed(images))
+        except ExportError:
+            out.unlink(missing_ok=True)  # a model that fails parity must not be picked up by a worker
+            raise
+        note["detail"] = f"max relative difference {difference:.1e} on {origin}"
+
+    card = write_card(
+        out,
+        {
+            "backbone": BACKBONE,
+            "pooling": pooling,
+            "precision": "fp32",
+            **contract_fields(onnx_model.contract),
+            "preprocessing": "inside the graph: cast to float32, keras.applications.resnet50.preprocess_input "
+            "(RGB to BGR, ImageNet mean subtracted)",
+            "weights": source.as_card(),
+            "opset": OPSET,
+            "parity": {"max_relative_difference": difference, "bound": PARITY_BOUND, "checked_on": origin},
+            "timings_s": progress.timings,
+        },
+    )
+    progress.say(f"wrote {out} (sha256 {card['sha256'][:16]}...) and its card {out.with_suffix('.json')}")
+    return ExportedModel(out, card, keras_model)
+
+
+def _weights(spec: str, progress: Progress) -> WeightsSource:
+    if spec.lower() != "imagenet":
+        return resolve_weights(spec)
+    with progress.step("ImageNet weights (Keras download, cached after the first run)"):
+        return resolve_weights(spec)

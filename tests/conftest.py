@@ -1,0 +1,48 @@
+"""Shared fixtures: where the shared images and model are, and one real ResNet50 export per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    return Path(os.environ.get("LOOKALIKE_SHARED_DIR", REPO.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared data and models (`LOOKALIKE_SHARED_DIR`, default ../shared): required in CI, optional elsewhere."""
+    path = _shared_dir()
+    if not (path / "data" / "fashion" / "images").is_dir():
+        message = f"shared test data not found at {path} (set LOOKALIKE_SHARED_DIR)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_images(shared_dir: Path) -> Path:
+    """1,002 labelled product photos."""
+    return shared_dir / "data" / "fashion" / "images"
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(shared_dir: Path) -> Path:
+    """EfficientNet-Lite0 with real ImageNet features, in lookalike's model contract."""
+    return shared_dir / "models" / "efficientnet_lite0_max.onnx"
+
+
+@pytest.fixture(scope="session")
+def resnet_export(tmp_path_factory: pytest.TempPathFactory):
+    """ResNet50 + max pooling with random weights, through the real Keras -> tf2onnx -> parity path."""
+    from export.exporter import export_resnet50
+    from export.progress import Progress
+
+    out = tmp_path_factory.mktemp("export") / "resnet50_max.onnx"
+    return export_resnet50(out, pooling="max", weights="none", progress=Progress())
