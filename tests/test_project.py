@@ -1,0 +1,61 @@
+"""Rules of the repository itself: CI runs the README's commands, the import boundaries hold, ruff is clean."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# package -> modules it must never import (see DESIGN.md): the web only enqueues and polls, the worker never
+# needs TensorFlow, the exporter never serves.
+FORBIDDEN_IMPORTS = {
+    "web": {"onnxruntime", "hnswlib", "tensorflow", "tf2onnx", "keras"},
+    "worker": {"tensorflow", "tf2onnx", "keras", "flask"},
+    "export": {"flask", "celery"},
+}
+
+
+def readme_commands(marker: str) -> list[str]:
+    """The lines of the shell block that follows `<!-- marker -->` in the README."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```sh\n(.*?)```", text, re.DOTALL)
+    assert match, f"README.md has no ```sh block after <!-- {marker} -->"
+    return [line for line in match.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_readmes_test_command_after_the_readmes_install():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    (test_command,) = readme_commands("test-command")
+    assert test_command in ci
+    (run_command,) = readme_commands("run-command")
+    install_steps = [step for step in run_command.split(" && ") if not step.startswith(".venv/bin/lookalike")]
+    assert install_steps and all(step in ci for step in install_steps)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))
+def test_import_boundaries_of_design_md_hold(package):
+    offending = []
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offending += [f"{path.relative_to(REPO)}: {name}" for name in names
+                          if name.split(".")[0] in FORBIDDEN_IMPORTS[package]]  # fmt: skip
+    assert not offending
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff, "ruff is part of the dev extra"
+    result = subprocess.run([ruff, "check", str(REPO)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
