@@ -74,8 +74,8 @@ def main() -> None:
     baseline = results[0][2]
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    print(f"\nResNet50 + max pooling, 224x224, {len(images)} product photos; {cpu}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}\n")  # fmt: skip
+    machine = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"\nResNet50 + max pooling, 224x224, {len(images)} product photos; {machine}\n")
     print("| method | batch | images/s | vs (a) |")
     print("| --- | ---: | ---: | ---: |")
     for label, batch, rate in results:

@@ -23,11 +23,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
+    from worker.cli import register as register_worker
 
     parser = OneLineParser(prog="lookalike", description="Self-hosted visual similarity search for products.")
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_export(commands)
+    register_worker(commands)
     return parser
 
 

@@ -33,14 +33,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_replace(source: Path, target: Path) -> None:
     """Move a finished file (on the same file system) into place durably: flush it, rename, flush the folder."""
-    with open(source, "rb+") as file:
-        os.fsync(file.fileno())
+    fsync_path(source)
     os.replace(source, target)
-    fsync_directory(target.parent)
+    fsync_path(target.parent)
 
 
-def fsync_directory(path: str | Path) -> None:
-    """Make a rename inside `path` durable."""
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or make the renames inside a folder durable."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -46,3 +46,42 @@ def resnet_export(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("export") / "resnet50_max.onnx"
     return export_resnet50(out, pooling="max", weights="none", progress=Progress())
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real Redis server: `LOOKALIKE_REDIS_URL` when set (its database is flushed!), else a private one."""
+    if os.environ.get("LOOKALIKE_REDIS_URL"):
+        yield os.environ["LOOKALIKE_REDIS_URL"]
+        return
+    from lookalike.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_databases(redis_url):
+    """Hands each stack a Redis database of its own, so that two stacks never share queues."""
+    from itertools import count
+
+    base = redis_url.rsplit("/", 1)[0]
+    return (f"{base}/{number}" for number in count(1))
+
+
+@pytest.fixture
+def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
+    """Start a Stack of real worker processes (EfficientNet-Lite0, catalogue root = shared data); stopped after."""
+    from tests.stack import Stack
+
+    stacks = []
+
+    def make(**env: str):
+        data = tmp_path / f"data{len(stacks)}"
+        stack = Stack(next(redis_databases), data, pretrained_model, shared_dir / "data", **env)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()

@@ -1,0 +1,120 @@
+"""Every setting of lookalike, read from `LOOKALIKE_*` environment variables in this one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.errors import LookalikeError
+
+CORES = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its default and what it means (the README's configuration table)."""
+
+    variable: str
+    default: str
+    meaning: str
+
+
+SETTINGS = [
+    Setting(
+        "LOOKALIKE_REDIS_URL", "", "Redis for broker, results and jobs; empty: `lookalike up` starts a private one"
+    ),
+    Setting("LOOKALIKE_DATA_DIR", "./lookalike-data", "state: the index, extracted archives, logs"),
+    Setting("LOOKALIKE_MODEL", "models/resnet50_max.onnx", "the ONNX model (any model with the contract)"),
+    Setting("LOOKALIKE_INDEX_DIR", "", "the index files; empty: DATA_DIR/index"),
+    Setting("LOOKALIKE_CATALOG_ROOT", ".", "catalogue loads may only read files under this folder"),
+    Setting("LOOKALIKE_BATCH", "32", "images per embedding batch (one task, one onnxruntime run)"),
+    Setting("LOOKALIKE_PROVIDERS", "auto", "onnxruntime providers, best first: auto, cuda, cpu or full names"),
+    Setting("LOOKALIKE_EMBED_PROCESSES", str(CORES), "processes of `lookalike worker embed`"),
+    Setting("LOOKALIKE_THREADS", "", "onnxruntime intra-op threads per process; empty: cores / processes"),
+    Setting("LOOKALIKE_EMBED_NICE", "10", "niceness of bulk embedding processes, so searches get the CPU first"),
+    Setting("LOOKALIKE_RESIZE", "stretch", "resize policy: stretch (the tutorial's) or pad (to square, on white)"),
+    Setting("LOOKALIKE_MAX_UPLOAD", str(10 * 1024 * 1024), "largest accepted image upload, bytes"),
+    Setting("LOOKALIKE_MAX_PIXELS", "50000000", "largest accepted image, pixels (decompression bomb guard)"),
+    Setting("LOOKALIKE_HNSW_M", "32", "hnswlib M (graph degree)"),
+    Setting("LOOKALIKE_HNSW_EF_CONSTRUCTION", "200", "hnswlib ef_construction"),
+    Setting("LOOKALIKE_HNSW_EF", "128", "hnswlib ef at query time (at least k)"),
+    Setting("LOOKALIKE_SNAPSHOT_EVERY", "20000", "changes between index snapshots (the log is cut after each)"),
+    Setting("LOOKALIKE_SEARCH_TTL", "3600", "seconds a search job's record is kept"),
+    Setting("LOOKALIKE_TASK_TIME_LIMIT", "600", "seconds before a task is killed"),
+]
+DEFAULTS = {setting.variable: setting.default for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    data_dir: Path
+    model: Path
+    index_dir: Path
+    catalog_root: Path
+    batch: int
+    providers: tuple[str, ...]
+    embed_processes: int
+    threads: int
+    embed_nice: int
+    resize: str
+    max_upload: int
+    max_pixels: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    hnsw_ef: int
+    snapshot_every: int
+    search_ttl: int
+    task_time_limit: int
+
+    @property
+    def archives_dir(self) -> Path:
+        """Where tar archives from the catalogue are unpacked once, by content hash."""
+        return self.data_dir / "archives"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Catalogue files uploaded through the web; loads may read from here as well as the catalogue root."""
+        return self.data_dir / "uploads"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = {**DEFAULTS, **{k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}}
+        data_dir = Path(env["LOOKALIKE_DATA_DIR"]).expanduser().resolve()
+        processes = _integer(env, "LOOKALIKE_EMBED_PROCESSES", minimum=1)
+        default_threads = max(1, CORES // processes)
+        settings = cls(
+            redis_url=env["LOOKALIKE_REDIS_URL"] or "redis://127.0.0.1:6379/0",
+            data_dir=data_dir,
+            model=Path(env["LOOKALIKE_MODEL"]).expanduser().resolve(),
+            index_dir=Path(env.get("LOOKALIKE_INDEX_DIR") or data_dir / "index").expanduser().resolve(),
+            catalog_root=Path(env["LOOKALIKE_CATALOG_ROOT"]).expanduser().resolve(),
+            batch=_integer(env, "LOOKALIKE_BATCH", minimum=1),
+            providers=tuple(name.strip() for name in env["LOOKALIKE_PROVIDERS"].split(",") if name.strip()),
+            embed_processes=processes,
+            threads=_integer(env, "LOOKALIKE_THREADS", minimum=1) if env.get("LOOKALIKE_THREADS") else default_threads,
+            embed_nice=_integer(env, "LOOKALIKE_EMBED_NICE", minimum=0),
+            resize=env["LOOKALIKE_RESIZE"],
+            max_upload=_integer(env, "LOOKALIKE_MAX_UPLOAD", minimum=1),
+            max_pixels=_integer(env, "LOOKALIKE_MAX_PIXELS", minimum=1),
+            hnsw_m=_integer(env, "LOOKALIKE_HNSW_M", minimum=2),
+            hnsw_ef_construction=_integer(env, "LOOKALIKE_HNSW_EF_CONSTRUCTION", minimum=1),
+            hnsw_ef=_integer(env, "LOOKALIKE_HNSW_EF", minimum=1),
+            snapshot_every=_integer(env, "LOOKALIKE_SNAPSHOT_EVERY", minimum=1),
+            search_ttl=_integer(env, "LOOKALIKE_SEARCH_TTL", minimum=1),
+            task_time_limit=_integer(env, "LOOKALIKE_TASK_TIME_LIMIT", minimum=10),
+        )
+        if settings.resize not in ("stretch", "pad"):
+            raise LookalikeError(f"LOOKALIKE_RESIZE is {settings.resize!r}; choose stretch or pad")
+        return settings
+
+
+def _integer(env: dict[str, str], variable: str, minimum: int) -> int:
+    try:
+        value = int(env[variable])
+    except ValueError:
+        raise LookalikeError(f"{variable} must be a whole number, not {env[variable]!r}") from None
+    if value < minimum:
+        raise LookalikeError(f"{variable} must be at least {minimum}, not {value}")
+    return value

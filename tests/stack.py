@@ -1,0 +1,96 @@
+"""Real processes for integration tests: Redis, the index owner and embed workers, each stopped by its fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from lookalike.settings import Settings
+
+LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
+
+
+class Stack:
+    """One lookalike deployment on loopback: its own Redis database, data folder and worker processes."""
+
+    def __init__(self, redis_url: str, data_dir: Path, model: Path, catalog_root: Path, **extra_env: str) -> None:
+        self.env = {
+            **os.environ,
+            "LOOKALIKE_REDIS_URL": redis_url,
+            "LOOKALIKE_DATA_DIR": str(data_dir),
+            "LOOKALIKE_MODEL": str(model),
+            "LOOKALIKE_CATALOG_ROOT": str(catalog_root),
+            "LOOKALIKE_EMBED_PROCESSES": "2",
+            **extra_env,
+        }
+        self.settings = Settings.from_env(self.env)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.redis.flushdb()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.logs = data_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, kind: str) -> subprocess.Popen:
+        """Start `lookalike worker <kind>` and wait until it reports in."""
+        started = time.time()
+        log = open(self.logs / f"{kind}-{len(self.processes)}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [LOOKALIKE, "worker", kind], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.processes[kind] = process
+        self.wait_for(lambda: self.heartbeat(kind, since=started), f"{kind} worker to report in", process=process)
+        return process
+
+    def heartbeat(self, role: str, since: float = 0.0) -> list[dict[str, Any]]:
+        beats = [json.loads(value) for value in self.redis.hvals("lookalike:workers")]
+        return [beat for beat in beats if beat["role"] == role and beat["seen"] >= since]
+
+    def kill(self, kind: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a worker and every process of its group (its pool children too)."""
+        process = self.processes.pop(kind)
+        os.killpg(process.pid, sig)
+        process.wait(30)
+
+    def pool_children(self, kind: str) -> list[int]:
+        parent = self.processes[kind].pid
+        result = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False)
+        return [int(pid) for pid in result.stdout.split()]
+
+    def stop(self) -> None:
+        """Stop every worker: politely first, then by force; nothing is left behind."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+    @staticmethod
+    def wait_for(condition, what: str, timeout: float = 60, process: subprocess.Popen | None = None) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            if process is not None and process.poll() is not None:
+                raise AssertionError(f"the process exited ({process.returncode}) while waiting for {what}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def cli(self, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [LOOKALIKE, *map(str, args)], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )

@@ -1,0 +1,135 @@
+"""The in-memory index and its durable store: upserts, deletes, filters, the log, snapshots, crashes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.index import IndexParams, Item, VectorIndex
+from worker.store import DurableIndex, IndexStoreError, ModelIdentity
+from worker.wal import Change
+
+DIM = 8
+IDENTITY = ModelIdentity("a" * 64, DIM, "stretch")
+PARAMS = IndexParams(dim=DIM, m=8, ef_construction=50, ef=20)
+
+
+def unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def upsert(item_id: str, seed: int, **metadata: str) -> Change:
+    return Change("upsert", item_id, metadata, f"img{seed}", f"meta{seed}", unit(seed))
+
+
+def test_upsert_replaces_by_id_and_search_ranks_by_cosine():
+    index = VectorIndex(PARAMS)
+    for seed in range(20):
+        index.upsert(f"p{seed}", unit(seed), Item(-1, {"n": str(seed)}))
+    index.upsert("p3", unit(100), Item(-1, {"n": "new"}))
+    assert len(index) == 20
+    (top,) = index.search(unit(100), 1)
+    assert (top.id, top.metadata) == ("p3", {"n": "new"})
+    assert top.score == pytest.approx(1.0, abs=1e-5)
+    scores = [hit.score for hit in index.search(unit(5), 10)]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_delete_frees_a_slot_that_the_next_item_reuses():
+    index = VectorIndex(PARAMS)
+    for seed in range(5):
+        index.upsert(f"p{seed}", unit(seed), Item(-1, {}))
+    assert index.delete("p2") and not index.delete("p2")
+    assert "p2" not in [hit.id for hit in index.search(unit(2), 5)]
+    index.upsert("p9", unit(9), Item(-1, {}))
+    assert index.hnsw.element_count == 5  # the deleted slot was reused, not a new one taken
+    assert index.stats()["deleted_slots"] == 0
+
+
+def test_capacity_grows_by_itself():
+    index = VectorIndex(PARAMS)
+    for seed in range(3000):
+        index.upsert(str(seed), unit(seed), Item(-1, {}))
+    assert len(index) == 3000 <= index.hnsw.get_max_elements()
+
+
+def test_filters_and_more_like_this_exclude_the_item_itself():
+    index = VectorIndex(PARAMS)
+    for seed in range(3000):
+        index.upsert(str(seed), unit(seed), Item(-1, {"gender": "Men" if seed % 3 else "Women", "rare": str(seed)}))
+    women = index.search(unit(7), 10, {"gender": "Women"})
+    assert len(women) == 10 and all(hit.metadata["gender"] == "Women" for hit in women)
+    assert [hit.id for hit in index.search(unit(7), 5, {"rare": "42"})] == ["42"]
+    assert index.search(unit(7), 5, {"gender": "Other"}) == []
+    similar = index.search(index.vector("7"), 5, exclude="7")
+    assert len(similar) == 5 and "7" not in [hit.id for hit in similar]
+    index.upsert("9", unit(9), Item(-1, {"gender": "Women"}))  # postings follow metadata changes
+    assert "9" in [hit.id for hit in index.search(unit(9), 3, {"gender": "Women"})]
+
+
+def test_the_store_replays_its_log_after_a_crash(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert(f"p{seed}", seed, colour="red") for seed in range(10)])
+    store.apply([Change("delete", "p4"), upsert("p5", 55, colour="blue")])
+    # no close(): as after kill -9, only the log has these changes
+    store.wal.close()
+    store._lock_file.close()
+
+    reopened = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    assert len(reopened.index) == 9 and "p4" not in reopened.index
+    assert reopened.index.items["p5"].metadata == {"colour": "blue"}
+    assert reopened.index.search(unit(55), 1)[0].id == "p5"
+
+
+def test_a_torn_last_record_is_dropped_and_the_rest_kept(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert("a", 1)])
+    store.apply([upsert("b", 2)])
+    store.wal.close()
+    store._lock_file.close()
+    log = store.wal.files()[-1]
+    log.write_bytes(log.read_bytes()[:-10])  # the process died in the middle of writing "b"
+    reopened = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    assert list(reopened.index.items) == ["a"]
+    reopened.apply([upsert("c", 3)])
+    reopened.close()
+    assert sorted(DurableIndex.open(tmp_path, IDENTITY, PARAMS).index.items) == ["a", "c"]
+
+
+def test_snapshots_cut_the_log_and_load_verified(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS, snapshot_every=5)
+    store.apply([upsert(str(seed), seed) for seed in range(7)])  # 7 >= 5: snapshot, then an empty log
+    assert store.changes_since_snapshot == 0
+    assert [path.name for path in tmp_path.glob("wal-*")] == ["wal-00000000000000000008.log"]
+    store.apply([upsert("x", 99)])
+    store.close()  # a clean stop snapshots the rest
+    reopened = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    assert len(reopened.index) == 8 and reopened.changes_since_snapshot == 0
+    reopened.close()
+
+    vectors = next(tmp_path.glob("snapshot-*")) / "vectors.hnsw"
+    data = bytearray(vectors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(IndexStoreError, match="is damaged"):
+        DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+
+
+def test_one_owner_per_index_folder(tmp_path):
+    owner = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    with pytest.raises(IndexStoreError, match="another index worker owns"):
+        DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    owner.close()
+    DurableIndex.open(tmp_path, IDENTITY, PARAMS).close()
+
+
+def test_vectors_of_another_model_are_refused(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert("a", 1)])
+    store.close()
+    other = ModelIdentity("b" * 64, DIM, "stretch")
+    refused = DurableIndex.open(tmp_path, other, PARAMS)
+    assert "load the catalogue again into an empty LOOKALIKE_INDEX_DIR" in refused.mismatch
+    with pytest.raises(IndexStoreError, match="holds 1 vectors of model aaaaaaaaaaaa"):
+        refused.apply([upsert("b", 2)])

@@ -1,0 +1,177 @@
+"""The worker end to end: real Redis, real `lookalike worker` processes, the shared model and product photos."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import pytest
+from PIL import Image
+
+from tests.stack import Stack
+from worker.client import Client
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_SIZE = 1002
+STYLES_ROWS = 44446
+
+
+@pytest.fixture(scope="module")
+def loaded(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
+    """A stack with the 1,002 shared images loaded as they are (styles.csv + images/)."""
+    stack = Stack(next(redis_databases), tmp_path_factory.mktemp("worker"), pretrained_model, shared_dir / "data")
+    try:
+        stack.start("index")
+        stack.start("embed")
+        client = Client(stack.settings)
+        job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+        yield stack, client, job
+    finally:
+        stack.stop()
+
+
+def image_bytes(shared_dir, item_id: str) -> bytes:
+    return (shared_dir / "data" / "fashion" / "images" / f"{item_id}.jpg").read_bytes()
+
+
+def search(client: Client, data: bytes, k: int = 5, **filters: str) -> dict:
+    return client.wait(client.submit_search(data, k, filters), timeout=60)
+
+
+def test_the_fashion_layout_loads_as_it_is(loaded):
+    _, client, job = loaded
+    assert job["state"] == "partial"  # styles.csv lists the whole dataset; the sample has 1,002 of its images
+    assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
+    assert job["errors_by_code"] == {"missing_file": STYLES_ROWS - SAMPLE_SIZE}
+    assert job["errors"][0]["message"].startswith("image images/")
+    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+
+
+def test_a_product_photo_finds_itself_first_with_its_metadata(loaded, shared_dir):
+    _, client, _ = loaded
+    job = search(client, image_bytes(shared_dir, "10186"), k=5)
+    assert job["state"] == "done" and job["kind"] == "search"
+    hits = job["result"]["hits"]
+    assert len(hits) == 5
+    assert hits[0]["id"] == "10186" and hits[0]["score"] > 0.999
+    assert hits[0]["metadata"]["articleType"] == "Shirts"
+    assert hits[0]["metadata"]["image"] == "catalog/fashion/images/10186.jpg"
+    scores = [hit["score"] for hit in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_more_like_this_and_filters(loaded):
+    _, client, _ = loaded
+    similar = client.call("similar_items", "10186", 4)["hits"]
+    assert len(similar) == 4 and "10186" not in [hit["id"] for hit in similar]
+    women = client.call("similar_items", "10186", 6, {"gender": "Women", "masterCategory": "Apparel"})["hits"]
+    assert len(women) == 6
+    assert all((h["metadata"]["gender"], h["metadata"]["masterCategory"]) == ("Women", "Apparel") for h in women)
+    assert client.call("similar_items", "no-such-id", 3)["error"]["code"] == "not_found"
+    assert client.call("get_item", "10186")["metadata"]["gender"] == "Men"
+
+
+def test_hostile_uploads_fail_with_a_code_and_odd_but_valid_ones_work(loaded, shared_dir):
+    stack, client, _ = loaded
+    photo = Image.open(io.BytesIO(image_bytes(shared_dir, "10186")))
+
+    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    failures = {
+        "empty": b"",
+        "not_an_image": b"just some text",
+        "truncated": image_bytes(shared_dir, "10186")[:400],
+        "too_large": encoded(Image.new("1", (20000, 20000)), "PNG"),
+    }
+    for code, data in failures.items():
+        job = search(client, data)
+        assert (job["state"], job["error"]["code"]) == ("failed", code), job
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter left: the viewer turns it a quarter right
+    for data in (encoded(photo.convert("CMYK"), "JPEG"), encoded(photo.rotate(90, expand=True), "JPEG", exif=exif)):
+        job = search(client, data, k=1)
+        assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
+    assert [beat["pid"] for beat in stack.heartbeat("index")], "the index owner is still alive"
+
+
+def test_hostile_files_in_a_load_are_per_item_errors(loaded, shared_dir):
+    stack, client, _ = loaded
+    folder = stack.settings.uploads_dir / "hostile"
+    folder.mkdir(parents=True)
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    (folder / "cut.jpg").write_bytes(image_bytes(shared_dir, "10186")[:500])
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")
+    (folder / "fine.jpg").write_bytes(image_bytes(shared_dir, "10227"))
+    (folder / "escape.jpg").symlink_to("/etc/hostname")
+    job = client.wait(client.submit_load(folder), timeout=120)
+    assert job["state"] == "partial"
+    codes = {error["id"]: error["code"] for error in job["errors"]}
+    assert codes == {
+        "zero": "empty",
+        "text": "not_an_image",
+        "cut": "truncated",
+        "bomb": "too_large",
+        "escape": "outside_root",
+    }
+    assert client.call("get_item", "fine")["metadata"]["image"] == "uploads/hostile/fine.jpg"
+
+
+def test_reloading_changes_nothing_and_a_deleted_item_comes_back(loaded, shared_dir):
+    _, client, _ = loaded
+    before = client.call("index_stats")
+    assert client.call("delete_items", ["10186", "not-there"]) == {"deleted": 1}
+    assert client.call("get_item", "10186") is None
+    top = search(client, image_bytes(shared_dir, "10186"), k=3)["result"]["hits"]
+    assert "10186" not in [hit["id"] for hit in top]
+
+    started = time.monotonic()
+    job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+    elapsed = time.monotonic() - started
+    assert job["progress"]["done"] == SAMPLE_SIZE
+    after = client.call("index_stats")
+    assert after["items"] == before["items"]
+    # only the deleted item went through the index again: one delete + one upsert since `before`
+    assert after["seq"] == before["seq"] + 2, (before, after)
+    assert search(client, image_bytes(shared_dir, "10186"), k=1)["result"]["hits"][0]["id"] == "10186"
+    print(f"re-load of an unchanged catalogue: {elapsed:.1f} s")
+
+
+def test_an_embed_worker_killed_mid_load_loses_nothing(make_stack, shared_dir):
+    stack = make_stack(LOOKALIKE_BATCH="8")
+    stack.start("index")
+    stack.start("embed")
+    client = Client(stack.settings)
+    job_id = client.submit_load(shared_dir / "data" / "fashion")
+    stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= 100, "the load to get going", timeout=120)
+    victim = stack.pool_children("embed")[0]
+    os.kill(victim, signal.SIGKILL)  # an embed process dies mid-batch (OOM killer, node loss)
+    job = client.wait(job_id, timeout=600)
+    assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
+    stats = client.call("index_stats")
+    assert stats["items"] == SAMPLE_SIZE
+
+
+def test_the_index_owner_killed_mid_load_keeps_every_acknowledged_change(make_stack, shared_dir):
+    stack = make_stack(LOOKALIKE_BATCH="8")
+    stack.start("index")
+    stack.start("embed")
+    client = Client(stack.settings)
+    job_id = client.submit_load(shared_dir / "data" / "fashion")
+    stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= 300, "the load to get going", timeout=120)
+    stack.kill("index")
+    acknowledged = client.jobs.redis.smembers(f"lookalike:job:{job_id}:done")
+    pending_search = client.submit_search(b"\xff\xd8 not really a jpeg")  # waits for the owner to come back
+    stack.start("index")
+    job = client.wait(job_id, timeout=600)
+    assert job["progress"]["done"] == SAMPLE_SIZE
+    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+    for item_id in list(acknowledged)[:50]:
+        assert client.call("get_item", item_id.decode()) is not None
+    assert client.wait(pending_search, timeout=60)["state"] == "failed"

@@ -1,0 +1,217 @@
+"""Catalogue sources -> items to load: a CSV, a folder of images, a tar archive, or the Fashion dataset layout.
+
+Items carry references to their images (an area and a path relative to it), never the image bytes: every
+process resolves a reference against its own configured folders and refuses anything that leads outside them.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from lookalike.errors import LookalikeError
+from lookalike.files import file_sha256
+from lookalike.settings import Settings
+from worker.jobs import item_error
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+DATASET_CSV = "styles.csv"
+ID_COLUMN, IMAGE_COLUMN = "id", "image"
+
+
+class CatalogError(LookalikeError):
+    """The catalogue as a whole can't be read (as opposed to one bad row, which is an item error)."""
+
+
+@dataclass
+class CatalogItem:
+    id: str
+    area: str  # "catalog", "uploads" or "archives": which configured folder `path` is relative to
+    path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def as_message(self) -> dict[str, Any]:
+        return {"id": self.id, "area": self.area, "path": self.path, "metadata": self.metadata}
+
+
+@dataclass
+class CatalogPlan:
+    """What a load will do: the items to embed and the rows refused up front (by row id)."""
+
+    items: list[CatalogItem] = field(default_factory=list)
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.items) + len(self.errors)
+
+
+def areas(settings: Settings) -> dict[str, Path]:
+    return {"catalog": settings.catalog_root, "uploads": settings.uploads_dir, "archives": settings.archives_dir}
+
+
+def resolve_reference(settings: Settings, area: str, relative: str) -> Path:
+    """The file an item reference names, refused when it would lead outside its area (`..`, links, absolute)."""
+    roots = areas(settings)
+    if area not in roots:
+        raise CatalogError(f"unknown catalogue area {area!r}")
+    root = roots[area].resolve()
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise CatalogError(f"{relative!r} is outside the catalogue root")
+    path = (root / pure).resolve()
+    if not path.is_relative_to(root):
+        raise CatalogError(f"{relative!r} leads outside the catalogue root (a link?)")
+    return path
+
+
+def locate(settings: Settings, path: Path) -> tuple[str, Path]:
+    """The area holding `path` and `path` relative to it; refused when it is under none of them."""
+    resolved = path.expanduser().resolve()
+    for area, root in areas(settings).items():
+        if resolved.is_relative_to(root.resolve()):
+            return area, resolved.relative_to(root.resolve())
+    raise CatalogError(
+        f"{path} is outside the catalogue root {settings.catalog_root} (set LOOKALIKE_CATALOG_ROOT to a folder "
+        "that holds it)"
+    )
+
+
+def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = None) -> CatalogPlan:
+    """Read a catalogue source (absolute path, or relative to the catalogue root) into items and row errors."""
+    path = Path(source) if Path(source).is_absolute() else settings.catalog_root / source
+    locate(settings, path)
+    if not path.exists():
+        raise CatalogError(f"catalogue {source} does not exist")
+    metadata = _read_metadata(settings, metadata_csv) if metadata_csv else None
+    if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
+        path = unpack_archive(settings, path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _plan_csv(settings, path)
+    if path.is_dir() and (path / DATASET_CSV).is_file() and metadata is None:
+        return _plan_csv(settings, path / DATASET_CSV)
+    if path.is_dir():
+        return _plan_folder(settings, path, metadata)
+    raise CatalogError(f"{source} is not a CSV file, a folder or a tar archive")
+
+
+def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
+    """One row per product: `id`, optional `image` (relative to the CSV; default images/<id>.jpg), metadata."""
+    plan = CatalogPlan()
+    rows = _read_rows(csv_path, plan)
+    if rows.empty and not plan.errors:
+        return plan
+    if ID_COLUMN not in rows.columns:
+        raise CatalogError(f"{csv_path} has no {ID_COLUMN!r} column (columns: {', '.join(rows.columns)})")
+    seen: set[str] = set()
+    for row_number, row in enumerate(rows.to_dict("records"), start=2):
+        item_id = str(row.pop(ID_COLUMN, "")).strip()
+        image = str(row.pop(IMAGE_COLUMN, "") or f"images/{item_id}.jpg").strip()
+        if not item_id:
+            plan.errors[f"row {row_number}"] = item_error("invalid_row", f"row {row_number} has no id")
+            continue
+        if item_id in seen:
+            plan.errors[f"{item_id} (row {row_number})"] = item_error(
+                "duplicate_id", f"id {item_id} appears again on row {row_number}; the first row was loaded"
+            )
+            continue
+        seen.add(item_id)
+        _add(settings, plan, item_id, csv_path.parent / image, image, _clean(row))
+    return plan
+
+
+def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str, Any]] | None) -> CatalogPlan:
+    """Every image under `folder` is an item whose id is its file name without the suffix."""
+    plan = CatalogPlan()
+    seen: dict[str, Path] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        item_id = path.stem
+        if item_id in seen:
+            plan.errors[str(path.relative_to(folder))] = item_error(
+                "duplicate_id", f"id {item_id} is also {seen[item_id].relative_to(folder)}; that one was loaded"
+            )
+            continue
+        seen[item_id] = path
+        _add(settings, plan, item_id, path, str(path.relative_to(folder)), (metadata or {}).get(item_id, {}))
+    return plan
+
+
+def _add(settings: Settings, plan: CatalogPlan, item_id: str, path: Path, shown: str, metadata: dict) -> None:
+    try:
+        area, relative = locate(settings, path)
+    except CatalogError:
+        plan.errors[item_id] = item_error("outside_root", f"image {shown} is outside the catalogue root")
+        return
+    if not path.is_file():
+        plan.errors[item_id] = item_error("missing_file", f"image {shown} does not exist")
+        return
+    plan.items.append(CatalogItem(item_id, area, relative.as_posix(), metadata))
+
+
+def _read_rows(csv_path: Path, plan: CatalogPlan) -> pd.DataFrame:
+    def bad_line(fields: list[str]) -> None:
+        row_id = fields[0] if fields else "?"
+        plan.errors[f"{row_id} (malformed)"] = item_error(
+            "invalid_row", f"the row of id {row_id} has {len(fields)} fields, more than the header"
+        )
+
+    try:
+        return pd.read_csv(
+            csv_path, dtype=str, keep_default_na=False, engine="python", on_bad_lines=bad_line, skipinitialspace=True
+        )
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
+        raise CatalogError(f"{csv_path} can't be read as CSV: {error}") from error
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _read_metadata(settings: Settings, metadata_csv: str) -> dict[str, dict[str, Any]]:
+    path = Path(metadata_csv) if Path(metadata_csv).is_absolute() else settings.catalog_root / metadata_csv
+    locate(settings, path)
+    ignored = CatalogPlan()
+    rows = _read_rows(path, ignored)
+    if ID_COLUMN not in rows.columns:
+        raise CatalogError(f"{path} has no {ID_COLUMN!r} column")
+    return {str(row.pop(ID_COLUMN)).strip(): _clean(row) for row in rows.to_dict("records")}
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {str(key).strip(): str(value).strip() for key, value in row.items() if str(value).strip() != ""}
+
+
+def unpack_archive(settings: Settings, archive: Path) -> Path:
+    """Unpack a tar archive once into DATA_DIR/archives/<sha256>/ (only regular files, never outside it)."""
+    digest = file_sha256(archive)
+    target = settings.archives_dir / digest
+    if (target / ".complete").exists():
+        return target
+    staging = settings.archives_dir / f".{digest}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive) as tar:
+            for member in _safe_members(tar):
+                tar.extract(member, staging, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CatalogError(f"archive {archive.name} can't be unpacked: {error}") from error
+    (staging / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _safe_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Regular files with relative paths that stay inside: links, devices, `..` and absolute names are skipped."""
+    for member in tar:
+        name = PurePosixPath(member.name)
+        if member.isfile() and not name.is_absolute() and ".." not in name.parts:
+            yield member

@@ -1,0 +1,114 @@
+"""`lookalike worker embed|index`, `lookalike ingest` and `lookalike search`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lookalike.errors import LookalikeError
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser("worker", help="run a Celery worker: embed (any number) or index (exactly one)")
+    worker.add_argument("kind", choices=["embed", "index"], help="embed: bulk embedding; index: the index owner")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=run_worker)
+
+    ingest = commands.add_parser("ingest", help="load a catalogue through the queue, with a progress bar")
+    ingest.add_argument("catalog", type=Path, help="a CSV, a folder of images, a tar archive, or styles.csv+images/")
+    ingest.add_argument("--metadata", type=Path, help="a CSV (id + columns) for a folder or archive of images")
+    ingest.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    ingest.set_defaults(handler=run_ingest)
+
+    search = commands.add_parser("search", help="find the catalogue items most like an image")
+    search.add_argument("image", type=Path)
+    search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    search.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="metadata must match")
+    search.add_argument("--json", action="store_true", help="print the job record as JSON")
+    search.set_defaults(handler=run_search)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+    from worker.runtime import settings
+
+    config = settings()
+    if args.kind == "embed":
+        from worker.processes import embed_worker_argv, prepare_embed_processes
+
+        prepare_embed_processes()
+        app.worker_main(embed_worker_argv(config, args.loglevel))
+        return 0
+    from worker.processes import index_worker_argv, open_index_owner
+
+    owner = open_index_owner(app)
+    try:
+        app.worker_main(index_worker_argv(args.loglevel))
+    finally:
+        owner.close()
+    return 0
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.runtime import settings
+
+    client = Client(settings())
+    job_id = client.submit_load(args.catalog.resolve(), args.metadata.resolve() if args.metadata else None)
+    print(f"load {job_id} queued", file=sys.stderr)
+    if args.no_wait:
+        print(job_id)
+        return 0
+    job = client.wait(job_id, on_update=_progress_bar)
+    print(file=sys.stderr)
+    progress = job["progress"]
+    print(f"load {job['state']}: {progress['done']:,} indexed, {progress['failed']:,} failed of {progress['total']:,}")
+    for code, count in job.get("errors_by_code", {}).items():
+        print(f"  {code}: {count:,}")
+    if "error" in job:
+        raise LookalikeError(job["error"]["message"])
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.runtime import settings
+
+    filters = dict(_field_value(text) for text in args.filter)
+    try:
+        image = args.image.read_bytes()
+    except OSError as error:
+        raise LookalikeError(f"can't read {args.image}: {error.strerror}") from error
+    client = Client(settings())
+    job = client.wait(client.submit_search(image, args.k, filters), timeout=60)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    if job["state"] != "done":
+        raise LookalikeError(f"search failed: {job['error']['message']} ({job['error']['code']})")
+    if not args.json:
+        for rank, hit in enumerate(job["result"]["hits"], start=1):
+            name = hit["metadata"].get("productDisplayName", "")
+            print(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}  {name}")
+    return 0
+
+
+def _field_value(text: str) -> tuple[str, str]:
+    field, separator, value = text.partition("=")
+    if not separator or not field:
+        raise LookalikeError(f"--filter {text!r}: expected FIELD=VALUE")
+    return field, value
+
+
+def _progress_bar(job: dict[str, Any]) -> None:
+    progress = job["progress"]
+    total, finished = progress["total"], progress["done"] + progress["failed"]
+    if not total:
+        print(f"\r{job['state']}: reading the catalogue ...", end="", file=sys.stderr, flush=True)
+        return
+    width = 30
+    filled = int(width * finished / total)
+    bar = "#" * filled + "-" * (width - filled)
+    print(f"\r[{bar}] {finished:,}/{total:,} ({progress['failed']:,} failed)", end="", file=sys.stderr, flush=True)

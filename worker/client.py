@@ -1,0 +1,64 @@
+"""Submitting work and following it: what the CLI and the web do, through the queue only."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lookalike.errors import LookalikeError
+from lookalike.settings import Settings
+from worker.celery_app import make_celery
+from worker.jobs import FINISHED, Jobs
+from worker.runtime import redis_client
+
+POLL_SECONDS = 0.2
+
+
+class Client:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = make_celery(settings)
+        self.jobs = Jobs(redis_client(settings.redis_url), settings.search_ttl)
+
+    def submit_load(self, source: str | Path, metadata_csv: str | Path | None = None) -> str:
+        params = {"source": str(source), "metadata": str(metadata_csv) if metadata_csv else None}
+        job_id = self.jobs.create("load", params)
+        self.app.send_task("lookalike.plan_load", args=[job_id, params["source"], params["metadata"]])
+        return job_id
+
+    def submit_search(self, image: bytes, k: int = 5, filters: dict[str, str] | None = None) -> str:
+        if len(image) > self.settings.max_upload:
+            raise LookalikeError(f"the image is {len(image):,} bytes, over the cap of {self.settings.max_upload:,}")
+        job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)})
+        self.app.send_task("lookalike.search_image", args=[job_id, base64.b64encode(image).decode(), k, filters or {}])
+        return job_id
+
+    def wait(
+        self, job_id: str, timeout: float | None = None, on_update: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Poll the job record until it is finished (or `timeout` seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise LookalikeError(f"job {job_id} does not exist (expired?)")
+            if on_update:
+                on_update(job)
+            if job["state"] in FINISHED:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise LookalikeError(
+                    f"job {job_id} is still {job['state']} after {timeout:.0f} s; is a worker running?"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def call(self, task: str, *args: Any, timeout: float = 10) -> Any:
+        """Ask the index owner something and wait for the answer (item lookups, stats, deletes)."""
+        result = self.app.send_task(f"lookalike.{task}", args=list(args))
+        try:
+            return result.get(timeout=timeout)
+        finally:
+            result.forget()

@@ -1,0 +1,166 @@
+"""Job records in Redis: one per user request (a search, a catalogue load), read by the web and the CLI alike.
+
+A job's done items are a set and its failed items a hash keyed by item id, so a task that runs twice (a
+redelivery after a worker died) never counts an item twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+PREFIX = "lookalike"
+STATES = ("queued", "running", "done", "failed", "partial")
+FINISHED = ("done", "failed", "partial")
+ERROR_PAGE = 50
+
+# Marks items done or failed and finishes the job when every item is accounted for, atomically.
+# KEYS: job hash, done set, errors hash, error counts by code.
+# ARGV: now, number of done ids, done ids..., then (failed id, error code, error json) triples.
+RECORD_SCRIPT = """
+local function forget_error(id)
+  local previous = redis.call('HGET', KEYS[3], id)
+  if previous then
+    redis.call('HINCRBY', KEYS[4], cjson.decode(previous).code, -1)
+    redis.call('HDEL', KEYS[3], id)
+  end
+end
+local done_count = tonumber(ARGV[2])
+for i = 3, 2 + done_count do
+  redis.call('SADD', KEYS[2], ARGV[i])
+  forget_error(ARGV[i])
+end
+for i = 3 + done_count, #ARGV, 3 do
+  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
+    forget_error(ARGV[i])
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+    redis.call('HINCRBY', KEYS[4], ARGV[i + 1], 1)
+  end
+end
+local done = redis.call('SCARD', KEYS[2])
+local failed = redis.call('HLEN', KEYS[3])
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '-1')
+if total >= 0 and done + failed >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
+  local state = 'done'
+  if failed > 0 then state = (done > 0) and 'partial' or 'failed' end
+  redis.call('HSET', KEYS[1], 'state', state, 'finished', ARGV[1])
+end
+return {done, failed}
+"""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def item_error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+class Jobs:
+    """Create, update and read job records."""
+
+    def __init__(self, client: redis.Redis, search_ttl: int = 3600) -> None:
+        self.redis = client
+        self.search_ttl = search_ttl
+        self._record = client.register_script(RECORD_SCRIPT)
+
+    @staticmethod
+    def _key(job_id: str, part: str = "") -> str:
+        return f"{PREFIX}:job:{job_id}{':' + part if part else ''}"
+
+    def create(self, kind: str, params: dict[str, Any]) -> str:
+        job_id = uuid.uuid4().hex
+        key = self._key(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(
+                key,
+                mapping={"id": job_id, "kind": kind, "state": "queued", "created": now(), "params": json.dumps(params)},
+            )
+            if kind == "search":
+                pipe.expire(key, self.search_ttl)
+            else:
+                pipe.zadd(f"{PREFIX}:loads", {job_id: time.time()})
+            pipe.execute()
+        return job_id
+
+    def start(self, job_id: str) -> None:
+        self.redis.hset(self._key(job_id), mapping={"state": "running", "started": now()})
+
+    def set_total(self, job_id: str, total: int) -> tuple[int, int]:
+        """Fix the number of items; finishes the job at once if they are all accounted for already."""
+        self.redis.hset(self._key(job_id), "total", total)
+        return self.record(job_id)
+
+    def record(
+        self, job_id: str, done: list[str] | tuple[str, ...] = (), errors: dict[str, dict[str, str]] | None = None
+    ) -> tuple[int, int]:
+        """Mark items done or failed (idempotent); returns the (done, failed) counts."""
+        triples = [
+            value for item_id, error in (errors or {}).items() for value in (item_id, error["code"], json.dumps(error))
+        ]
+        keys = [self._key(job_id, part) for part in ("", "done", "errors", "error_codes")]
+        done_count, failed_count = self._record(keys=keys, args=[now(), len(done), *done, *triples])
+        return int(done_count), int(failed_count)
+
+    def finish(self, job_id: str, result: Any) -> None:
+        self._close(job_id, {"state": "done", "result": json.dumps(result)})
+
+    def fail(self, job_id: str, error: dict[str, str]) -> None:
+        self._close(job_id, {"state": "failed", "error": json.dumps(error)})
+
+    def _close(self, job_id: str, fields: dict[str, str]) -> None:
+        key = self._key(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, mapping={**fields, "finished": now()})
+            if self.redis.hget(key, "kind") == b"search":
+                pipe.expire(key, self.search_ttl)
+            pipe.execute()
+
+    def get(self, job_id: str, error_offset: int = 0, error_limit: int = ERROR_PAGE) -> dict[str, Any] | None:
+        """The job as the API shows it: state, progress counters, a page of item errors, result or error."""
+        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(job_id)).items()}
+        if not raw:
+            return None
+        done = self.redis.scard(self._key(job_id, "done"))
+        failed = self.redis.hlen(self._key(job_id, "errors"))
+        job: dict[str, Any] = {
+            "id": raw["id"],
+            "kind": raw["kind"],
+            "state": raw["state"],
+            "params": json.loads(raw.get("params", "{}")),
+            "progress": {"total": int(raw["total"]) if "total" in raw else None, "done": done, "failed": failed},
+            "created": raw.get("created"),
+            "started": raw.get("started"),
+            "finished": raw.get("finished"),
+        }
+        if "result" in raw:
+            job["result"] = json.loads(raw["result"])
+        if "error" in raw:
+            job["error"] = json.loads(raw["error"])
+        if failed:
+            job["errors"] = self.item_errors(job_id, error_offset, error_limit)
+            job["errors_by_code"] = self.errors_by_code(job_id)
+        return job
+
+    def item_errors(self, job_id: str, offset: int = 0, limit: int = ERROR_PAGE) -> list[dict[str, str]]:
+        """A page of per-item errors, ordered by item id."""
+        key = self._key(job_id, "errors")
+        ids = sorted(self.redis.hkeys(key))[offset : offset + limit]
+        values = self.redis.hmget(key, ids) if ids else []
+        return [{"id": item_id.decode(), **json.loads(value)} for item_id, value in zip(ids, values, strict=True)]
+
+    def errors_by_code(self, job_id: str) -> dict[str, int]:
+        counts = self.redis.hgetall(self._key(job_id, "error_codes"))
+        return {code.decode(): int(count) for code, count in sorted(counts.items()) if int(count) > 0}
+
+    def list_loads(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent catalogue loads, newest first (without their item errors)."""
+        ids = self.redis.zrevrange(f"{PREFIX}:loads", 0, limit - 1)
+        jobs = (self.get(job_id.decode(), error_limit=0) for job_id in ids)
+        return [job for job in jobs if job is not None]

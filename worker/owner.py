@@ -1,0 +1,168 @@
+"""The index owner: the one process that holds the durable index, applies changes and answers searches."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from celery import Celery
+
+from lookalike.settings import CORES, Settings
+from worker.celery_app import INDEX_QUEUE, SEARCH_QUEUE
+from worker.decode import ImageError, decode_image
+from worker.embedding import decode_vector
+from worker.index import IndexParams
+from worker.jobs import Jobs, item_error
+from worker.model import EmbeddingModel, load_model
+from worker.store import DurableIndex, IndexStoreError, ModelIdentity, ModelMismatch
+from worker.wal import Change
+
+log = logging.getLogger(__name__)
+
+CHECKSUMS_KEY = "lookalike:index:checksums"  # id -> "image sha256:metadata sha256", rebuilt by the owner at start
+
+
+class IndexOwner:
+    def __init__(self, settings: Settings, model: EmbeddingModel, store: DurableIndex, client: redis.Redis) -> None:
+        self.settings = settings
+        self.model = model
+        self.store = store
+        self.redis = client
+        self.jobs = Jobs(client, settings.search_ttl)
+
+    @classmethod
+    def open(cls, settings: Settings, client: redis.Redis) -> IndexOwner:
+        # All cores: bulk embedding runs niced, so a search's embedding gets the CPU first.
+        model = load_model(settings.model, settings.providers, intra_op_threads=CORES)
+        identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
+        params = IndexParams(
+            dim=model.contract.dimension,
+            m=settings.hnsw_m,
+            ef_construction=settings.hnsw_ef_construction,
+            ef=settings.hnsw_ef,
+        )
+        store = DurableIndex.open(settings.index_dir, identity, params, settings.snapshot_every)
+        owner = cls(settings, model, store, client)
+        owner.publish_checksums()
+        return owner
+
+    def publish_checksums(self) -> None:
+        """Tell embed workers what the index holds, so a re-run load skips unchanged items."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(CHECKSUMS_KEY)
+            pending = {}
+            for item_id, item in self.store.index.items.items():
+                pending[item_id] = f"{item.image_sha256}:{item.metadata_sha256}"
+                if len(pending) == 5000:
+                    pipe.hset(CHECKSUMS_KEY, mapping=pending)
+                    pending = {}
+            if pending:
+                pipe.hset(CHECKSUMS_KEY, mapping=pending)
+            pipe.execute()
+
+    def restore_orphaned_messages(self, app: Celery) -> int:
+        """Give back the messages a killed predecessor had taken but not acknowledged.
+
+        Redis would re-deliver them only after the visibility timeout; holding the index lock proves that no
+        other owner is alive, so everything unacknowledged on the owner's queues is orphaned.
+        """
+        restored = 0
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            client = channel.client
+            for tag, raw in client.hgetall(channel.unacked_key).items():
+                _, _, routing_key = json.loads(raw)
+                if routing_key in (INDEX_QUEUE, SEARCH_QUEUE):
+                    channel.qos.restore_by_tag(tag, client)
+                    restored += 1
+        if restored:
+            log.warning("gave back %d messages a previous index owner had not acknowledged", restored)
+        return restored
+
+    def apply(self, job_id: str | None, messages: list[dict[str, Any]]) -> dict[str, int]:
+        """Log, apply and report a batch of upserts and deletes from the embed workers."""
+        changes = [
+            Change(
+                op=message["op"],
+                id=message["id"],
+                metadata=message.get("metadata"),
+                image_sha256=message.get("image_sha256"),
+                metadata_sha256=message.get("metadata_sha256"),
+                vector=decode_vector(message["vector"]) if message.get("vector") else None,
+            )
+            for message in messages
+        ]
+        ids = [change.id for change in changes]
+        try:
+            self.store.apply(changes)
+        except (IndexStoreError, OSError) as error:
+            # Nothing was acknowledged as indexed: every item of the batch is reported failed, with the reason.
+            code = "model_mismatch" if isinstance(error, ModelMismatch) else "index_unwritable"
+            log.error("refused %d changes: %s", len(changes), error)
+            if job_id:
+                self.jobs.record(job_id, errors={item_id: item_error(code, str(error)) for item_id in ids})
+            return {"applied": 0, "failed": len(ids)}
+        self._update_checksums(changes)
+        if job_id:
+            self.jobs.record(job_id, done=ids)
+        return {"applied": len(ids), "failed": 0}
+
+    def delete(self, ids: Iterable[str]) -> int:
+        present = [item_id for item_id in ids if item_id in self.store.index]
+        if present:
+            changes = [Change(op="delete", id=item_id) for item_id in present]
+            self.store.apply(changes)
+            self._update_checksums(changes)
+        return len(present)
+
+    def _update_checksums(self, changes: list[Change]) -> None:
+        with self.redis.pipeline() as pipe:
+            for change in changes:
+                if change.op == "delete":
+                    pipe.hdel(CHECKSUMS_KEY, change.id)
+                else:
+                    pipe.hset(CHECKSUMS_KEY, change.id, f"{change.image_sha256}:{change.metadata_sha256}")
+            pipe.execute()
+
+    def search_image(self, image: bytes, k: int, filters: dict[str, str]) -> list[dict[str, Any]]:
+        """Decode and embed the query here (no queue behind bulk work), then search."""
+        self.store.check_usable()
+        pixels = decode_image(image, self.model.contract.size, self.store.identity.resize, self.settings.max_pixels)
+        vector = self.model.embed(pixels[None])[0]
+        return [hit.as_dict() for hit in self.store.index.search(vector, k, filters)]
+
+    def similar(self, item_id: str, k: int, filters: dict[str, str]) -> list[dict[str, Any]] | None:
+        """'More like this': the item's own vector as the query, the item itself left out."""
+        self.store.check_usable()
+        if item_id not in self.store.index:
+            return None
+        vector = self.store.index.vector(item_id)
+        return [hit.as_dict() for hit in self.store.index.search(vector, k, filters, exclude=item_id)]
+
+    def get(self, item_id: str) -> dict[str, Any] | None:
+        item = self.store.index.items.get(item_id)
+        return None if item is None else {"id": item_id, "metadata": item.metadata}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.store.stats(),
+            "provider": self.model.provider,
+            "model": self.model.path.name,
+            "pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def decode_upload(text: str, max_upload: int) -> bytes:
+    """An uploaded image as it travels in a search message (base64), refused when over the cap."""
+    data = base64.b64decode(text)
+    if len(data) > max_upload:
+        raise ImageError("too_large", f"the upload is {len(data):,} bytes, over the cap of {max_upload:,}")
+    return data

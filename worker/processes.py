@@ -1,0 +1,51 @@
+"""How the two kinds of worker start: bulk embedders (prefork, niced) and the index owner (one process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery, signals
+
+from lookalike.settings import Settings
+from worker import runtime
+from worker.celery_app import EMBED_QUEUE, INDEX_QUEUE, SEARCH_QUEUE
+from worker.owner import IndexOwner
+
+log = logging.getLogger(__name__)
+
+
+def embed_worker_argv(settings: Settings, loglevel: str) -> list[str]:
+    # -O fair: a task goes to an idle child, not to one that already has a batch waiting.
+    return ["worker", "-Q", EMBED_QUEUE, "-P", "prefork", "-c", str(settings.embed_processes), "-O", "fair",
+            "-n", "embed@%h", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
+
+
+def index_worker_argv(loglevel: str) -> list[str]:
+    # Solo pool: tasks run in this very process, the one that holds the index (hnswlib is not safe to share).
+    return ["worker", "-Q", f"{SEARCH_QUEUE},{INDEX_QUEUE}", "-P", "solo", "-n", "index@%h",
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
+
+
+def prepare_embed_processes() -> None:
+    """Each pool process, right after the fork: lower its priority, open its own session, start its heartbeat."""
+
+    @signals.worker_process_init.connect(weak=False)
+    def init_embed_process(**_: object) -> None:
+        settings = runtime.settings()
+        os.nice(settings.embed_nice)  # bulk work yields the CPU to searches
+        model = runtime.embedding_model()
+        log.info("embed process %d: %s on %s, %d threads", os.getpid(), model.path.name, model.provider,
+                 settings.threads)  # fmt: skip
+        runtime.start_heartbeat("embed", lambda: {"provider": model.provider, "model_sha256": model.sha256})
+
+
+def open_index_owner(app: Celery) -> IndexOwner:
+    """Open the index (taking its lock), give back orphaned messages, and publish a heartbeat."""
+    settings = runtime.settings()
+    owner = IndexOwner.open(settings, runtime.state()["redis"])
+    runtime.state()["owner"] = owner
+    owner.restore_orphaned_messages(app)
+    log.info("index owner %d: %s on %s", os.getpid(), owner.model.path.name, owner.model.provider)
+    runtime.start_heartbeat("index", lambda: {key: owner.stats()[key] for key in ("items", "provider", "model_sha256")})
+    return owner

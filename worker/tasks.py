@@ -1,0 +1,101 @@
+"""Celery tasks: thin wrappers that turn messages into calls on the catalogue, embedding and index code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from worker import runtime
+from worker.catalog import CatalogError, plan_catalog
+from worker.celery_app import app
+from worker.decode import ImageError
+from worker.embedding import embed_items
+from worker.jobs import item_error
+from worker.owner import CHECKSUMS_KEY, IndexOwner, decode_upload
+from worker.store import ModelMismatch
+
+log = logging.getLogger(__name__)
+
+
+def owner() -> IndexOwner:
+    current = runtime.state()["owner"]
+    if current is None:
+        raise RuntimeError("this process does not own the index (start it with `lookalike worker index`)")
+    return current
+
+
+@app.task(name="lookalike.plan_load")
+def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict[str, int]:
+    """Read the catalogue, refuse bad rows up front, and queue its items in batches of references."""
+    jobs, settings = runtime.jobs(), runtime.settings()
+    jobs.start(job_id)
+    try:
+        plan = plan_catalog(settings, source, metadata_csv)
+    except CatalogError as error:
+        jobs.fail(job_id, item_error("bad_catalog", str(error)))
+        return {"total": 0}
+    jobs.record(job_id, errors=plan.errors)
+    for start in range(0, len(plan.items), settings.batch):
+        batch = [item.as_message() for item in plan.items[start : start + settings.batch]]
+        embed_batch.delay(job_id, batch)
+    jobs.set_total(job_id, plan.total)
+    log.info("load %s: %d items queued, %d rows refused", job_id, len(plan.items), len(plan.errors))
+    return {"total": plan.total, "queued": len(plan.items), "refused": len(plan.errors)}
+
+
+@app.task(name="lookalike.embed_batch")
+def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
+    jobs, state = runtime.jobs(), runtime.state()
+    ids = [item["id"] for item in items]
+    known = {
+        item_id: tuple(value.decode().split(":"))
+        for item_id, value in zip(ids, state["redis"].hmget(CHECKSUMS_KEY, ids), strict=True)
+        if value is not None
+    }
+    outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
+    jobs.record(job_id, done=outcome.unchanged, errors=outcome.errors)
+    if outcome.changes:
+        apply_changes.delay(job_id, outcome.changes)
+    return {"changes": len(outcome.changes), "unchanged": len(outcome.unchanged), "failed": len(outcome.errors)}
+
+
+@app.task(name="lookalike.apply_changes")
+def apply_changes(job_id: str | None, changes: list[dict[str, Any]]) -> dict[str, int]:
+    return owner().apply(job_id, changes)
+
+
+@app.task(name="lookalike.delete_items")
+def delete_items(ids: list[str]) -> dict[str, int]:
+    return {"deleted": owner().delete(ids)}
+
+
+@app.task(name="lookalike.search_image")
+def search_image(job_id: str, image: str, k: int, filters: dict[str, str] | None = None) -> None:
+    jobs = runtime.jobs()
+    jobs.start(job_id)
+    try:
+        hits = owner().search_image(decode_upload(image, runtime.settings().max_upload), k, filters or {})
+    except ImageError as error:
+        jobs.fail(job_id, error.as_dict())
+    except ModelMismatch as error:
+        jobs.fail(job_id, item_error("model_mismatch", str(error)))
+    else:
+        jobs.finish(job_id, {"hits": hits})
+
+
+@app.task(name="lookalike.similar_items")
+def similar_items(item_id: str, k: int, filters: dict[str, str] | None = None) -> dict[str, Any]:
+    hits = owner().similar(item_id, k, filters or {})
+    if hits is None:
+        return {"error": item_error("not_found", f"no item with id {item_id!r}")}
+    return {"hits": hits}
+
+
+@app.task(name="lookalike.get_item")
+def get_item(item_id: str) -> dict[str, Any] | None:
+    return owner().get(item_id)
+
+
+@app.task(name="lookalike.index_stats")
+def index_stats() -> dict[str, Any]:
+    return owner().stats()
