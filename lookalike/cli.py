@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import redis
+
 from lookalike import __version__
 from lookalike.errors import LookalikeError
 
@@ -48,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args) or 0
     except LookalikeError as error:
         print(f"lookalike {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except redis.ConnectionError as error:
+        print(f"lookalike {args.command}: error: can't reach Redis ({error}); is LOOKALIKE_REDIS_URL right?",
+              file=sys.stderr)  # fmt: skip
         return 1
     except KeyboardInterrupt:
         return 130

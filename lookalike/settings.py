@@ -22,7 +22,7 @@ class Setting:
 
 SETTINGS = [
     Setting(
-        "LOOKALIKE_REDIS_URL", "", "Redis for broker, results and jobs; empty: `lookalike up` starts a private one"
+        "LOOKALIKE_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis: the Celery broker and result store, and job records"
     ),
     Setting("LOOKALIKE_DATA_DIR", "./lookalike-data", "state: the index, extracted archives, logs"),
     Setting("LOOKALIKE_MODEL", "models/resnet50_max.onnx", "the ONNX model (any model with the contract)"),
@@ -30,14 +30,14 @@ SETTINGS = [
     Setting("LOOKALIKE_CATALOG_ROOT", ".", "catalogue loads may only read files under this folder"),
     Setting("LOOKALIKE_BATCH", "32", "images per embedding batch (one task, one onnxruntime run)"),
     Setting("LOOKALIKE_PROVIDERS", "auto", "onnxruntime providers, best first: auto, cuda, cpu or full names"),
-    Setting("LOOKALIKE_EMBED_PROCESSES", str(CORES), "processes of `lookalike worker embed`"),
+    Setting("LOOKALIKE_EMBED_PROCESSES", "", "processes of `lookalike worker embed`; empty: one per core"),
     Setting("LOOKALIKE_THREADS", "", "onnxruntime intra-op threads per process; empty: cores / processes"),
     Setting("LOOKALIKE_EMBED_NICE", "10", "niceness of bulk embedding processes, so searches get the CPU first"),
     Setting("LOOKALIKE_RESIZE", "stretch", "resize policy: stretch (the tutorial's) or pad (to square, on white)"),
     Setting("LOOKALIKE_MAX_UPLOAD", str(10 * 1024 * 1024), "largest accepted image upload, bytes"),
     Setting("LOOKALIKE_MAX_PIXELS", "50000000", "largest accepted image, pixels (decompression bomb guard)"),
-    Setting("LOOKALIKE_HNSW_M", "32", "hnswlib M (graph degree)"),
-    Setting("LOOKALIKE_HNSW_EF_CONSTRUCTION", "200", "hnswlib ef_construction"),
+    Setting("LOOKALIKE_HNSW_M", "16", "hnswlib M (graph degree)"),
+    Setting("LOOKALIKE_HNSW_EF_CONSTRUCTION", "100", "hnswlib ef_construction"),
     Setting("LOOKALIKE_HNSW_EF", "128", "hnswlib ef at query time (at least k)"),
     Setting("LOOKALIKE_SNAPSHOT_EVERY", "20000", "changes between index snapshots (the log is cut after each)"),
     Setting("LOOKALIKE_SEARCH_TTL", "3600", "seconds a search job's record is kept"),
@@ -80,20 +80,23 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        env = {**DEFAULTS, **{k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}}
+        given = os.environ if environ is None else environ
+        env = {**{k: v for k, v in DEFAULTS.items() if v != ""}, **{k: v for k, v in given.items() if v != ""}}
         data_dir = Path(env["LOOKALIKE_DATA_DIR"]).expanduser().resolve()
-        processes = _integer(env, "LOOKALIKE_EMBED_PROCESSES", minimum=1)
-        default_threads = max(1, CORES // processes)
+        processes = (
+            _integer(env, "LOOKALIKE_EMBED_PROCESSES", minimum=1) if "LOOKALIKE_EMBED_PROCESSES" in env else CORES
+        )
+        threads = _integer(env, "LOOKALIKE_THREADS", minimum=1) if "LOOKALIKE_THREADS" in env else CORES // processes
         settings = cls(
-            redis_url=env["LOOKALIKE_REDIS_URL"] or "redis://127.0.0.1:6379/0",
+            redis_url=env["LOOKALIKE_REDIS_URL"],
             data_dir=data_dir,
             model=Path(env["LOOKALIKE_MODEL"]).expanduser().resolve(),
-            index_dir=Path(env.get("LOOKALIKE_INDEX_DIR") or data_dir / "index").expanduser().resolve(),
+            index_dir=Path(env.get("LOOKALIKE_INDEX_DIR", data_dir / "index")).expanduser().resolve(),
             catalog_root=Path(env["LOOKALIKE_CATALOG_ROOT"]).expanduser().resolve(),
             batch=_integer(env, "LOOKALIKE_BATCH", minimum=1),
             providers=tuple(name.strip() for name in env["LOOKALIKE_PROVIDERS"].split(",") if name.strip()),
             embed_processes=processes,
-            threads=_integer(env, "LOOKALIKE_THREADS", minimum=1) if env.get("LOOKALIKE_THREADS") else default_threads,
+            threads=max(1, threads),
             embed_nice=_integer(env, "LOOKALIKE_EMBED_NICE", minimum=0),
             resize=env["LOOKALIKE_RESIZE"],
             max_upload=_integer(env, "LOOKALIKE_MAX_UPLOAD", minimum=1),

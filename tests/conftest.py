@@ -72,13 +72,14 @@ def redis_databases(redis_url):
 @pytest.fixture
 def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
     """Start a Stack of real worker processes (EfficientNet-Lite0, catalogue root = shared data); stopped after."""
-    from tests.stack import Stack
+    from lookalike.stack import Stack
 
     stacks = []
 
     def make(**env: str):
         data = tmp_path / f"data{len(stacks)}"
         stack = Stack(next(redis_databases), data, pretrained_model, shared_dir / "data", **env)
+        stack.redis.flushdb()
         stacks.append(stack)
         return stack
 

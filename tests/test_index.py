@@ -133,3 +133,27 @@ def test_vectors_of_another_model_are_refused(tmp_path):
     assert "load the catalogue again into an empty LOOKALIKE_INDEX_DIR" in refused.mismatch
     with pytest.raises(IndexStoreError, match="holds 1 vectors of model aaaaaaaaaaaa"):
         refused.apply([upsert("b", 2)])
+
+
+def test_a_crash_in_the_middle_of_a_snapshot_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    import worker.store
+
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert(str(seed), seed) for seed in range(3)])
+    real_write = worker.store.atomic_write_bytes
+
+    def die_before_switching(path, data):
+        if path.name == "CURRENT":
+            raise KeyboardInterrupt("killed")  # the process dies between writing the snapshot and switching
+        real_write(path, data)
+
+    monkeypatch.setattr(worker.store, "atomic_write_bytes", die_before_switching)
+    with pytest.raises(KeyboardInterrupt):
+        store.snapshot()
+    monkeypatch.undo()
+    store.wal.close()
+    store._lock_file.close()
+
+    reopened = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    assert sorted(reopened.index.items) == ["0", "1", "2"]
+    assert [path.name for path in tmp_path.glob("snapshot-*")] == [reopened.snapshot_name()]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 from PIL import Image
 
-from tests.stack import Stack
+from lookalike.stack import LOOKALIKE, Stack
 from worker.client import Client
 
 pytestmark = pytest.mark.slow
@@ -23,6 +25,7 @@ STYLES_ROWS = 44446
 def loaded(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
     """A stack with the 1,002 shared images loaded as they are (styles.csv + images/)."""
     stack = Stack(next(redis_databases), tmp_path_factory.mktemp("worker"), pretrained_model, shared_dir / "data")
+    stack.redis.flushdb()
     try:
         stack.start("index")
         stack.start("embed")
@@ -175,3 +178,34 @@ def test_the_index_owner_killed_mid_load_keeps_every_acknowledged_change(make_st
     for item_id in list(acknowledged)[:50]:
         assert client.call("get_item", item_id.decode()) is not None
     assert client.wait(pending_search, timeout=60)["state"] == "failed"
+
+
+def test_the_command_line_loads_with_a_progress_bar_and_searches(loaded, shared_dir):
+    stack, _, _ = loaded
+
+    def lookalike(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LOOKALIKE, *args], env=stack.env, capture_output=True, text=True, timeout=300)
+
+    folder = stack.settings.uploads_dir / "three"
+    folder.mkdir(parents=True)
+    for item_id in ("10186", "10227", "10230"):
+        (folder / f"{item_id}.jpg").write_bytes(image_bytes(shared_dir, item_id))
+    ingest = lookalike("ingest", str(folder))
+    assert ingest.returncode == 0, ingest.stderr
+    assert "[##############################] 3/3 (0 failed)" in ingest.stderr
+    assert "load done: 3 indexed, 0 failed of 3" in ingest.stdout
+
+    found = lookalike("search", str(shared_dir / "data" / "fashion" / "images" / "10230.jpg"), "-k", "2")
+    assert found.returncode == 0, found.stderr
+    first = found.stdout.splitlines()[0].split()
+    assert first[0] == "1." and float(first[1]) > 0.999 and first[2] == "10230"
+
+    filtered = lookalike("search", str(folder / "10186.jpg"), "--filter", "gender=Women", "--json")
+    hits = json.loads(filtered.stdout)["result"]["hits"]
+    assert len(hits) == 5 and {hit["metadata"]["gender"] for hit in hits} == {"Women"}
+
+    refused = lookalike("search", str(shared_dir / "data" / "fashion" / "styles.csv"))
+    assert refused.returncode == 1
+    assert refused.stderr.strip().endswith("search failed: the file is not an image in a known format (not_an_image)")
+    bad_filter = lookalike("search", str(folder / "10186.jpg"), "--filter", "gender")
+    assert "expected FIELD=VALUE" in bad_filter.stderr and bad_filter.returncode == 1

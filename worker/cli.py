@@ -37,8 +37,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
     config = settings()
     if args.kind == "embed":
-        from worker.processes import embed_worker_argv, prepare_embed_processes
+        from worker.processes import check_model_elsewhere, embed_worker_argv, prepare_embed_processes
 
+        check_model_elsewhere(config)
         prepare_embed_processes()
         app.worker_main(embed_worker_argv(config, args.loglevel))
         return 0

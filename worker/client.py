@@ -14,7 +14,7 @@ from worker.celery_app import make_celery
 from worker.jobs import FINISHED, Jobs
 from worker.runtime import redis_client
 
-POLL_SECONDS = 0.2
+PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
 
 
 class Client:
@@ -39,7 +39,7 @@ class Client:
     def wait(
         self, job_id: str, timeout: float | None = None, on_update: Callable[[dict[str, Any]], None] | None = None
     ) -> dict[str, Any]:
-        """Poll the job record until it is finished (or `timeout` seconds pass)."""
+        """Follow the job record until it is finished (or `timeout` seconds pass)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.jobs.get(job_id)
@@ -53,7 +53,7 @@ class Client:
                 raise LookalikeError(
                     f"job {job_id} is still {job['state']} after {timeout:.0f} s; is a worker running?"
                 )
-            time.sleep(POLL_SECONDS)
+            self.jobs.wait_until_finished(job_id, PROGRESS_SECONDS)
 
     def call(self, task: str, *args: Any, timeout: float = 10) -> Any:
         """Ask the index owner something and wait for the answer (item lookups, stats, deletes)."""

@@ -22,8 +22,8 @@ class IndexParams:
     """hnswlib's build and query parameters; kept with the index (M and ef_construction can't change later)."""
 
     dim: int
-    m: int = 32
-    ef_construction: int = 200
+    m: int = 16
+    ef_construction: int = 100
     ef: int = 128
 
 

@@ -20,7 +20,7 @@ FINISHED = ("done", "failed", "partial")
 ERROR_PAGE = 50
 
 # Marks items done or failed and finishes the job when every item is accounted for, atomically.
-# KEYS: job hash, done set, errors hash, error counts by code.
+# KEYS: job hash, done set, errors hash, error counts by code, the list a waiting client blocks on.
 # ARGV: now, number of done ids, done ids..., then (failed id, error code, error json) triples.
 RECORD_SCRIPT = """
 local function forget_error(id)
@@ -49,6 +49,8 @@ if total >= 0 and done + failed >= total and redis.call('HGET', KEYS[1], 'state'
   local state = 'done'
   if failed > 0 then state = (done > 0) and 'partial' or 'failed' end
   redis.call('HSET', KEYS[1], 'state', state, 'finished', ARGV[1])
+  redis.call('LPUSH', KEYS[5], state)
+  redis.call('EXPIRE', KEYS[5], 60)
 end
 return {done, failed}
 """
@@ -104,7 +106,7 @@ class Jobs:
         triples = [
             value for item_id, error in (errors or {}).items() for value in (item_id, error["code"], json.dumps(error))
         ]
-        keys = [self._key(job_id, part) for part in ("", "done", "errors", "error_codes")]
+        keys = [self._key(job_id, part) for part in ("", "done", "errors", "error_codes", "finished")]
         done_count, failed_count = self._record(keys=keys, args=[now(), len(done), *done, *triples])
         return int(done_count), int(failed_count)
 
@@ -115,12 +117,17 @@ class Jobs:
         self._close(job_id, {"state": "failed", "error": json.dumps(error)})
 
     def _close(self, job_id: str, fields: dict[str, str]) -> None:
-        key = self._key(job_id)
+        key, finished = self._key(job_id), self._key(job_id, "finished")
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping={**fields, "finished": now()})
             if self.redis.hget(key, "kind") == b"search":
                 pipe.expire(key, self.search_ttl)
+            pipe.lpush(finished, fields["state"]).expire(finished, 60)
             pipe.execute()
+
+    def wait_until_finished(self, job_id: str, timeout: float) -> bool:
+        """Block up to `timeout` seconds for the job to finish (woken at once when it does)."""
+        return self.redis.blpop([self._key(job_id, "finished")], timeout=timeout) is not None
 
     def get(self, job_id: str, error_offset: int = 0, error_limit: int = ERROR_PAGE) -> dict[str, Any] | None:
         """The job as the API shows it: state, progress counters, a page of item errors, result or error."""

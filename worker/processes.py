@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 from celery import Celery, signals
 
 from lookalike.settings import Settings
 from worker import runtime
 from worker.celery_app import EMBED_QUEUE, INDEX_QUEUE, SEARCH_QUEUE
+from worker.model import ModelError, load_model
 from worker.owner import IndexOwner
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,23 @@ def index_worker_argv(loglevel: str) -> list[str]:
     # Solo pool: tasks run in this very process, the one that holds the index (hnswlib is not safe to share).
     return ["worker", "-Q", f"{SEARCH_QUEUE},{INDEX_QUEUE}", "-P", "solo", "-n", "index@%h",
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
+
+
+def check_model_elsewhere(settings: Settings) -> None:
+    """Open the model once in a throw-away process, so a bad model is one clear error, not a crash loop of
+    pool processes, and no onnxruntime session exists in this parent before it forks."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        problem = pool.submit(_model_problem, str(settings.model), settings.providers).result()
+    if problem:
+        raise ModelError(problem)
+
+
+def _model_problem(path: str, providers: tuple[str, ...]) -> str | None:
+    try:
+        load_model(path, providers)
+    except ModelError as error:
+        return str(error)
+    return None
 
 
 def prepare_embed_processes() -> None:

@@ -4,7 +4,7 @@ Folder layout (all under the configured index directory, never anywhere else):
 
     LOCK                      flock held by the owning process
     CURRENT                   name of the snapshot to load (replaced atomically)
-    snapshot-<seq>/           vectors.hnsw, items.json, manifest.json (sha256 of each file)
+    snapshot-<seq>-<random>/  vectors.hnsw, items.json, manifest.json (sha256 of each file)
     wal-<first seq>.log       changes after the snapshot
 
 Start-up loads the snapshot CURRENT names (after checking its files' sha256), then replays the log.
@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,8 @@ class DurableIndex:
             "files": {name: file_sha256(staging / name) for name in (VECTORS, ITEMS)},
         }
         atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
-        final = self.directory / f"snapshot-{self.seq:020d}"
-        if final.exists():
-            shutil.rmtree(final)
+        # A fresh name every time: the snapshot CURRENT names is never touched until CURRENT names another.
+        final = self.directory / f"snapshot-{self.seq:020d}-{uuid.uuid4().hex[:8]}"
         staging.rename(final)
         fsync_path(self.directory)
         previous = self.snapshot_name()

@@ -1,4 +1,4 @@
-"""Real processes for integration tests: Redis, the index owner and embed workers, each stopped by its fixture."""
+"""Worker processes started and stopped together: for `lookalike up`, the integration tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 
 
 class Stack:
-    """One lookalike deployment on loopback: its own Redis database, data folder and worker processes."""
+    """One lookalike deployment on this machine: a Redis URL, a data folder and its worker processes."""
 
     def __init__(self, redis_url: str, data_dir: Path, model: Path, catalog_root: Path, **extra_env: str) -> None:
         self.env = {
@@ -33,7 +33,6 @@ class Stack:
         }
         self.settings = Settings.from_env(self.env)
         self.redis = redis.Redis.from_url(redis_url)
-        self.redis.flushdb()
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs = data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -61,6 +60,7 @@ class Stack:
         process.wait(30)
 
     def pool_children(self, kind: str) -> list[int]:
+        """The pool processes of a prefork worker (its direct children)."""
         parent = self.processes[kind].pid
         result = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False)
         return [int(pid) for pid in result.stdout.split()]
@@ -89,8 +89,3 @@ class Stack:
                 raise AssertionError(f"the process exited ({process.returncode}) while waiting for {what}")
             time.sleep(0.1)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-    def cli(self, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [LOOKALIKE, *map(str, args)], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
-        )
