@@ -34,13 +34,15 @@ class Stack:
         self.settings = Settings.from_env(self.env)
         self.redis = redis.Redis.from_url(redis_url)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.log_paths: dict[str, Path] = {}  # kind -> the log of its latest process
         self.logs = data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def start(self, kind: str) -> subprocess.Popen:
         """Start `lookalike worker <kind>` and wait until it reports in."""
         started = time.time()
-        log = open(self.logs / f"{kind}-{len(self.processes)}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.log_paths[kind] = self.logs / f"{kind}-{sum(1 for _ in self.logs.glob(f'{kind}-*.log'))}.log"
+        log = open(self.log_paths[kind], "ab")  # noqa: SIM115 - the child keeps it; closed just below
         process = subprocess.Popen(
             [LOOKALIKE, "worker", kind], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

@@ -146,29 +146,44 @@ def test_reloading_changes_nothing_and_a_deleted_item_comes_back(loaded, shared_
     print(f"re-load of an unchanged catalogue: {elapsed:.1f} s")
 
 
-def test_an_embed_worker_killed_mid_load_loses_nothing(make_stack, shared_dir):
+def loading(make_stack, shared_dir, done_at: int) -> tuple[Stack, Client, str]:
+    """A fresh stack (small batches, so a load has many tasks in flight) part way through the sample's load."""
     stack = make_stack(LOOKALIKE_BATCH="8")
     stack.start("index")
     stack.start("embed")
     client = Client(stack.settings)
     job_id = client.submit_load(shared_dir / "data" / "fashion")
-    stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= 100, "the load to get going", timeout=120)
-    victim = stack.pool_children("embed")[0]
-    os.kill(victim, signal.SIGKILL)  # an embed process dies mid-batch (OOM killer, node loss)
+    stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= done_at, "the load to get going", 120)
+    return stack, client, job_id
+
+
+def freeze_while_holding_a_message(stack: Stack, kind: str, queue: str) -> None:
+    """SIGSTOP the worker at a moment when it has taken a message from `queue` and not acknowledged it."""
+    group = stack.processes[kind].pid
+    for _ in range(500):
+        os.killpg(group, signal.SIGSTOP)
+        if any(json.loads(entry)[2] == queue for entry in stack.redis.hvals("unacked")):
+            return
+        os.killpg(group, signal.SIGCONT)
+        time.sleep(0.005)
+    raise AssertionError(f"the {kind} worker never held a message from {queue!r}")
+
+
+def test_embed_processes_killed_mid_load_lose_nothing(make_stack, shared_dir):
+    stack, client, job_id = loading(make_stack, shared_dir, done_at=100)
+    freeze_while_holding_a_message(stack, "embed", "embed")
+    for pid in stack.pool_children("embed"):
+        os.kill(pid, signal.SIGKILL)  # embed processes die mid-batch (OOM killer): their batches come back
+    os.killpg(stack.processes["embed"].pid, signal.SIGCONT)
     job = client.wait(job_id, timeout=600)
     assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
-    stats = client.call("index_stats")
-    assert stats["items"] == SAMPLE_SIZE
+    assert client.call("index_stats")["items"] == SAMPLE_SIZE
 
 
 def test_the_index_owner_killed_mid_load_keeps_every_acknowledged_change(make_stack, shared_dir):
-    stack = make_stack(LOOKALIKE_BATCH="8")
-    stack.start("index")
-    stack.start("embed")
-    client = Client(stack.settings)
-    job_id = client.submit_load(shared_dir / "data" / "fashion")
-    stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= 300, "the load to get going", timeout=120)
-    stack.kill("index")
+    stack, client, job_id = loading(make_stack, shared_dir, done_at=300)
+    freeze_while_holding_a_message(stack, "index", "index")
+    stack.kill("index")  # with a batch of changes in hand, not acknowledged
     acknowledged = client.jobs.redis.smembers(f"lookalike:job:{job_id}:done")
     pending_search = client.submit_search(b"\xff\xd8 not really a jpeg")  # waits for the owner to come back
     stack.start("index")
@@ -178,6 +193,7 @@ def test_the_index_owner_killed_mid_load_keeps_every_acknowledged_change(make_st
     for item_id in list(acknowledged)[:50]:
         assert client.call("get_item", item_id.decode()) is not None
     assert client.wait(pending_search, timeout=60)["state"] == "failed"
+    assert "messages a previous index owner had not acknowledged" in stack.log_paths["index"].read_text()
 
 
 def test_the_command_line_loads_with_a_progress_bar_and_searches(loaded, shared_dir):

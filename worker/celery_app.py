@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from lookalike.settings import Settings
 
 EMBED_QUEUE = "embed"  # bulk catalogue embedding: any number of processes on any number of machines
 INDEX_QUEUE = "index"  # changes to the index: only the index owner consumes it
 SEARCH_QUEUE = "search"  # searches and reads: the index owner again, so they never queue behind bulk embedding
+QUEUES = (EMBED_QUEUE, INDEX_QUEUE, SEARCH_QUEUE)
 
 ROUTES = {
     "lookalike.plan_load": EMBED_QUEUE,
@@ -40,8 +41,12 @@ def make_celery(settings: Settings) -> Celery:
         # Redis re-delivers an unacknowledged message after this long: longer than any task may run.
         broker_transport_options={"visibility_timeout": settings.task_time_limit * 3},
         result_expires=settings.search_ttl,
-        task_queues=[Queue(EMBED_QUEUE), Queue(INDEX_QUEUE), Queue(SEARCH_QUEUE)],
+        # Each queue its own direct exchange and routing key: a message's routing key then names its queue,
+        # which is how a restarted index owner finds the messages its killed predecessor had taken.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue=EMBED_QUEUE,
+        task_default_exchange=EMBED_QUEUE,
+        task_default_routing_key=EMBED_QUEUE,
         task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,

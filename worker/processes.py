@@ -63,8 +63,8 @@ def prepare_embed_processes() -> None:
 def open_index_owner(app: Celery) -> IndexOwner:
     """Open the index (taking its lock), give back orphaned messages, and publish a heartbeat."""
     settings = runtime.settings()
-    owner = IndexOwner.open(settings, runtime.state()["redis"])
-    runtime.state()["owner"] = owner
+    owner = IndexOwner.open(settings, runtime.state().redis)
+    runtime.state().owner = owner
     owner.restore_orphaned_messages(app)
     log.info("index owner %d: %s on %s", os.getpid(), owner.model.path.name, owner.model.provider)
     runtime.start_heartbeat("index", lambda: {key: owner.stats()[key] for key in ("items", "provider", "model_sha256")})

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def owner() -> IndexOwner:
-    current = runtime.state()["owner"]
+    current = runtime.state().owner
     if current is None:
         raise RuntimeError("this process does not own the index (start it with `lookalike worker index`)")
     return current
@@ -49,7 +49,7 @@ def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
     ids = [item["id"] for item in items]
     known = {
         item_id: tuple(value.decode().split(":"))
-        for item_id, value in zip(ids, state["redis"].hmget(CHECKSUMS_KEY, ids), strict=True)
+        for item_id, value in zip(ids, state.redis.hmget(CHECKSUMS_KEY, ids), strict=True)
         if value is not None
     }
     outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
