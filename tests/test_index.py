@@ -157,3 +157,13 @@ def test_a_crash_in_the_middle_of_a_snapshot_leaves_the_previous_one_loadable(tm
     reopened = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
     assert sorted(reopened.index.items) == ["0", "1", "2"]
     assert [path.name for path in tmp_path.glob("snapshot-*")] == [reopened.snapshot_name()]
+
+
+def test_new_metadata_for_the_same_photo_keeps_the_vector():
+    index = VectorIndex(PARAMS)
+    index.upsert("p1", unit(1), Item(-1, {"colour": "red"}))
+    index.upsert("p1", None, Item(-1, {"colour": "blue"}))
+    (hit,) = index.search(unit(1), 1, {"colour": "blue"})
+    assert (hit.id, hit.score) == ("p1", pytest.approx(1.0, abs=1e-5))
+    with pytest.raises(KeyError, match="has no vector yet"):
+        index.upsert("p2", None, Item(-1, {}))

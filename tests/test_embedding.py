@@ -1,0 +1,56 @@
+"""One embedding batch: unchanged items skipped, new metadata without re-embedding, bad files as item errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+from lookalike.settings import Settings
+from tests.onnx_models import pooling_model
+from worker.embedding import decode_vector, embed_items, encode_vector, metadata_checksum
+from worker.model import load_model
+
+
+def test_vectors_survive_the_trip_through_json():
+    vector = np.random.default_rng(0).normal(size=2048).astype(np.float32)
+    np.testing.assert_array_equal(decode_vector(encode_vector(vector)), vector)
+
+
+def test_a_batch_embeds_new_items_and_skips_what_the_index_already_has(tmp_path):
+    settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": str(tmp_path), "LOOKALIKE_DATA_DIR": str(tmp_path / "d")})
+    model = load_model(pooling_model(tmp_path / "model.onnx"))
+    for name, colour in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buffer, "PNG")
+        (tmp_path / f"{name}.png").write_bytes(buffer.getvalue())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    def item(name: str, **metadata: str) -> dict:
+        return {"id": name, "area": "catalog", "path": f"{name}.png", "metadata": metadata}
+
+    def image_sha(name: str) -> str:
+        return hashlib.sha256((tmp_path / f"{name}.png").read_bytes()).hexdigest()
+
+    known = {
+        "red": (image_sha("red"), metadata_checksum({"colour": "red"})),  # unchanged
+        "green": (image_sha("green"), metadata_checksum({"colour": "old"})),  # same photo, new metadata
+    }
+    items = [item("red", colour="red"), item("green", colour="green"), item("blue", colour="blue"),
+             item("broken"), {"id": "gone", "area": "catalog", "path": "gone.png"},
+             {"id": "escape", "area": "catalog", "path": "../outside.png"}]  # fmt: skip
+    outcome = embed_items(items, model, settings, known)
+
+    assert outcome.unchanged == ["red"]
+    changes = {change["id"]: change for change in outcome.changes}
+    assert set(changes) == {"green", "blue"}
+    assert "vector" not in changes["green"] and changes["green"]["metadata"]["colour"] == "green"
+    np.testing.assert_allclose(decode_vector(changes["blue"]["vector"]), [0, 0, 255])
+    assert changes["blue"]["metadata"] == {"colour": "blue", "image": "catalog/blue.png"}
+    assert {key: error["code"] for key, error in outcome.errors.items()} == {
+        "broken": "not_an_image",  # a PNG signature and no header after it
+        "gone": "missing_file",
+        "escape": "outside_root",
+    }
