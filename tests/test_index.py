@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import worker.wal
 from worker.index import IndexParams, Item, VectorIndex
 from worker.store import DurableIndex, IndexStoreError, ModelIdentity
 from worker.wal import Change
@@ -167,3 +168,25 @@ def test_new_metadata_for_the_same_photo_keeps_the_vector():
     assert (hit.id, hit.score) == ("p1", pytest.approx(1.0, abs=1e-5))
     with pytest.raises(KeyError, match="has no vector yet"):
         index.upsert("p2", None, Item(-1, {}))
+
+
+def test_a_failed_log_write_is_undone_before_the_next_change(tmp_path, monkeypatch):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert("a", 1)])
+    real_fsync = worker.wal.os.fsync
+    calls = {"n": 0}
+
+    def disk_full_once(descriptor):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(worker.wal.os, "fsync", disk_full_once)
+    with pytest.raises(OSError, match="No space left"):
+        store.apply([upsert("lost", 2)])
+    monkeypatch.undo()
+    store.apply([upsert("c", 3)])  # acknowledged after the failure: must survive a crash
+    store.wal.close()
+    store._lock_file.close()
+    assert sorted(DurableIndex.open(tmp_path, IDENTITY, PARAMS).index.items) == ["a", "c"]

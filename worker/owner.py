@@ -19,7 +19,7 @@ from worker.embedding import decode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs, item_error
 from worker.model import EmbeddingModel, load_model
-from worker.store import DurableIndex, IndexStoreError, ModelIdentity, ModelMismatch
+from worker.store import DurableIndex, ModelIdentity, ModelMismatch
 from worker.wal import Change
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,11 @@ class IndexOwner:
         ids = [change.id for change in changes]
         try:
             self.store.apply(changes)
-        except (IndexStoreError, OSError) as error:
-            # Nothing was acknowledged as indexed: every item of the batch is reported failed, with the reason.
-            code = "model_mismatch" if isinstance(error, ModelMismatch) else "index_unwritable"
-            log.error("refused %d changes: %s", len(changes), error)
+        except Exception as error:
+            # Nothing is acknowledged as indexed: every item of the batch is reported failed, with the reason,
+            # so that the load still finishes instead of waiting for items no one will index.
+            code = _refusal_code(error)
+            log.exception("refused %d changes: %s", len(changes), error)
             if job_id:
                 self.jobs.record(job_id, errors={item_id: item_error(code, str(error)) for item_id in ids})
             return {"applied": 0, "failed": len(ids)}
@@ -158,6 +159,14 @@ class IndexOwner:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _refusal_code(error: Exception) -> str:
+    if isinstance(error, ModelMismatch):
+        return "model_mismatch"
+    if isinstance(error, OSError):
+        return "index_unwritable"  # disk full, read-only folder: nothing was logged, nothing acknowledged
+    return "index_error"
 
 
 def decode_upload(text: str, max_upload: int) -> bytes:

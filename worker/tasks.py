@@ -34,6 +34,10 @@ def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict
     except CatalogError as error:
         jobs.fail(job_id, item_error("bad_catalog", str(error)))
         return {"total": 0}
+    except Exception as error:
+        log.exception("load %s: the catalogue could not be planned", job_id)
+        jobs.fail(job_id, item_error("plan_failed", f"the catalogue could not be read: {error}"))
+        return {"total": 0}
     jobs.record(job_id, errors=plan.errors)
     for start in range(0, len(plan.items), settings.batch):
         batch = [item.as_message() for item in plan.items[start : start + settings.batch]]
@@ -52,7 +56,12 @@ def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
         for item_id, value in zip(ids, state.redis.hmget(CHECKSUMS_KEY, ids), strict=True)
         if value is not None
     }
-    outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
+    try:
+        outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
+    except Exception as error:  # every item must end up counted, or the load would never finish
+        log.exception("load %s: a batch of %d could not be embedded", job_id, len(items))
+        jobs.record(job_id, errors={item_id: item_error("embed_failed", str(error)) for item_id in ids})
+        return {"changes": 0, "unchanged": 0, "failed": len(ids)}
     jobs.record(job_id, done=outcome.unchanged, errors=outcome.errors)
     if outcome.changes:
         apply_changes.delay(job_id, outcome.changes)

@@ -102,9 +102,17 @@ class WriteAheadLog:
         for change in changes:
             payload = change.encode()
             records.append(RECORD_HEADER.pack(len(payload), zlib.crc32(payload), change.seq) + payload)
-        self._file.write(b"".join(records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        start = self._file.tell()
+        try:
+            self._file.write(b"".join(records))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError:
+            # A partly written batch (disk full) must not stay in front of the next, acknowledged one:
+            # replay stops at the first damaged record.
+            self._file.seek(start)
+            self._file.truncate(start)
+            raise
 
     def start_file(self, first_seq: int) -> None:
         """Continue in a new file whose records start at `first_seq` (after a snapshot, or at start-up)."""
