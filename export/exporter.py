@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.card import contract_fields, write_card
-from export.errors import ExportError
 from export.keras_model import build_embedding_model, check_pooling
 from export.parity import PARITY_BOUND, check_parity, parity_images
 from export.progress import Progress
 from export.weights import WeightsSource, resolve_weights
-from lookalike.files import ensure_writable_file
+from lookalike.files import atomic_replace, ensure_writable_file
 from worker.model import load_model
 
 if TYPE_CHECKING:
@@ -50,19 +49,21 @@ def export_resnet50(
     with progress.step("build Keras model") as note:
         keras_model = build_embedding_model(pooling, source)
         note["detail"] = f"{keras_model.count_params():,} parameters"
-    with progress.step("convert to ONNX with tf2onnx") as note:
-        convert_to_onnx(keras_model, out)
-        note["detail"] = f"opset {OPSET}, {out.stat().st_size / 1e6:.1f} MB"
-    with progress.step("parity check, Keras vs onnxruntime") as note:
-        onnx_model = load_model(out, providers=["cpu"])
-        images, origin = parity_images(onnx_model.contract.size, sample)
-        expected = keras_model.predict(images, batch_size=len(images), verbose=0)
-        try:
+    # Until it passes the parity check the new model sits beside the old one, which stays usable.
+    staged = out.with_name(f".{out.name}.partial")
+    try:
+        with progress.step("convert to ONNX with tf2onnx") as note:
+            convert_to_onnx(keras_model, staged)
+            note["detail"] = f"opset {OPSET}, {staged.stat().st_size / 1e6:.1f} MB"
+        with progress.step("parity check, Keras vs onnxruntime") as note:
+            onnx_model = load_model(staged, providers=["cpu"])
+            images, origin = parity_images(onnx_model.contract.size, sample)
+            expected = keras_model.predict(images, batch_size=len(images), verbose=0)
             difference = check_parity(expected, onnx_model.embed(images))
-        except ExportError:
-            out.unlink(missing_ok=True)  # a model that fails parity must not be picked up by a worker
-            raise
-        note["detail"] = f"max relative difference {difference:.1e} on {origin}"
+            note["detail"] = f"max relative difference {difference:.1e} on {origin}"
+        atomic_replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
 
     card = write_card(
         out,

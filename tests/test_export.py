@@ -108,7 +108,7 @@ def test_weights_of_another_network_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(refused.value)
 
 
-def test_a_failed_parity_check_removes_the_model_and_says_why(tmp_path, monkeypatch):
+def test_a_failed_parity_check_keeps_the_previous_model_and_says_why(tmp_path, monkeypatch):
     import export.exporter
 
     def skewed(expected, candidate):
@@ -116,6 +116,8 @@ def test_a_failed_parity_check_removes_the_model_and_says_why(tmp_path, monkeypa
 
     monkeypatch.setattr(export.exporter, "check_parity", skewed)
     out = tmp_path / "skewed.onnx"
+    out.write_bytes(b"the model a worker uses today")
     with pytest.raises(ExportError, match=r"parity check failed: ONNX differs from Keras by 1.00e-03 \(relative\)"):
         export_resnet50(out, weights="none", progress=Progress())
-    assert not out.exists() and not card_path(out).exists()
+    assert out.read_bytes() == b"the model a worker uses today"  # the failed export replaced nothing
+    assert not card_path(out).exists() and [path.name for path in tmp_path.iterdir()] == ["skewed.onnx"]

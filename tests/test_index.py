@@ -190,3 +190,12 @@ def test_a_failed_log_write_is_undone_before_the_next_change(tmp_path, monkeypat
     store.wal.close()
     store._lock_file.close()
     assert sorted(DurableIndex.open(tmp_path, IDENTITY, PARAMS).index.items) == ["a", "c"]
+
+
+def test_changes_still_in_the_log_keep_an_index_from_adopting_another_model(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)  # snapshot of the empty index, then only the log
+    store.apply([upsert("a", 1)])
+    store.wal.close()
+    store._lock_file.close()  # killed before any further snapshot
+    other = ModelIdentity("b" * 64, DIM, "stretch")
+    assert "holds 0 vectors" in DurableIndex.open(tmp_path, other, PARAMS).mismatch

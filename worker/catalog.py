@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -191,21 +192,21 @@ def unpack_archive(settings: Settings, archive: Path) -> Path:
     """Unpack a tar archive once into DATA_DIR/archives/<sha256>/ (only regular files, never outside it)."""
     digest = file_sha256(archive)
     target = settings.archives_dir / digest
-    if (target / ".complete").exists():
+    if target.exists():
         return target
-    staging = settings.archives_dir / f".{digest}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    settings.archives_dir.mkdir(parents=True, exist_ok=True)
+    # A folder of its own per unpacking: two loads of one archive at once never touch each other's files.
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=settings.archives_dir))
     try:
         with tarfile.open(archive) as tar:
             for member in _safe_members(tar):
                 tar.extract(member, staging, filter="data")
+        staging.rename(target)  # atomic: the folder appears whole or not at all
     except (tarfile.TarError, OSError, EOFError) as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if target.exists():
+            return target  # another load unpacked the same archive first
         raise CatalogError(f"archive {archive.name} can't be unpacked: {error}") from error
-    (staging / ".complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
     return target
 
 

@@ -59,6 +59,8 @@ def embed_items(
         change = {
             "op": "upsert",
             "id": item_id,
+            "model_sha256": model.sha256,  # the owner refuses vectors of any model but its index's
+            "resize": settings.resize,
             "metadata": {**metadata, "image": f"{item['area']}/{item['path']}"},
             "image_sha256": image_sha256,
             "metadata_sha256": metadata_sha256,

@@ -86,32 +86,32 @@ class IndexOwner:
 
     def apply(self, job_id: str | None, messages: list[dict[str, Any]]) -> dict[str, int]:
         """Log, apply and report a batch of upserts and deletes from the embed workers."""
-        changes = [
-            Change(
-                op=message["op"],
-                id=message["id"],
-                metadata=message.get("metadata"),
-                image_sha256=message.get("image_sha256"),
-                metadata_sha256=message.get("metadata_sha256"),
-                vector=decode_vector(message["vector"]) if message.get("vector") else None,
+        identity = self.store.identity
+        foreign = {
+            message["id"]: item_error(
+                "model_mismatch",
+                f"embedded with model {str(message.get('model_sha256'))[:12]} / resize {message.get('resize')}; "
+                f"the index holds model {identity.sha256[:12]} / resize {identity.resize}",
             )
             for message in messages
-        ]
-        ids = [change.id for change in changes]
+            if message["op"] == "upsert"
+            and (message.get("model_sha256"), message.get("resize")) != (identity.sha256, identity.resize)
+        }
         try:
+            changes = [_change(message) for message in messages if message["id"] not in foreign]
             self.store.apply(changes)
         except Exception as error:
             # Nothing is acknowledged as indexed: every item of the batch is reported failed, with the reason,
             # so that the load still finishes instead of waiting for items no one will index.
-            code = _refusal_code(error)
-            log.exception("refused %d changes: %s", len(changes), error)
+            log.exception("refused %d changes: %s", len(messages), error)
+            failed = {message["id"]: item_error(_refusal_code(error), str(error)) for message in messages}
             if job_id:
-                self.jobs.record(job_id, errors={item_id: item_error(code, str(error)) for item_id in ids})
-            return {"applied": 0, "failed": len(ids)}
+                self.jobs.record(job_id, errors=failed)
+            return {"applied": 0, "failed": len(failed)}
         self._update_checksums(changes)
         if job_id:
-            self.jobs.record(job_id, done=ids)
-        return {"applied": len(ids), "failed": 0}
+            self.jobs.record(job_id, done=[change.id for change in changes], errors=foreign)
+        return {"applied": len(changes), "failed": len(foreign)}
 
     def delete(self, ids: Iterable[str]) -> int:
         present = [item_id for item_id in ids if item_id in self.store.index]
@@ -159,6 +159,17 @@ class IndexOwner:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _change(message: dict[str, Any]) -> Change:
+    return Change(
+        op=message["op"],
+        id=message["id"],
+        metadata=message.get("metadata"),
+        image_sha256=message.get("image_sha256"),
+        metadata_sha256=message.get("metadata_sha256"),
+        vector=decode_vector(message["vector"]) if message.get("vector") else None,
+    )
 
 
 def _refusal_code(error: Exception) -> str:

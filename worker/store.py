@@ -112,7 +112,11 @@ class DurableIndex:
             self._apply(change)
         self.changes_since_snapshot += len(changes)
         if self.changes_since_snapshot >= self.snapshot_every:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except OSError as error:  # the changes are safe in the log; the next batch tries again
+                log.error("index snapshot failed, the log keeps growing: %s", error)
+                self._remove_unfinished_snapshots()
 
     def _apply(self, change: Change) -> None:
         if change.op == "delete":
@@ -218,8 +222,8 @@ class DurableIndex:
         self.snapshot_identity = stored
         self.seq = manifest["seq"]
         if stored != self.identity:
-            if manifest["items"] == 0:
-                return  # an empty index simply adopts the configured model
+            if manifest["items"] == 0 and next(self.wal.replay(after_seq=self.seq), None) is None:
+                return  # an empty index (nothing in the log either) simply adopts the configured model
             self.mismatch = (
                 f"the index in {self.directory} holds {manifest['items']} vectors of model {stored.sha256[:12]} "
                 f"(resize {stored.resize}), not of the configured model {self.identity.sha256[:12]} "

@@ -88,6 +88,9 @@ def search_image(job_id: str, image: str, k: int, filters: dict[str, str] | None
         jobs.fail(job_id, error.as_dict())
     except ModelMismatch as error:
         jobs.fail(job_id, item_error("model_mismatch", str(error)))
+    except Exception as error:  # a search job must never stay "running"
+        log.exception("search %s failed", job_id)
+        jobs.fail(job_id, item_error("search_failed", f"the search failed: {error}"))
     else:
         jobs.finish(job_id, {"hits": hits})
 

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lookalike.errors import LookalikeError
 from lookalike.files import fsync_path
 
 # Each record: payload length, CRC-32 of the payload, sequence number; then the payload:
@@ -72,10 +73,12 @@ class WriteAheadLog:
     def replay(self, after_seq: int) -> Iterator[Change]:
         """Changes with a sequence number above `after_seq`, oldest first.
 
-        A record cut short or failing its checksum can only be the tail of a write that was never
-        acknowledged (the process died mid-append): the file is truncated there and replay stops.
+        A record cut short or failing its checksum at the end of the newest file can only be the tail of a
+        write that was never acknowledged (the process died mid-append): it is truncated away. Damage anywhere
+        else is refused: acknowledged changes follow it.
         """
-        for path in self.files():
+        files = self.files()
+        for path in files:
             with open(path, "r+b") as file:
                 while True:
                     start = file.tell()
@@ -88,6 +91,8 @@ class WriteAheadLog:
                         payload = file.read(length)
                         complete = len(payload) == length and zlib.crc32(payload) == crc
                     if not complete:
+                        if path != files[-1]:
+                            raise LookalikeError(f"index log {path} is damaged at byte {start}; restore a backup")
                         file.truncate(start)
                         os.fsync(file.fileno())
                         return
@@ -102,23 +107,24 @@ class WriteAheadLog:
         for change in changes:
             payload = change.encode()
             records.append(RECORD_HEADER.pack(len(payload), zlib.crc32(payload), change.seq) + payload)
-        start = self._file.tell()
+        descriptor = self._file.fileno()
+        start = os.lseek(descriptor, 0, os.SEEK_END)
         try:
-            self._file.write(b"".join(records))
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            data = memoryview(b"".join(records))
+            while data:
+                data = data[os.write(descriptor, data) :]
+            os.fsync(descriptor)
         except OSError:
-            # A partly written batch (disk full) must not stay in front of the next, acknowledged one:
-            # replay stops at the first damaged record.
-            self._file.seek(start)
-            self._file.truncate(start)
+            # A partly written batch (disk full) must not stay in front of the next, acknowledged one: it would
+            # be replayed although it was reported failed, or stop the replay of what follows.
+            os.ftruncate(descriptor, start)
             raise
 
     def start_file(self, first_seq: int) -> None:
         """Continue in a new file whose records start at `first_seq` (after a snapshot, or at start-up)."""
         self.close()
         path = self.directory / f"{PREFIX}{first_seq:020d}{SUFFIX}"
-        self._file = open(path, "ab")  # noqa: SIM115 - stays open for the owner's lifetime
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - stays open for the owner's lifetime
         fsync_path(self.directory)
 
     def drop_through(self, seq: int) -> None:

@@ -1,0 +1,58 @@
+"""The index owner accepts only vectors of its index's model and counts every item of a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from lookalike.settings import Settings
+from tests.onnx_models import pooling_model
+from worker.embedding import encode_vector
+from worker.index import IndexParams
+from worker.jobs import Jobs
+from worker.model import load_model
+from worker.owner import IndexOwner
+from worker.store import DurableIndex, ModelIdentity
+
+
+@pytest.fixture
+def owner(tmp_path, redis_url) -> IndexOwner:
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/14")
+    client.flushdb()
+    model = load_model(pooling_model(tmp_path / "model.onnx"))
+    store = DurableIndex.open(tmp_path / "index", ModelIdentity(model.sha256, 3, "stretch"), IndexParams(dim=3))
+    settings = Settings.from_env({"LOOKALIKE_DATA_DIR": str(tmp_path)})
+    yield IndexOwner(settings, model, store, client)
+    store.close()
+
+
+def test_vectors_of_another_model_or_resize_policy_are_per_item_errors(owner):
+    jobs = Jobs(owner.redis)
+    job_id = jobs.create("load", {})
+    jobs.start(job_id)
+    jobs.set_total(job_id, 3)
+
+    def upsert(item_id: str, model_sha256: str, resize: str = "stretch") -> dict:
+        vector = encode_vector(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+        return {"op": "upsert", "id": item_id, "vector": vector, "metadata": {}, "model_sha256": model_sha256,
+                "resize": resize, "image_sha256": "i", "metadata_sha256": "m"}  # fmt: skip
+
+    result = owner.apply(
+        job_id,
+        [upsert("ok", owner.model.sha256), upsert("other", "f" * 64), upsert("padded", owner.model.sha256, "pad")],
+    )
+    assert result == {"applied": 1, "failed": 2}
+    job = jobs.get(job_id)
+    assert (job["state"], job["errors_by_code"]) == ("partial", {"model_mismatch": 2})
+    assert owner.get("ok") is not None and owner.get("other") is None
+
+
+def test_a_batch_the_index_cannot_take_is_counted_failed_not_lost(owner):
+    jobs = Jobs(owner.redis)
+    job_id = jobs.create("load", {})
+    jobs.start(job_id)
+    jobs.set_total(job_id, 1)
+    bad = {"op": "upsert", "id": "x", "vector": "not base64!", "model_sha256": owner.model.sha256, "resize": "stretch"}
+    assert owner.apply(job_id, [bad]) == {"applied": 0, "failed": 1}
+    assert jobs.get(job_id)["errors"][0]["code"] == "index_error"
