@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportError
-from worker.decode import ImageError, ResizePolicy, decode_image
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+from worker.decode import IMAGE_SUFFIXES, ImageError, ResizePolicy, decode_image
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import h5py
@@ -46,7 +47,7 @@ def test_the_onnx_graph_has_stable_names_a_dynamic_batch_and_opset_17(resnet_exp
 
 def test_the_card_is_complete_and_its_sha256_is_the_files(resnet_export):
     card = resnet_export.card
-    assert card == __import__("json").loads(card_path(resnet_export.path).read_text())
+    assert card == json.loads(card_path(resnet_export.path).read_text())
     assert card["sha256"] == file_sha256(resnet_export.path)
     assert card["bytes"] == resnet_export.path.stat().st_size
     assert (card["backbone"], card["pooling"], card["precision"], card["opset"]) == ("ResNet50", "max", "fp32", 17)

@@ -30,6 +30,8 @@ def test_a_load_counts_each_item_once_and_finishes_partial(jobs):
     assert job["progress"] == {"total": 4, "done": 3, "failed": 1}
     assert job["errors"] == [{"id": "bad", "code": "missing_file", "message": "image bad.jpg does not exist"}]
     assert job["errors_by_code"] == {"missing_file": 1}
+    counters_only = jobs.get(job_id, error_limit=0)  # what a polling client reads
+    assert "errors" not in counters_only and counters_only["progress"] == job["progress"]
     assert [load["id"] for load in jobs.list_loads()] == [job_id]
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 
 from export.errors import ExportError
@@ -48,7 +49,7 @@ def test_the_int8_model_keeps_the_contract_and_its_card_records_the_source(int8_
     }
     model = load_model(out)
     assert (model.contract.size, model.contract.dimension) == ((224, 224), 1280)
-    graph_ops = {node.op_type for node in __import__("onnx").load(out).graph.node}
+    graph_ops = {node.op_type for node in onnx.load(out).graph.node}
     assert "QLinearConv" in graph_ops  # QOperator format, not QDQ
     assert out.stat().st_size < pretrained_model.stat().st_size / 2
 

@@ -20,9 +20,9 @@ import pandas as pd
 from lookalike.errors import LookalikeError
 from lookalike.files import file_sha256
 from lookalike.settings import Settings
+from worker.decode import IMAGE_SUFFIXES
 from worker.jobs import item_error
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DATASET_CSV = "styles.csv"
 ID_COLUMN, IMAGE_COLUMN = "id", "image"

@@ -42,13 +42,13 @@ class Client:
         """Follow the job record until it is finished (or `timeout` seconds pass)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.jobs.get(job_id)
+            job = self.jobs.get(job_id, error_limit=0)  # counters only: sorting every item error is for the end
             if job is None:
                 raise LookalikeError(f"job {job_id} does not exist (expired?)")
             if on_update:
                 on_update(job)
             if job["state"] in FINISHED:
-                return job
+                return self.jobs.get(job_id) or job
             if deadline is not None and time.monotonic() > deadline:
                 raise LookalikeError(
                     f"job {job_id} is still {job['state']} after {timeout:.0f} s; is a worker running?"

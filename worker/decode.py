@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+# File names taken for images when a folder is scanned (the formats above, by their usual suffixes).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 50_000_000
 WHITE = (255, 255, 255)
 

@@ -150,7 +150,7 @@ class Jobs:
             job["result"] = json.loads(raw["result"])
         if "error" in raw:
             job["error"] = json.loads(raw["error"])
-        if failed:
+        if failed and error_limit:
             job["errors"] = self.item_errors(job_id, error_offset, error_limit)
             job["errors_by_code"] = self.errors_by_code(job_id)
         return job
