@@ -25,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
+    from web.cli import register as register_web
     from worker.cli import register as register_worker
 
     parser = OneLineParser(prog="lookalike", description="Self-hosted visual similarity search for products.")
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_export(commands)
     register_worker(commands)
+    register_web(commands)
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
@@ -42,6 +42,12 @@ SETTINGS = [
     Setting("LOOKALIKE_SNAPSHOT_EVERY", "20000", "changes between index snapshots (the log is cut after each)"),
     Setting("LOOKALIKE_SEARCH_TTL", "3600", "seconds a search job's record is kept"),
     Setting("LOOKALIKE_TASK_TIME_LIMIT", "600", "seconds before a task is killed"),
+    Setting(
+        "LOOKALIKE_API_KEY", "", "bearer token for the write endpoints (loads, deletes); empty: loopback clients only"
+    ),
+    Setting("LOOKALIKE_MAX_CATALOG_UPLOAD", str(2 * 1024**3), "largest catalogue upload (archive + CSV), bytes"),
+    Setting("LOOKALIKE_WEB_THREADS", "8", "request threads of `lookalike web`"),
+    Setting("LOOKALIKE_CALL_TIMEOUT", "5", "seconds the web waits for Redis or the index worker before a 503"),
 ]
 DEFAULTS = {setting.variable: setting.default for setting in SETTINGS}
 
@@ -67,6 +73,10 @@ class Settings:
     snapshot_every: int
     search_ttl: int
     task_time_limit: int
+    api_key: str = field(repr=False)  # never in a log line
+    max_catalog_upload: int
+    web_threads: int
+    call_timeout: int
 
     @property
     def archives_dir(self) -> Path:
@@ -107,6 +117,10 @@ class Settings:
             snapshot_every=_integer(env, "LOOKALIKE_SNAPSHOT_EVERY", minimum=1),
             search_ttl=_integer(env, "LOOKALIKE_SEARCH_TTL", minimum=1),
             task_time_limit=_integer(env, "LOOKALIKE_TASK_TIME_LIMIT", minimum=10),
+            api_key=env.get("LOOKALIKE_API_KEY", ""),
+            max_catalog_upload=_integer(env, "LOOKALIKE_MAX_CATALOG_UPLOAD", minimum=1),
+            web_threads=_integer(env, "LOOKALIKE_WEB_THREADS", minimum=1),
+            call_timeout=_integer(env, "LOOKALIKE_CALL_TIMEOUT", minimum=1),
         )
         if settings.resize not in ("stretch", "pad"):
             raise LookalikeError(f"LOOKALIKE_RESIZE is {settings.resize!r}; choose stretch or pad")

@@ -1,21 +1,33 @@
-"""Worker processes started and stopped together: for `lookalike up`, the integration tests and the benchmarks."""
+"""Worker and web processes started and stopped together: for `lookalike up`, the tests and the benchmarks."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from lookalike.settings import Settings
+from worker.heartbeats import heartbeats
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # an HTTP status, even 503, means the server is up
+    except OSError:
+        return False
 
 
 class Stack:
@@ -41,19 +53,30 @@ class Stack:
     def start(self, kind: str) -> subprocess.Popen:
         """Start `lookalike worker <kind>` and wait until it reports in."""
         started = time.time()
-        self.log_paths[kind] = self.logs / f"{kind}-{sum(1 for _ in self.logs.glob(f'{kind}-*.log'))}.log"
-        log = open(self.log_paths[kind], "ab")  # noqa: SIM115 - the child keeps it; closed just below
-        process = subprocess.Popen(
-            [LOOKALIKE, "worker", kind], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.processes[kind] = process
+        process = self._spawn(kind, "worker", kind)
         self.wait_for(lambda: self.heartbeat(kind, since=started), f"{kind} worker to report in", process=process)
         return process
 
+    def start_web(self, port: int, host: str = "127.0.0.1") -> str:
+        """Start `lookalike web` and wait until it answers; returns its base URL."""
+        url = f"http://{host}:{port}"
+        process = self._spawn("web", "web", "--host", host, "--port", str(port))
+        self.wait_for(lambda: _answers(f"{url}/healthz"), f"the web server on {url}", process=process)
+        return url
+
+    def _spawn(self, kind: str, *argv: str) -> subprocess.Popen:
+        """`lookalike <argv>` in a session of its own (so its whole group can be stopped), logging to a file."""
+        self.log_paths[kind] = self.logs / f"{kind}-{sum(1 for _ in self.logs.glob(f'{kind}-*.log'))}.log"
+        log = open(self.log_paths[kind], "ab")  # noqa: SIM115 - the child keeps it; closed just below
+        process = subprocess.Popen(
+            [LOOKALIKE, *argv], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.processes[kind] = process
+        return process
+
     def heartbeat(self, role: str, since: float = 0.0) -> list[dict[str, Any]]:
-        beats = [json.loads(value) for value in self.redis.hvals("lookalike:workers")]
-        return [beat for beat in beats if beat["role"] == role and beat["seen"] >= since]
+        return heartbeats(self.redis, role, since)
 
     def kill(self, kind: str, sig: int = signal.SIGKILL) -> None:
         """Kill a worker and every process of its group (its pool children too)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lookalike.settings import Settings
-from worker.catalog import CatalogError, plan_catalog, resolve_reference
+from worker.areas import CatalogError, resolve_reference
+from worker.catalog import plan_catalog
 
 
 @pytest.fixture

@@ -1,1 +1,4 @@
-"""The Flask front end: it enqueues uploads and polls job results; it never imports onnxruntime or hnswlib."""
+"""The Flask front end: search form, job pages, results gallery, catalogue loads and the JSON API.
+
+It only enqueues and polls through Redis; it never imports onnxruntime, hnswlib or TensorFlow.
+"""

@@ -1,7 +1,6 @@
 """Catalogue sources -> items to load: a CSV, a folder of images, a tar archive, or the Fashion dataset layout.
 
-Items carry references to their images (an area and a path relative to it), never the image bytes: every
-process resolves a reference against its own configured folders and refuses anything that leads outside them.
+Items carry references to their images (see `worker.areas`), never the image bytes.
 """
 
 from __future__ import annotations
@@ -17,19 +16,14 @@ from typing import Any
 
 import pandas as pd
 
-from lookalike.errors import LookalikeError
 from lookalike.files import file_sha256
 from lookalike.settings import Settings
+from worker.areas import ARCHIVE_SUFFIXES, CatalogError, locate
 from worker.decode import IMAGE_SUFFIXES
 from worker.jobs import item_error
 
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DATASET_CSV = "styles.csv"
 ID_COLUMN, IMAGE_COLUMN = "id", "image"
-
-
-class CatalogError(LookalikeError):
-    """The catalogue as a whole can't be read (as opposed to one bad row, which is an item error)."""
 
 
 @dataclass
@@ -53,37 +47,6 @@ class CatalogPlan:
     @property
     def total(self) -> int:
         return len(self.items) + len(self.errors)
-
-
-def areas(settings: Settings) -> dict[str, Path]:
-    return {"catalog": settings.catalog_root, "uploads": settings.uploads_dir, "archives": settings.archives_dir}
-
-
-def resolve_reference(settings: Settings, area: str, relative: str) -> Path:
-    """The file an item reference names, refused when it would lead outside its area (`..`, links, absolute)."""
-    roots = areas(settings)
-    if area not in roots:
-        raise CatalogError(f"unknown catalogue area {area!r}")
-    root = roots[area].resolve()
-    pure = PurePosixPath(relative)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise CatalogError(f"{relative!r} is outside the catalogue root")
-    path = (root / pure).resolve()
-    if not path.is_relative_to(root):
-        raise CatalogError(f"{relative!r} leads outside the catalogue root (a link?)")
-    return path
-
-
-def locate(settings: Settings, path: Path) -> tuple[str, Path]:
-    """The area holding `path` and `path` relative to it; refused when it is under none of them."""
-    resolved = path.expanduser().resolve()
-    for area, root in areas(settings).items():
-        if resolved.is_relative_to(root.resolve()):
-            return area, resolved.relative_to(root.resolve())
-    raise CatalogError(
-        f"{path} is outside the catalogue root {settings.catalog_root} (set LOOKALIKE_CATALOG_ROOT to a folder "
-        "that holds it)"
-    )
 
 
 def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = None) -> CatalogPlan:

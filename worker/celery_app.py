@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -22,6 +23,14 @@ ROUTES = {
     "lookalike.get_item": SEARCH_QUEUE,
     "lookalike.index_stats": SEARCH_QUEUE,
 }
+
+
+def queue_depths(client: redis.Redis) -> dict[str, int]:
+    """Messages waiting in each queue (kombu's Redis transport keeps a queue as a list under its name)."""
+    with client.pipeline() as pipe:
+        for name in QUEUES:
+            pipe.llen(name)
+        return dict(zip(QUEUES, pipe.execute(), strict=True))
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -48,6 +57,8 @@ def make_celery(settings: Settings) -> Celery:
         task_default_exchange=EMBED_QUEUE,
         task_default_routing_key=EMBED_QUEUE,
         task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
+        # A publish that can't reach Redis fails within seconds (the web answers 503) instead of hanging.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         redis_socket_timeout=10,

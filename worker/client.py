@@ -11,8 +11,7 @@ from typing import Any
 from lookalike.errors import LookalikeError
 from lookalike.settings import Settings
 from worker.celery_app import make_celery
-from worker.jobs import FINISHED, Jobs
-from worker.runtime import redis_client
+from worker.jobs import FINISHED, Jobs, item_error, redis_client
 
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
 
@@ -26,15 +25,25 @@ class Client:
     def submit_load(self, source: str | Path, metadata_csv: str | Path | None = None) -> str:
         params = {"source": str(source), "metadata": str(metadata_csv) if metadata_csv else None}
         job_id = self.jobs.create("load", params)
-        self.app.send_task("lookalike.plan_load", args=[job_id, params["source"], params["metadata"]])
+        self._enqueue(job_id, "plan_load", params["source"], params["metadata"])
         return job_id
 
-    def submit_search(self, image: bytes, k: int = 5, filters: dict[str, str] | None = None) -> str:
+    def submit_search(
+        self, image: bytes, k: int = 5, filters: dict[str, str] | None = None, preview: bytes | None = None
+    ) -> str:
+        """Queue a search; `preview` (a small JPEG of the query) is kept with the job for pages to show."""
         if len(image) > self.settings.max_upload:
             raise LookalikeError(f"the image is {len(image):,} bytes, over the cap of {self.settings.max_upload:,}")
-        job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)})
-        self.app.send_task("lookalike.search_image", args=[job_id, base64.b64encode(image).decode(), k, filters or {}])
+        job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
+        self._enqueue(job_id, "search_image", base64.b64encode(image).decode(), k, filters or {})
         return job_id
+
+    def _enqueue(self, job_id: str, task: str, *args: Any) -> None:
+        try:
+            self.app.send_task(f"lookalike.{task}", args=[job_id, *args])
+        except Exception as error:  # a job no message will ever finish must not stay "queued"
+            self.jobs.fail(job_id, item_error("enqueue_failed", f"the job could not be queued: {error}"))
+            raise
 
     def wait(
         self, job_id: str, timeout: float | None = None, on_update: Callable[[dict[str, Any]], None] | None = None
@@ -55,9 +64,12 @@ class Client:
                 )
             self.jobs.wait_until_finished(job_id, PROGRESS_SECONDS)
 
-    def call(self, task: str, *args: Any, timeout: float = 10) -> Any:
-        """Ask the index owner something and wait for the answer (item lookups, stats, deletes)."""
-        result = self.app.send_task(f"lookalike.{task}", args=list(args))
+    def call(self, task: str, *args: Any, timeout: float = 10, expires: bool = True) -> Any:
+        """Ask the index owner something and wait for the answer (item lookups, stats, deletes).
+
+        With `expires`, a question no one answered in time is dropped instead of being answered to no one later.
+        """
+        result = self.app.send_task(f"lookalike.{task}", args=list(args), expires=timeout if expires else None)
         try:
             return result.get(timeout=timeout)
         finally:

@@ -43,17 +43,7 @@ def decode_image(
 ) -> np.ndarray:
     """Decode `data` to a `(height, width, 3)` uint8 RGB array of `size` = (width, height)."""
     policy = ResizePolicy(policy)
-    image = _open(data, max_pixels)
-    try:
-        if image.format in ("JPEG", "MPO"):
-            # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing; ask for at least the target size
-            # on both sides so that EXIF rotation and padding still have enough pixels.
-            side = max(size)
-            image.draft("RGB", (side, side))
-        image = ImageOps.exif_transpose(image) or image
-        rgb = _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise _unreadable(error) from error
+    rgb = load_rgb(data, max(size), max_pixels)
     if policy is ResizePolicy.PAD:
         rgb = ImageOps.pad(rgb, size, method=Image.Resampling.BILINEAR, color=WHITE)
     else:
@@ -61,7 +51,31 @@ def decode_image(
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def thumbnail_jpeg(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """A JPEG of the upright image that fits in `side` x `side`, for pages (query previews, catalogue items)."""
+    rgb = load_rgb(data, side, max_pixels)
+    rgb.thumbnail((side, side), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def load_rgb(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The upright RGB image, decoded with at least `side` pixels on each side where the image has them."""
+    image = open_image(data, max_pixels)
+    try:
+        if image.format in ("JPEG", "MPO"):
+            # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing; ask for at least the target size
+            # on both sides so that EXIF rotation and padding still have enough pixels.
+            image.draft("RGB", (side, side))
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise unreadable(error) from error
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identify an image from its header (no pixels decoded yet), refusing what decoding would refuse up front."""
     if not data:
         raise ImageError("empty", "the file is empty")
     try:
@@ -73,7 +87,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.UnidentifiedImageError as error:
         raise ImageError("not_an_image", "the file is not an image in a known format") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise _unreadable(error) from error
+        raise unreadable(error) from error
     if image.format not in ALLOWED_FORMATS:
         allowed = ", ".join(sorted(ALLOWED_FORMATS - {"MPO"}))
         raise ImageError("unsupported_format", f"{image.format} images are not accepted (allowed: {allowed})")
@@ -87,7 +101,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _unreadable(error: Exception) -> ImageError:
+def unreadable(error: Exception) -> ImageError:
     """Pillow says "truncated" in several ways (header or pixel data); everything else is corrupt data."""
     if "truncat" in str(error).lower():
         return ImageError("truncated", "the image data ends early (truncated file)")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.settings import Settings
-from worker.catalog import CatalogError, resolve_reference
+from worker.areas import CatalogError, resolve_reference
 from worker.decode import ImageError, decode_image
 from worker.jobs import item_error
 from worker.model import EmbeddingModel

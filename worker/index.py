@@ -5,6 +5,7 @@ Not thread-safe and not durable by itself: exactly one process owns it (see `wor
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,21 @@ class VectorIndex:
                 labels.add(item.label)
             else:
                 labels.discard(item.label)
+
+    def facets(self, max_values: int) -> dict[str, list[str]]:
+        """Metadata fields with 2..`max_values` distinct values (gender, category, ...), values most common first."""
+        counts: dict[str, Counter[str]] = {}
+        # list() copies in one step under the GIL: the heartbeat thread calls this while the owner writes.
+        for item in list(self.items.values()):
+            for name, value in item.metadata.items():
+                values = counts.setdefault(name, Counter())
+                if len(values) <= max_values:
+                    values[str(value)] += 1
+        return {
+            name: [value for value, _ in values.most_common()]
+            for name, values in sorted(counts.items())
+            if 2 <= len(values) <= max_values
+        }
 
     def _reserve(self, extra: int) -> None:
         """Grow capacity geometrically before hnswlib runs out (`resize_index` is safe only with no reader)."""

@@ -18,9 +18,11 @@ PREFIX = "lookalike"
 STATES = ("queued", "running", "done", "failed", "partial")
 FINISHED = ("done", "failed", "partial")
 ERROR_PAGE = 50
+METRICS_KEY = f"{PREFIX}:metrics"  # hash of counters across all processes: jobs created/finished, search times
+SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 
 # Marks items done or failed and finishes the job when every item is accounted for, atomically.
-# KEYS: job hash, done set, errors hash, error counts by code, the list a waiting client blocks on.
+# KEYS: job hash, done set, errors hash, error counts by code, the list a waiting client blocks on, metrics.
 # ARGV: now, number of done ids, done ids..., then (failed id, error code, error json) triples.
 RECORD_SCRIPT = """
 local function forget_error(id)
@@ -51,9 +53,14 @@ if total >= 0 and done + failed >= total and redis.call('HGET', KEYS[1], 'state'
   redis.call('HSET', KEYS[1], 'state', state, 'finished', ARGV[1])
   redis.call('LPUSH', KEYS[5], state)
   redis.call('EXPIRE', KEYS[5], 60)
+  redis.call('HINCRBY', KEYS[6], 'finished:' .. redis.call('HGET', KEYS[1], 'kind') .. ':' .. state, 1)
 end
 return {done, failed}
 """
+
+
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
 
 
 def now() -> str:
@@ -76,7 +83,7 @@ class Jobs:
     def _key(job_id: str, part: str = "") -> str:
         return f"{PREFIX}:job:{job_id}{':' + part if part else ''}"
 
-    def create(self, kind: str, params: dict[str, Any]) -> str:
+    def create(self, kind: str, params: dict[str, Any], preview: bytes | None = None) -> str:
         job_id = uuid.uuid4().hex
         key = self._key(job_id)
         with self.redis.pipeline() as pipe:
@@ -84,10 +91,13 @@ class Jobs:
                 key,
                 mapping={"id": job_id, "kind": kind, "state": "queued", "created": now(), "params": json.dumps(params)},
             )
+            if preview is not None:
+                pipe.set(self._key(job_id, "preview"), preview, ex=self.search_ttl)
             if kind == "search":
                 pipe.expire(key, self.search_ttl)
             else:
                 pipe.zadd(f"{PREFIX}:loads", {job_id: time.time()})
+            pipe.hincrby(METRICS_KEY, f"created:{kind}", 1)
             pipe.execute()
         return job_id
 
@@ -106,7 +116,7 @@ class Jobs:
         triples = [
             value for item_id, error in (errors or {}).items() for value in (item_id, error["code"], json.dumps(error))
         ]
-        keys = [self._key(job_id, part) for part in ("", "done", "errors", "error_codes", "finished")]
+        keys = [self._key(job_id, part) for part in ("", "done", "errors", "error_codes", "finished")] + [METRICS_KEY]
         done_count, failed_count = self._record(keys=keys, args=[now(), len(done), *done, *triples])
         return int(done_count), int(failed_count)
 
@@ -118,12 +128,31 @@ class Jobs:
 
     def _close(self, job_id: str, fields: dict[str, str]) -> None:
         key, finished = self._key(job_id), self._key(job_id, "finished")
+        kind, state, created = (
+            value.decode() if value else "" for value in self.redis.hmget(key, "kind", "state", "created")
+        )
+        closed = now()
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping={**fields, "finished": now()})
-            if self.redis.hget(key, "kind") == b"search":
+            pipe.hset(key, mapping={**fields, "finished": closed})
+            if kind == "search":
                 pipe.expire(key, self.search_ttl)
             pipe.lpush(finished, fields["state"]).expire(finished, 60)
+            if state not in FINISHED:  # a task that runs twice closes its job twice; count it once
+                pipe.hincrby(METRICS_KEY, f"finished:{kind}:{fields['state']}", 1)
+                if kind == "search" and created:
+                    seconds = (datetime.fromisoformat(closed) - datetime.fromisoformat(created)).total_seconds()
+                    bucket = next(bound for bound in SEARCH_SECONDS_BUCKETS if seconds <= bound)
+                    pipe.hincrby(METRICS_KEY, f"search_seconds:{bucket}", 1)
+                    pipe.hincrbyfloat(METRICS_KEY, "search_seconds:sum", seconds)
             pipe.execute()
+
+    def metrics(self) -> dict[str, float]:
+        """The counters of METRICS_KEY: `created:<kind>`, `finished:<kind>:<state>`, `search_seconds:<bucket>`."""
+        return {name.decode(): float(value) for name, value in self.redis.hgetall(METRICS_KEY).items()}
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The small JPEG of a search's query image, while its job record lives."""
+        return self.redis.get(self._key(job_id, "preview"))
 
     def wait_until_finished(self, job_id: str, timeout: float) -> bool:
         """Block up to `timeout` seconds for the job to finish (woken at once when it does)."""

@@ -25,6 +25,7 @@ from worker.wal import Change
 log = logging.getLogger(__name__)
 
 CHECKSUMS_KEY = "lookalike:index:checksums"  # id -> "image sha256:metadata sha256", rebuilt by the owner at start
+FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
 
 
 class IndexOwner:
@@ -34,6 +35,7 @@ class IndexOwner:
         self.store = store
         self.redis = client
         self.jobs = Jobs(client, settings.search_ttl)
+        self._facets: tuple[int, dict[str, list[str]]] = (-1, {})  # (index seq, facets): recounted after changes
 
     @classmethod
     def open(cls, settings: Settings, client: redis.Redis) -> IndexOwner:
@@ -155,6 +157,19 @@ class IndexOwner:
             "provider": self.model.provider,
             "model": self.model.path.name,
             "pid": os.getpid(),
+        }
+
+    def facets(self) -> dict[str, list[str]]:
+        if self._facets[0] != self.store.seq:
+            self._facets = (self.store.seq, self.store.index.facets(FACET_VALUES))
+        return self._facets[1]
+
+    def heartbeat(self) -> dict[str, Any]:
+        """What the web's health check and search form need, without a round trip through the queue."""
+        stats = self.stats()
+        return {
+            **{key: stats[key] for key in ("items", "provider", "model", "model_sha256", "resize", "mismatch")},
+            "facets": self.facets(),
         }
 
     def close(self) -> None:

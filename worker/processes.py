@@ -12,6 +12,7 @@ from celery import Celery, signals
 from lookalike.settings import Settings
 from worker import runtime
 from worker.celery_app import EMBED_QUEUE, INDEX_QUEUE, SEARCH_QUEUE
+from worker.heartbeats import start_heartbeat
 from worker.model import ModelError, load_model
 from worker.owner import IndexOwner
 
@@ -57,7 +58,8 @@ def prepare_embed_processes() -> None:
         model = runtime.embedding_model()
         log.info("embed process %d: %s on %s, %d threads", os.getpid(), model.path.name, model.provider,
                  settings.threads)  # fmt: skip
-        runtime.start_heartbeat("embed", lambda: {"provider": model.provider, "model_sha256": model.sha256})
+        status = {"provider": model.provider, "model": model.path.name, "model_sha256": model.sha256}
+        start_heartbeat(runtime.state().redis, "embed", lambda: status)
 
 
 def open_index_owner(app: Celery) -> IndexOwner:
@@ -67,5 +69,5 @@ def open_index_owner(app: Celery) -> IndexOwner:
     runtime.state().owner = owner
     owner.restore_orphaned_messages(app)
     log.info("index owner %d: %s on %s", os.getpid(), owner.model.path.name, owner.model.provider)
-    runtime.start_heartbeat("index", lambda: {key: owner.stats()[key] for key in ("items", "provider", "model_sha256")})
+    start_heartbeat(runtime.state().redis, "index", owner.heartbeat)
     return owner

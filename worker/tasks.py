@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from worker import runtime
-from worker.catalog import CatalogError, plan_catalog
+from worker.areas import CatalogError
+from worker.catalog import plan_catalog
 from worker.celery_app import app
 from worker.decode import ImageError
 from worker.embedding import embed_items

@@ -1,0 +1,97 @@
+"""The JSON API under /api: searches and jobs, catalogue loads, items. Documented in openapi.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, send_file, url_for
+
+from web.auth import require_writer
+from web.errors import bad_parameter
+from web.params import check_item_id, check_job_id, parse_filters, parse_k
+from web.submit import load_from_request, search_from_request, service
+
+OPENAPI = Path(__file__).with_name("openapi.json")
+MAX_ERROR_PAGE = 500
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+@api.post("/search")
+def search() -> tuple[Response, int, dict[str, str]]:
+    return accepted(search_from_request())
+
+
+@api.get("/jobs/<job_id>")
+def job(job_id: str) -> Response:
+    offset = _whole_number("errors_offset", 0, maximum=None)
+    limit = _whole_number("errors_limit", 50, maximum=MAX_ERROR_PAGE)
+    return jsonify(present_job(service().job(check_job_id(job_id), offset, limit)))
+
+
+@api.post("/catalog/loads")
+def start_load() -> tuple[Response, int, dict[str, str]]:
+    require_writer()
+    return accepted(load_from_request())
+
+
+@api.get("/catalog/loads")
+def loads() -> Response:
+    return jsonify({"loads": service().loads(_whole_number("limit", 20, maximum=100))})
+
+
+@api.get("/items/<item_id>")
+def item(item_id: str) -> Response:
+    return jsonify(present_item(service().item(check_item_id(item_id))))
+
+
+@api.get("/items/<item_id>/similar")
+def similar(item_id: str) -> Response:
+    k = parse_k(request.args.get("k"))
+    hits = service().similar(check_item_id(item_id), k, parse_filters(request.args.getlist("filter")))
+    return jsonify({"id": item_id, "hits": [present_item(hit) for hit in hits]})
+
+
+@api.delete("/items/<item_id>")
+def delete(item_id: str) -> Response:
+    require_writer()
+    service().delete(check_item_id(item_id))
+    return jsonify({"deleted": item_id})
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    return send_file(OPENAPI, mimetype="application/json")
+
+
+def accepted(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """202 with where to follow the job: its JSON record and its page."""
+    status_url = url_for("api.job", job_id=job_id)
+    body = {"job_id": job_id, "status_url": status_url, "page_url": url_for("pages.job", job_id=job_id)}
+    return jsonify(body), 202, {"Location": status_url}
+
+
+def present_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A job record with links: each search hit gets its thumbnail and item URLs."""
+    if job["kind"] == "search" and job.get("result"):
+        job["result"] = {**job["result"], "hits": [present_item(hit) for hit in job["result"]["hits"]]}
+    return job
+
+
+def present_item(item: dict[str, Any]) -> dict[str, Any]:
+    reference = item.get("metadata", {}).get("image")
+    links = {"item_url": url_for("api.item", item_id=item["id"]), "page_url": url_for("pages.item", item_id=item["id"])}
+    if reference:
+        links["thumbnail_url"] = url_for("pages.thumbnail", reference=reference)
+    return {**item, **links}
+
+
+def _whole_number(name: str, default: int, maximum: int | None) -> int:
+    text = request.args.get(name, "")
+    if not text:
+        return default
+    if not text.isdigit() or (maximum is not None and int(text) > maximum):
+        limit = f" up to {maximum}" if maximum is not None else ""
+        raise bad_parameter(f"{name} must be a whole number{limit}, not {text[:40]!r}")
+    return int(text)

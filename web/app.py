@@ -1,0 +1,54 @@
+"""The Flask app factory: settings in, pages + JSON API + health and metrics out."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Flask, Response, g, request
+
+from lookalike.settings import Settings
+from web.api import api
+from web.errors import register_error_handlers
+from web.metrics import RequestMetrics
+from web.ops import ops
+from web.pages import pages
+from web.service import Service
+
+FORM_ALLOWANCE = 64 * 1024  # room for the other form fields and multipart boundaries beside an image
+CATALOG_UPLOADS = {"api.start_load", "pages.start_load"}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'",
+}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["LOOKALIKE"] = settings
+    app.extensions["lookalike"] = Service(settings)
+    app.extensions["lookalike.metrics"] = metrics = RequestMetrics()
+    app.register_blueprint(pages)
+    app.register_blueprint(api)
+    app.register_blueprint(ops)
+    register_error_handlers(app)
+
+    @app.before_request
+    def start() -> None:
+        g.started = time.perf_counter()
+        uploads_catalog = request.endpoint in CATALOG_UPLOADS
+        request.max_content_length = settings.max_catalog_upload if uploads_catalog else settings.max_upload
+        request.max_content_length += FORM_ALLOWANCE
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        for header, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(header, value)
+        route = request.url_rule.rule if request.url_rule else "(no route)"
+        seconds = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.observe(route, request.method, response.status_code, seconds)
+        return response
+
+    return app

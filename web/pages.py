@@ -1,0 +1,152 @@
+"""The pages: search form, job pages that poll, results gallery, items, catalogue loads, thumbnails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
+
+from web.api import present_item, present_job
+from web.auth import require_writer
+from web.errors import ApiError
+from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id
+from web.service import PREVIEW_SIDE
+from web.submit import load_from_request, search_from_request, service
+from worker.jobs import FINISHED
+
+THUMBNAIL_SIDES = (160, PREVIEW_SIDE, 640)
+THUMBNAIL_MAX_AGE = 24 * 3600
+SIMILAR_SHOWN = 12
+
+# What a person reads for each error code; anything else shows the error's own message.
+SENTENCES = {
+    "empty": "The file is empty.",
+    "not_an_image": "That file is not an image. Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+    "unsupported_format": "That kind of image is not accepted. Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+    "truncated": "The image file is incomplete (it ends early). Save it again and retry.",
+    "corrupt": "The image data is damaged and can't be read.",
+    "too_large": "That image is too large.",
+    "missing_image": "Choose an image first.",
+    "no_worker": "No index worker is running, so searches can't be answered right now.",
+    "broker_unavailable": "The queue (Redis) can't be reached right now. Try again in a moment.",
+}
+
+pages = Blueprint("pages", __name__)
+
+
+NAME_FIELDS = ("productDisplayName", "name", "title")
+TAG_FIELDS = 4  # short metadata values shown under a product's name
+TAG_LENGTH = 24
+HIDDEN_FIELDS = {"image", *NAME_FIELDS}
+
+
+@pages.app_template_global()
+def item_title(item: dict[str, Any]) -> str:
+    metadata = item.get("metadata", {})
+    return next((str(metadata[field]) for field in NAME_FIELDS if metadata.get(field)), item["id"])
+
+
+@pages.app_template_global()
+def item_tags(item: dict[str, Any]) -> list[str]:
+    """A few short metadata values (category, colour, ...), in the catalogue's column order."""
+    values = [str(value) for field, value in item.get("metadata", {}).items() if field not in HIDDEN_FIELDS]
+    return [value for value in values if len(value) <= TAG_LENGTH][:TAG_FIELDS]
+
+
+@pages.app_template_global()
+def load_percent(job: dict[str, Any]) -> int:
+    progress = job["progress"]
+    if progress["total"]:
+        return int(100 * (progress["done"] + progress["failed"]) / progress["total"])
+    return 100 if job["state"] in FINISHED else 0
+
+
+def sentence(error: dict[str, str]) -> str:
+    known = SENTENCES.get(error["code"])
+    return f"{known} ({error['message']})" if known else error["message"]
+
+
+@pages.get("/")
+def index() -> str:
+    return render_template("index.html", **_form_context())
+
+
+@pages.post("/search")
+def search() -> Response:
+    try:
+        job_id = search_from_request()
+    except ApiError as error:
+        page = render_template("index.html", error=sentence(error.as_dict()["error"]), **_form_context())
+        return make_response(page, error.status, error.headers)
+    return redirect(url_for("pages.job", job_id=job_id), 303)
+
+
+@pages.get("/jobs/<job_id>")
+def job(job_id: str) -> str:
+    record = present_job(service().job(check_job_id(job_id)))
+    error = sentence(record["error"]) if record.get("error") else None
+    return render_template("job.html", job=record, error=error)
+
+
+@pages.get("/jobs/<job_id>/preview.jpg")
+def preview(job_id: str) -> Response:
+    response = make_response(service().preview(check_job_id(job_id)))
+    response.mimetype = "image/jpeg"
+    response.cache_control.private = True
+    response.cache_control.max_age = THUMBNAIL_MAX_AGE
+    return response
+
+
+@pages.get("/items/<item_id>")
+def item(item_id: str) -> str:
+    item_id = check_item_id(item_id)
+    record = present_item(service().item(item_id))
+    similar = [present_item(hit) for hit in service().similar(item_id, SIMILAR_SHOWN, {})]
+    return render_template("item.html", item=record, similar=similar)
+
+
+@pages.get("/catalog")
+def catalog() -> str:
+    return render_template("catalog.html", **_catalog_context())
+
+
+@pages.post("/catalog")
+def start_load() -> Response:
+    try:
+        require_writer()
+        load_from_request()
+    except ApiError as error:
+        page = render_template("catalog.html", error=sentence(error.as_dict()["error"]), **_catalog_context())
+        return make_response(page, error.status)
+    return redirect(url_for("pages.catalog"), 303)
+
+
+@pages.get("/thumbnails/<path:reference>")
+def thumbnail(reference: str) -> Response:
+    """A catalogue image, small, cached by the browser; only files inside the catalogue areas are readable."""
+    side = int(request.args.get("size", PREVIEW_SIDE)) if request.args.get("size", "").isdigit() else PREVIEW_SIDE
+    side = side if side in THUMBNAIL_SIDES else PREVIEW_SIDE
+    path = service().catalog_image(reference)
+    stat = path.stat()
+    etag = f"{stat.st_mtime_ns:x}-{stat.st_size:x}-{side}"
+    fresh = request.if_none_match.contains(etag)
+    response = make_response(b"" if fresh else service().thumbnail(path, side), 304 if fresh else 200)
+    response.mimetype = "image/jpeg"
+    response.set_etag(etag)
+    response.cache_control.public = True
+    response.cache_control.max_age = THUMBNAIL_MAX_AGE
+    return response
+
+
+def _form_context() -> dict[str, Any]:
+    return {"health": service().health(), "facets": service().facets(), "default_k": DEFAULT_K, "max_k": MAX_K}
+
+
+def _catalog_context() -> dict[str, Any]:
+    settings = service().settings
+    return {
+        "loads": service().loads(),
+        "health": service().health(),
+        "needs_key": bool(settings.api_key),
+        "catalog_root": settings.catalog_root,
+    }

@@ -1,0 +1,78 @@
+"""A form or API request -> a queued job: the pages and the JSON API submit through these, the same way."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from flask import current_app, request
+from werkzeug.datastructures import FileStorage
+
+from web.errors import ApiError, bad_parameter
+from web.params import parse_filters, parse_k
+from web.service import Service
+from worker.areas import ARCHIVE_SUFFIXES
+
+
+def service() -> Service:
+    return current_app.extensions["lookalike"]
+
+
+def search_from_request() -> str:
+    """multipart `image`, `k` and repeated `filter=FIELD=VALUE` -> a queued search job's id."""
+    k = parse_k(request.form.get("k"))
+    filters = parse_filters(request.form.getlist("filter"))
+    upload = request.files.get("image")
+    if upload is None or not upload.filename:
+        raise ApiError(400, "missing_image", "send the image as the multipart file field `image`")
+    # One byte past the cap is enough to know the upload is over it.
+    data = upload.read(service().settings.max_upload + 1)
+    return service().submit_search(data, k, filters)
+
+
+def load_from_request() -> str:
+    """An uploaded archive (+ optional CSV), or `source` (+ optional `metadata`) under the catalogue root."""
+    fields = request.get_json(silent=True) if request.is_json else request.form
+    if not isinstance(fields, Mapping):
+        raise bad_parameter('the JSON body must be an object like {"source": "fashion"}')
+    archive, csv_file = _upload("archive"), _upload("csv")
+    source, metadata = (str(fields.get(name) or "").strip() for name in ("source", "metadata"))
+    if archive and source:
+        raise bad_parameter("give an archive or a source folder, not both")
+    if csv_file and metadata:
+        raise bad_parameter("give a CSV file or a metadata path, not both")
+    if not archive and not source:
+        raise bad_parameter(
+            "upload a catalogue archive (`archive`: .tar, .tar.gz or .tgz, optionally with a `csv`), "
+            "or name a CSV, folder or archive under the catalogue root (`source`)"
+        )
+    if archive and not archive.filename.lower().endswith(ARCHIVE_SUFFIXES):
+        raise bad_parameter(f"the archive must be a {', '.join(ARCHIVE_SUFFIXES)} file, not {archive.filename!r}")
+    if csv_file and not csv_file.filename.lower().endswith(".csv"):
+        raise bad_parameter(f"the metadata file must be a .csv file, not {csv_file.filename!r}")
+    saved = _save_uploads(catalog=archive, metadata=csv_file)
+    source_path = saved.get("catalog") or service().catalog_path(source)
+    metadata_path = saved.get("metadata") or (service().catalog_path(metadata) if metadata else None)
+    return service().submit_load(source_path, metadata_path)
+
+
+def _upload(name: str) -> FileStorage | None:
+    upload = request.files.get(name)
+    return upload if upload is not None and upload.filename else None
+
+
+def _save_uploads(**uploads: FileStorage | None) -> dict[str, Path]:
+    """Each upload saved in a fresh folder under our own name (a client's file name is never a path here)."""
+    present = {stem: upload for stem, upload in uploads.items() if upload is not None}
+    if not present:
+        return {}
+    folder = service().settings.uploads_dir / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    saved = {}
+    for stem, upload in present.items():
+        name = (upload.filename or "").lower()
+        suffix = next((s for s in (*ARCHIVE_SUFFIXES, ".csv") if name.endswith(s)), "")
+        saved[stem] = folder / f"{stem}{suffix}"
+        upload.save(saved[stem])
+    return saved

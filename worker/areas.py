@@ -1,0 +1,49 @@
+"""Catalogue areas: the folders a catalogue item's image may live in, and references that can't leave them.
+
+An image reference is an area ("catalog", "uploads" or "archives") and a path relative to it. Every process
+resolves it against its own configured folders, so embed workers and the web may run on other machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from lookalike.errors import LookalikeError
+from lookalike.settings import Settings
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # catalogue archives, unpacked into the "archives" area
+
+
+class CatalogError(LookalikeError):
+    """The catalogue as a whole can't be read (as opposed to one bad row, which is an item error)."""
+
+
+def areas(settings: Settings) -> dict[str, Path]:
+    return {"catalog": settings.catalog_root, "uploads": settings.uploads_dir, "archives": settings.archives_dir}
+
+
+def resolve_reference(settings: Settings, area: str, relative: str) -> Path:
+    """The file an item reference names, refused when it would lead outside its area (`..`, links, absolute)."""
+    roots = areas(settings)
+    if area not in roots:
+        raise CatalogError(f"unknown catalogue area {area!r}")
+    root = roots[area].resolve()
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise CatalogError(f"{relative!r} is outside the catalogue root")
+    path = (root / pure).resolve()
+    if not path.is_relative_to(root):
+        raise CatalogError(f"{relative!r} leads outside the catalogue root (a link?)")
+    return path
+
+
+def locate(settings: Settings, path: Path) -> tuple[str, Path]:
+    """The area holding `path` and `path` relative to it; refused when it is under none of them."""
+    resolved = path.expanduser().resolve()
+    for area, root in areas(settings).items():
+        if resolved.is_relative_to(root.resolve()):
+            return area, resolved.relative_to(root.resolve())
+    raise CatalogError(
+        f"{path} is outside the catalogue root {settings.catalog_root} (set LOOKALIKE_CATALOG_ROOT to a folder "
+        "that holds it)"
+    )

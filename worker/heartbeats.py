@@ -1,0 +1,50 @@
+"""Worker heartbeats in Redis: each process publishes its status; the web's health check reads them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10
+ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # a process that missed this many seconds of beats counts as gone
+WORKERS_KEY = "lookalike:workers"  # hash: "<role>:<host>:<pid>" -> JSON status, refreshed by each process
+
+
+def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[str, Any]]) -> None:
+    """Publish this process's status every few seconds from a daemon thread."""
+    name = f"{role}:{socket.gethostname()}:{os.getpid()}"
+
+    def beat() -> None:
+        while True:
+            try:
+                payload = {"role": role, "pid": os.getpid(), "host": socket.gethostname(), **status()}
+                client.hset(WORKERS_KEY, name, json.dumps({**payload, "seen": time.time()}))
+            except redis.RedisError as error:
+                log.warning("heartbeat to Redis failed: %s", error)
+            except Exception:  # a status callback must never stop the heartbeat
+                log.exception("heartbeat status failed")
+            threading.Event().wait(HEARTBEAT_SECONDS)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+    """The latest status of each worker process (of one role), newest first, seen at or after `since`."""
+    beats = [json.loads(value) for value in client.hvals(WORKERS_KEY)]
+    chosen = [beat for beat in beats if (role is None or beat["role"] == role) and beat["seen"] >= since]
+    return sorted(chosen, key=lambda beat: beat["seen"], reverse=True)
+
+
+def alive(client: redis.Redis, role: str) -> list[dict[str, Any]]:
+    """Processes of `role` that reported in recently."""
+    return heartbeats(client, role, since=time.time() - ALIVE_SECONDS)
