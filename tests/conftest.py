@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+from itertools import count
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from lookalike.redis_server import EmbeddedRedis, free_port
+from lookalike.stack import Stack
+from worker.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,8 +60,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     if os.environ.get("LOOKALIKE_REDIS_URL"):
         yield os.environ["LOOKALIKE_REDIS_URL"]
         return
-    from lookalike.redis_server import EmbeddedRedis
-
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
 
@@ -63,17 +67,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def redis_databases(redis_url):
     """Hands each stack a Redis database of its own, so that two stacks never share queues."""
-    from itertools import count
-
     base = redis_url.rsplit("/", 1)[0]
     return (f"{base}/{number}" for number in count(1))
+
+
+@pytest.fixture(scope="module")
+def module_redis(redis_databases) -> str:
+    """A Redis database for the tests of one module (each test flushes it as it needs)."""
+    return next(redis_databases)
 
 
 @pytest.fixture
 def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
     """Start a Stack of real worker processes (EfficientNet-Lite0, catalogue root = shared data); stopped after."""
-    from lookalike.stack import Stack
-
     stacks = []
 
     def make(**env: str):
@@ -85,4 +91,28 @@ def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
 
     yield make
     for stack in stacks:
+        stack.stop()
+
+
+class Served(NamedTuple):
+    stack: Stack
+    url: str  # where `lookalike web` listens
+    client: Client
+
+
+@pytest.fixture(scope="session")
+def served(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
+    """The whole service on loopback: index and embed workers and `lookalike web`, the 1,002 shared images loaded."""
+    stack = Stack(next(redis_databases), tmp_path_factory.mktemp("served"), pretrained_model, shared_dir / "data")
+    stack.redis.flushdb()
+    try:
+        stack.start("index")
+        stack.start("embed")
+        url = stack.start_web(free_port())
+        client = Client(stack.settings)
+        job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+        assert job["progress"]["done"] == 1002, job
+        stack.wait_for(lambda: stack.heartbeat("index")[0]["items"] == 1002, "the index owner to report 1,002 items")
+        yield Served(stack, url, client)
+    finally:
         stack.stop()

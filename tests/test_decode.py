@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.images import BAD_IMAGES, encode
 from worker.decode import ImageError, ResizePolicy, decode_image
 
 SIZE = (32, 32)
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def test_jpeg_is_decoded_to_rgb_at_the_model_size():
@@ -68,17 +61,7 @@ def test_pad_keeps_the_aspect_ratio_on_white():
     assert decode_image(wide, SIZE, "stretch")[0, 16].max() == 0
 
 
-@pytest.mark.parametrize(
-    ("data", "code"),
-    [
-        (b"", "empty"),
-        (b"just some text, not pixels", "not_an_image"),
-        (encode(Image.new("RGB", (64, 64)), "JPEG")[:300], "truncated"),
-        (encode(Image.new("RGB", (64, 64)), "PPM"), "unsupported_format"),
-        (encode(Image.new("1", (20000, 20000)), "PNG"), "too_large"),
-    ],
-    ids=["empty", "text", "truncated-jpeg", "ppm", "20000x20000-png"],
-)
+@pytest.mark.parametrize(("data", "code"), BAD_IMAGES)
 def test_bad_input_gets_a_coded_error(data, code):
     with pytest.raises(ImageError) as refused:
         decode_image(data, SIZE)

@@ -9,8 +9,8 @@ from worker.jobs import Jobs, item_error
 
 
 @pytest.fixture
-def jobs(redis_url) -> Jobs:
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/15")
+def jobs(module_redis) -> Jobs:
+    client = redis.Redis.from_url(module_redis)
     client.flushdb()
     return Jobs(client, search_ttl=60)
 

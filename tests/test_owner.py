@@ -17,8 +17,8 @@ from worker.store import DurableIndex, ModelIdentity
 
 
 @pytest.fixture
-def owner(tmp_path, redis_url) -> IndexOwner:
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/14")
+def owner(tmp_path, module_redis) -> IndexOwner:
+    client = redis.Redis.from_url(module_redis)
     client.flushdb()
     model = load_model(pooling_model(tmp_path / "model.onnx"))
     store = DurableIndex.open(tmp_path / "index", ModelIdentity(model.sha256, 3, "stretch"), IndexParams(dim=3))
@@ -56,3 +56,17 @@ def test_a_batch_the_index_cannot_take_is_counted_failed_not_lost(owner):
     bad = {"op": "upsert", "id": "x", "vector": "not base64!", "model_sha256": owner.model.sha256, "resize": "stretch"}
     assert owner.apply(job_id, [bad]) == {"applied": 0, "failed": 1}
     assert jobs.get(job_id)["errors"][0]["code"] == "index_error"
+
+
+def test_facets_are_the_few_valued_fields_and_follow_the_catalogue(owner):
+    vector = encode_vector(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+
+    def upsert(item_id: str, **metadata: str) -> dict:
+        return {"op": "upsert", "id": item_id, "vector": vector, "metadata": metadata, "resize": "stretch",
+                "model_sha256": owner.model.sha256, "image_sha256": item_id, "metadata_sha256": item_id}  # fmt: skip
+
+    owner.apply(None, [upsert(str(n), gender="Women" if n % 3 else "Men", name=f"product {n}") for n in range(30)])
+    assert owner.facets() == {"gender": ["Women", "Men"]}  # every name differs: not a filter
+    owner.apply(None, [upsert(str(n), gender="Unisex", name="x") for n in range(30, 41)])
+    assert owner.facets()["gender"] == ["Women", "Unisex", "Men"]  # grew by a third: counted again
+    assert owner.heartbeat()["items"] == 41

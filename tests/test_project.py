@@ -59,3 +59,12 @@ def test_ruff_is_clean():
     assert ruff, "ruff is part of the dev extra"
     result = subprocess.run([ruff, "check", str(REPO)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
+
+
+def test_the_web_loads_no_model_or_index_library_even_indirectly():
+    script = (
+        "import sys; from web.app import create_app; create_app(); "
+        "print(','.join(sorted(m for m in ('onnxruntime', 'hnswlib', 'tensorflow', 'pandas') if m in sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == ""

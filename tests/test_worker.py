@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from lookalike.stack import LOOKALIKE, Stack
+from tests.images import encode
 from worker.client import Client
 
 pytestmark = pytest.mark.slow
@@ -81,23 +82,18 @@ def test_hostile_uploads_fail_with_a_code_and_odd_but_valid_ones_work(loaded, sh
     stack, client, _ = loaded
     photo = Image.open(io.BytesIO(image_bytes(shared_dir, "10186")))
 
-    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, fmt, **options)
-        return buffer.getvalue()
-
     failures = {
         "empty": b"",
         "not_an_image": b"just some text",
         "truncated": image_bytes(shared_dir, "10186")[:400],
-        "too_large": encoded(Image.new("1", (20000, 20000)), "PNG"),
+        "too_large": encode(Image.new("1", (20000, 20000)), "PNG"),
     }
     for code, data in failures.items():
         job = search(client, data)
         assert (job["state"], job["error"]["code"]) == ("failed", code), job
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned a quarter left: the viewer turns it a quarter right
-    for data in (encoded(photo.convert("CMYK"), "JPEG"), encoded(photo.rotate(90, expand=True), "JPEG", exif=exif)):
+    for data in (encode(photo.convert("CMYK"), "JPEG"), encode(photo.rotate(90, expand=True), "JPEG", exif=exif)):
         job = search(client, data, k=1)
         assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
     assert [beat["pid"] for beat in stack.heartbeat("index")], "the index owner is still alive"

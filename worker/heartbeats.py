@@ -16,13 +16,15 @@ import redis
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10
+SOONEST_SECONDS = 1  # a woken heartbeat still waits this long after the previous one
 ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # a process that missed this many seconds of beats counts as gone
 WORKERS_KEY = "lookalike:workers"  # hash: "<role>:<host>:<pid>" -> JSON status, refreshed by each process
 
 
-def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[str, Any]]) -> None:
-    """Publish this process's status every few seconds from a daemon thread."""
+def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[str, Any]]) -> threading.Event:
+    """Publish this process's status every few seconds from a daemon thread; set the event to publish sooner."""
     name = f"{role}:{socket.gethostname()}:{os.getpid()}"
+    wake = threading.Event()
 
     def beat() -> None:
         while True:
@@ -33,9 +35,12 @@ def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[st
                 log.warning("heartbeat to Redis failed: %s", error)
             except Exception:  # a status callback must never stop the heartbeat
                 log.exception("heartbeat status failed")
-            threading.Event().wait(HEARTBEAT_SECONDS)
+            time.sleep(SOONEST_SECONDS)
+            wake.wait(HEARTBEAT_SECONDS - SOONEST_SECONDS)
+            wake.clear()
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    return wake
 
 
 def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:

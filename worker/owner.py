@@ -6,7 +6,8 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHECKSUMS_KEY = "lookalike:index:checksums"  # id -> "image sha256:metadata sha256", rebuilt by the owner at start
 FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
+FACET_SECONDS = 30  # a count of facets walks every item; most changes barely move them
 
 
 class IndexOwner:
@@ -35,7 +37,8 @@ class IndexOwner:
         self.store = store
         self.redis = client
         self.jobs = Jobs(client, settings.search_ttl)
-        self._facets: tuple[int, dict[str, list[str]]] = (-1, {})  # (index seq, facets): recounted after changes
+        self._facets: tuple[int, float, int, dict[str, list[str]]] = (-1, 0.0, 0, {})  # seq, when, items, facets
+        self.on_change: Callable[[], None] = lambda: None  # tells the heartbeat to publish the new item count
 
     @classmethod
     def open(cls, settings: Settings, client: redis.Redis) -> IndexOwner:
@@ -111,6 +114,7 @@ class IndexOwner:
                 self.jobs.record(job_id, errors=failed)
             return {"applied": 0, "failed": len(failed)}
         self._update_checksums(changes)
+        self.on_change()
         if job_id:
             self.jobs.record(job_id, done=[change.id for change in changes], errors=foreign)
         return {"applied": len(changes), "failed": len(foreign)}
@@ -121,6 +125,7 @@ class IndexOwner:
             changes = [Change(op="delete", id=item_id) for item_id in present]
             self.store.apply(changes)
             self._update_checksums(changes)
+            self.on_change()
         return len(present)
 
     def _update_checksums(self, changes: list[Change]) -> None:
@@ -160,9 +165,14 @@ class IndexOwner:
         }
 
     def facets(self) -> dict[str, list[str]]:
-        if self._facets[0] != self.store.seq:
-            self._facets = (self.store.seq, self.store.index.facets(FACET_VALUES))
-        return self._facets[1]
+        """Recounted when the index changed, at most every FACET_SECONDS unless it grew or shrank by a tenth."""
+        seq, counted_at, counted_items, facets = self._facets
+        items = len(self.store.index)
+        grown = abs(items - counted_items) > counted_items / 10
+        if seq != self.store.seq and (grown or time.monotonic() - counted_at > FACET_SECONDS):
+            facets = self.store.index.facets(FACET_VALUES)
+            self._facets = (self.store.seq, time.monotonic(), items, facets)
+        return facets
 
     def heartbeat(self) -> dict[str, Any]:
         """What the web's health check and search form need, without a round trip through the queue."""

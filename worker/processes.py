@@ -69,5 +69,5 @@ def open_index_owner(app: Celery) -> IndexOwner:
     runtime.state().owner = owner
     owner.restore_orphaned_messages(app)
     log.info("index owner %d: %s on %s", os.getpid(), owner.model.path.name, owner.model.provider)
-    start_heartbeat(runtime.state().redis, "index", owner.heartbeat)
+    owner.on_change = start_heartbeat(runtime.state().redis, "index", owner.heartbeat).set
     return owner

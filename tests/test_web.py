@@ -1,0 +1,362 @@
+"""The web with Flask's test client: every endpoint and error status, on a real Redis, with and without workers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lookalike.redis_server import free_port
+from lookalike.settings import Settings
+from tests.images import BAD_IMAGES, encode
+from web.app import create_app
+from worker.jobs import FINISHED
+
+MAX_UPLOAD = 200_000
+NOT_LOOPBACK = {"REMOTE_ADDR": "203.0.113.9"}
+
+
+def photo(shared_dir: Path, item_id: str = "10186") -> bytes:
+    return (shared_dir / "data" / "fashion" / "images" / f"{item_id}.jpg").read_bytes()
+
+
+def app_for(redis_url: str, tmp_path: Path, shared_dir: Path, **env: str):
+    settings = Settings.from_env(
+        {
+            "LOOKALIKE_REDIS_URL": redis_url,
+            "LOOKALIKE_DATA_DIR": str(tmp_path),
+            "LOOKALIKE_CATALOG_ROOT": str(shared_dir / "data"),
+            "LOOKALIKE_MAX_UPLOAD": str(MAX_UPLOAD),
+            "LOOKALIKE_CALL_TIMEOUT": "2",
+            **env,
+        }
+    )
+    return create_app(settings).test_client()
+
+
+@pytest.fixture
+def idle(module_redis, tmp_path, shared_dir):
+    """The web on a real, empty Redis with no worker running."""
+    web = app_for(module_redis, tmp_path, shared_dir)
+    web.application.extensions["lookalike"].redis.flushdb()
+    return web
+
+
+def search(web, data: bytes, filename: str = "photo.jpg", **fields: str | list[str]):
+    return web.post("/api/search", data={"image": (io.BytesIO(data), filename), **fields})
+
+
+def error_of(response) -> str:
+    assert response.is_json, response.data[:200]
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    return body["error"]["code"]
+
+
+# -- requests refused before anything is queued -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "code"), BAD_IMAGES)
+def test_bad_uploads_get_their_own_code_and_status(idle, data, code):
+    response = search(idle, data)
+    assert response.status_code == {"empty": 400, "too_large": 413}.get(code, 415)
+    assert error_of(response) == code
+
+
+def test_an_upload_over_the_cap_is_413(idle):
+    response = search(idle, encode(Image.effect_noise((400, 400), 64).convert("RGB"), "PNG"))
+    assert response.status_code == 413 and error_of(response) == "too_large"
+    huge = search(idle, b"\xff" * (MAX_UPLOAD + 100_000))  # over the request cap: refused before it is read
+    assert huge.status_code == 413 and error_of(huge) == "too_large"
+
+
+@pytest.mark.parametrize("k", ["0", "101", "-3", "abc", "1.5", "9" * 30])
+def test_k_outside_1_to_100_is_400(idle, shared_dir, k):
+    response = search(idle, photo(shared_dir), k=k)
+    assert response.status_code == 400 and error_of(response) == "bad_parameter"
+
+
+@pytest.mark.parametrize("value", ["gender", "=Men", "x" * 300 + "=1"])
+def test_malformed_filters_are_400(idle, shared_dir, value):
+    response = search(idle, photo(shared_dir), filter=value)
+    assert response.status_code == 400 and error_of(response) == "bad_parameter"
+
+
+def test_a_search_without_an_image_is_400(idle):
+    response = idle.post("/api/search", data={"k": "5"})
+    assert response.status_code == 400 and error_of(response) == "missing_image"
+
+
+def test_with_no_index_worker_searches_and_item_reads_are_503_at_once(idle, shared_dir):
+    for response in (search(idle, photo(shared_dir)), idle.get("/api/items/10186"),
+                     idle.get("/api/items/10186/similar"), idle.delete("/api/items/10186")):  # fmt: skip
+        assert response.status_code == 503 and error_of(response) == "no_worker"
+        assert response.headers["Retry-After"]
+    health = idle.get("/healthz")
+    assert health.status_code == 503
+    assert health.get_json()["index"] == {"alive": False} and health.get_json()["broker"]["reachable"]
+
+
+@pytest.mark.parametrize("job_id", ["nope", "0123456789abcdef0123456789abcdef", "../../etc/passwd"])
+def test_unknown_jobs_are_404(idle, job_id):
+    response = idle.get(f"/api/jobs/{job_id}")
+    assert response.status_code == 404 and error_of(response) == "not_found"
+    assert idle.get(f"/jobs/{job_id}").status_code == 404
+
+
+def test_bad_paging_and_methods(idle):
+    job_id = "0123456789abcdef0123456789abcdef"
+    assert error_of(idle.get(f"/api/jobs/{job_id}?errors_limit=many")) == "bad_parameter"
+    assert error_of(idle.get("/api/catalog/loads?limit=1000")) == "bad_parameter"
+    wrong = idle.put("/api/search")
+    assert wrong.status_code == 405 and error_of(wrong) == "method_not_allowed"
+    missing = idle.get("/api/nothing-here")
+    assert missing.status_code == 404 and error_of(missing) == "not_found"
+
+
+# -- catalogue loads: who may start them, and what they accept --------------------------------------------
+
+
+def test_without_a_key_only_direct_loopback_clients_may_write(idle):
+    remote = idle.post("/api/catalog/loads", json={"source": "fashion"}, environ_base=NOT_LOOPBACK)
+    assert remote.status_code == 403 and error_of(remote) == "forbidden"
+    proxied = idle.post("/api/catalog/loads", json={"source": "fashion"}, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert proxied.status_code == 403
+    assert idle.delete("/api/items/10186", environ_base=NOT_LOOPBACK).status_code == 403
+    local = idle.post("/api/catalog/loads", json={"source": "fashion"})
+    assert local.status_code == 202
+    job = idle.get(local.get_json()["status_url"]).get_json()
+    assert (job["kind"], job["state"]) == ("load", "queued")  # no embed worker yet: it waits in the queue
+    assert [load["id"] for load in idle.get("/api/catalog/loads").get_json()["loads"]] == [job["id"]]
+
+
+def test_with_a_key_writes_need_it_from_anywhere(module_redis, tmp_path, shared_dir):
+    web = app_for(module_redis, tmp_path, shared_dir, LOOKALIKE_API_KEY="s3cret-key")
+    anonymous = web.post("/api/catalog/loads", json={"source": "fashion"})
+    assert anonymous.status_code == 401 and error_of(anonymous) == "unauthorized"
+    assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = web.post("/api/catalog/loads", json={"source": "fashion"}, headers={"Authorization": "Bearer s3cret"})
+    assert wrong.status_code == 401
+    right = web.post("/api/catalog/loads", json={"source": "fashion"},
+                     headers={"Authorization": "Bearer s3cret-key"}, environ_base=NOT_LOOPBACK)  # fmt: skip
+    assert right.status_code == 202
+    form = web.post("/catalog", data={"source": "fashion", "api_key": "s3cret-key"}, environ_base=NOT_LOOPBACK)
+    assert form.status_code == 303
+    assert web.post("/catalog", data={"source": "fashion", "api_key": "no"}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [
+        {"json": {}},
+        {"json": ["fashion"]},
+        {"json": {"source": "../../etc"}},
+        {"json": {"source": "/etc"}},
+        {"json": {"source": "no-such-folder"}},
+        {"json": {"source": "fashion", "metadata": "../../etc/passwd"}},
+        {"data": {"archive": (io.BytesIO(b"zip"), "catalog.zip")}},
+        {"data": {"archive": (io.BytesIO(b"tar"), "c.tar"), "source": "fashion"}},
+        {"data": {"source": "fashion", "csv": (io.BytesIO(b"id\n1\n"), "m.txt")}},
+    ],
+    ids=["empty", "not-an-object", "dot-dot", "absolute", "missing", "metadata-outside", "zip", "both", "not-csv"],
+)
+def test_bad_load_requests_are_400(idle, request_body):
+    response = idle.post("/api/catalog/loads", **request_body)
+    assert response.status_code == 400 and error_of(response) == "bad_parameter"
+
+
+# -- thumbnails -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reference",
+    ["catalog/../../../etc/passwd", "catalog/%2e%2e/%2e%2e/etc/passwd", "catalog//etc/passwd", "home/x.jpg",
+     "catalog/fashion/styles.csv", "catalog/fashion/images/none.jpg", "uploads/../../../etc/hostname"],
+)  # fmt: skip
+def test_thumbnails_never_leave_the_catalogue(idle, reference):
+    assert idle.get(f"/thumbnails/{reference}").status_code == 404
+
+
+def test_thumbnails_are_small_jpegs_the_browser_may_cache(idle):
+    response = idle.get("/thumbnails/catalog/fashion/images/10186.jpg")
+    assert response.status_code == 200 and response.mimetype == "image/jpeg"
+    assert "max-age" in response.headers["Cache-Control"] and "public" in response.headers["Cache-Control"]
+    assert max(Image.open(io.BytesIO(response.data)).size) <= 320
+    again = idle.get(
+        "/thumbnails/catalog/fashion/images/10186.jpg", headers={"If-None-Match": response.headers["ETag"]}
+    )
+    assert again.status_code == 304 and not again.data
+
+
+# -- pages, operators' endpoints, the API's own description ---------------------------------------------------
+
+
+def test_pages_say_what_is_wrong_in_a_sentence(idle, shared_dir):
+    home = idle.get("/")
+    assert home.status_code == 200 and b"No index worker is running" in home.data
+    refused = idle.post("/search", data={"image": (io.BytesIO(b"plain text"), "x.jpg")})
+    assert refused.status_code == 415 and b"That file is not an image" in refused.data
+    no_worker = idle.post("/search", data={"image": (io.BytesIO(photo(shared_dir)), "x.jpg")})
+    assert no_worker.status_code == 503 and b"No index worker is running" in no_worker.data
+    catalog = idle.get("/catalog")
+    assert catalog.status_code == 200 and b"No catalogue loads yet" in catalog.data
+    forbidden = idle.post("/catalog", data={"source": "fashion"}, environ_base=NOT_LOOPBACK)
+    assert forbidden.status_code == 403 and b"only clients on this machine" in forbidden.data
+    for page in (home, refused, catalog):
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_metrics_are_prometheus_text(idle, shared_dir):
+    search(idle, b"text")
+    idle.post("/api/catalog/loads", json={"source": "fashion"})
+    response = idle.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    assert 'lookalike_http_requests_total{route="/api/search",method="POST",status="415"} 1' in text
+    assert 'lookalike_jobs_created_total{kind="load"} 1' in text
+    assert 'lookalike_queue_depth{queue="embed"} 1' in text
+    assert 'lookalike_workers_alive{role="index"} 0' in text
+    assert "lookalike_broker_up 1" in text
+    assert 'lookalike_http_request_duration_seconds_bucket{route="/api/search",le="+Inf"} 1' in text
+
+
+def test_the_openapi_file_documents_exactly_the_api_routes(idle):
+    spec = idle.get("/api/openapi.json").get_json()
+    documented = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
+    routes = {
+        (rule.rule.replace("<", "{").replace(">", "}"), method)
+        for rule in idle.application.url_map.iter_rules()
+        if rule.rule.startswith(("/api/", "/healthz", "/metrics"))
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert documented == routes
+
+
+# -- Redis down ------------------------------------------------------------------------------------------------
+
+
+def test_with_redis_down_every_endpoint_answers_503_or_degrades(tmp_path, shared_dir):
+    web = app_for(f"redis://127.0.0.1:{free_port()}/0", tmp_path, shared_dir)
+    submitted = search(web, encode(Image.new("RGB", (64, 64), "red"), "PNG"))
+    assert submitted.status_code == 503 and error_of(submitted) == "broker_unavailable"
+    assert web.get("/api/jobs/0123456789abcdef0123456789abcdef").status_code == 503
+    assert web.post("/api/catalog/loads", json={"source": "fashion"}).status_code == 503
+    health = web.get("/healthz")
+    assert health.status_code == 503 and health.get_json()["broker"]["reachable"] is False
+    metrics = web.get("/metrics")
+    assert metrics.status_code == 200 and "lookalike_broker_up 0" in metrics.get_data(as_text=True)
+    home = web.get("/")
+    assert home.status_code == 200 and b"Redis" in home.data
+    assert web.get("/catalog").status_code == 503
+
+
+# -- against the real service: workers loaded with the shared sample ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(served):
+    return create_app(served.stack.settings).test_client()
+
+
+def follow(web, status_url: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = web.get(status_url).get_json()
+        if job["state"] in FINISHED:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{status_url} did not finish in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_search_through_the_api_finds_the_product_with_links(live, shared_dir):
+    response = search(live, photo(shared_dir, "10186"), k="5")
+    assert response.status_code == 202 and response.headers["Location"] == response.get_json()["status_url"]
+    job = follow(live, response.get_json()["status_url"])
+    assert {"id", "kind", "state", "progress", "result", "created", "finished"} <= set(job)
+    hits = job["result"]["hits"]
+    assert len(hits) == 5 and hits[0]["id"] == "10186" and hits[0]["score"] > 0.999
+    assert hits[0]["page_url"] == "/items/10186" and hits[0]["item_url"] == "/api/items/10186"
+    thumbnail = live.get(hits[0]["thumbnail_url"])
+    assert thumbnail.status_code == 200 and thumbnail.mimetype == "image/jpeg"
+    filtered = follow(live, search(live, photo(shared_dir, "10186"), k="3", filter=["gender=Women"]).location)
+    assert [hit["metadata"]["gender"] for hit in filtered["result"]["hits"]] == ["Women"] * 3
+    nothing = follow(live, search(live, photo(shared_dir, "10186"), filter=["gender=Nobody"]).location)
+    assert nothing["state"] == "done" and nothing["result"]["hits"] == []
+
+
+@pytest.mark.slow
+def test_the_form_redirects_to_a_job_page_that_shows_the_gallery(live, shared_dir):
+    form = live.get("/")
+    assert b'value="gender=Women"' in form.data and b"1,002 products" in form.data
+    submitted = live.post("/search", data={"image": (io.BytesIO(photo(shared_dir, "10227")), "p.jpg"), "k": "4"})
+    assert submitted.status_code == 303 and submitted.location.startswith("/jobs/")
+    job_id = submitted.location.rsplit("/", 1)[1]
+    follow(live, f"/api/jobs/{job_id}")
+    page = live.get(submitted.location).get_data(as_text=True)
+    assert page.count('class="card"') == 4 and 'href="/items/10227"' in page
+    preview = live.get(f"/jobs/{job_id}/preview.jpg")
+    assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
+
+
+@pytest.mark.slow
+def test_items_more_like_this_and_their_page(live):
+    item = live.get("/api/items/10186").get_json()
+    assert item["metadata"]["articleType"] == "Shirts" and item["thumbnail_url"].startswith("/thumbnails/catalog/")
+    similar = live.get("/api/items/10186/similar?k=3&filter=gender=Men").get_json()["hits"]
+    assert len(similar) == 3 and "10186" not in [hit["id"] for hit in similar]
+    assert live.get("/api/items/no-such-item").status_code == 404
+    assert live.get("/api/items/no-such-item/similar").status_code == 404
+    assert error_of(live.get("/api/items/10186/similar?k=500")) == "bad_parameter"
+    page = live.get("/items/10186").get_data(as_text=True)
+    assert "More like this" in page and page.count('class="card"') == 12
+    assert live.get("/items/no-such-item").status_code == 404
+
+
+@pytest.mark.slow
+def test_health_and_metrics_of_a_running_service(live):
+    health = live.get("/healthz")
+    body = health.get_json()
+    assert health.status_code == 200 and body["status"] == "ok", body
+    assert body["index"]["items"] == 1002 and body["index"]["provider"] == "CPUExecutionProvider"
+    assert len(body["index"]["model_sha256"]) == 64 and body["embed_workers"]["alive"] == 2
+    text = live.get("/metrics").get_data(as_text=True)
+    assert 'lookalike_workers_alive{role="embed"} 2' in text and "lookalike_index_items 1002" in text
+    assert 'lookalike_jobs_finished_total{kind="load",state="partial"}' in text
+
+
+@pytest.mark.slow
+def test_delete_then_upload_an_archive_that_brings_the_item_back(live, served, shared_dir, tmp_path):
+    assert live.delete("/api/items/10227").get_json() == {"deleted": "10227"}
+    assert live.get("/api/items/10227").status_code == 404
+    assert live.delete("/api/items/10227").status_code == 404
+
+    with open(shared_dir / "data" / "fashion" / "styles.csv", newline="") as styles:
+        rows = csv.reader(styles)
+        header, row = next(rows), next(row for row in rows if row[0] == "10227")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in (("styles.csv", f"{','.join(header)}\n{','.join(row)}\n".encode()),
+                           ("images/10227.jpg", photo(shared_dir, "10227"))):  # fmt: skip
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    archive.seek(0)
+    response = live.post("/api/catalog/loads", data={"archive": (archive, "one.tar.gz")})
+    assert response.status_code == 202
+    job = follow(live, response.get_json()["status_url"])
+    assert (job["state"], job["progress"]) == ("done", {"total": 1, "done": 1, "failed": 0})
+    item = live.get("/api/items/10227").get_json()
+    assert item["metadata"]["productDisplayName"] == row[-1]
+    assert item["metadata"]["image"].startswith("archives/")
+    assert live.get(item["thumbnail_url"]).status_code == 200
+    page = live.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    assert 'value="100"' in page and "done" in page
+    assert json.loads(json.dumps(job))  # the record is plain JSON
