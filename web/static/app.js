@@ -29,7 +29,7 @@ const FINISHED = ["done", "failed", "partial"];
 
 // Polls a job's JSON a few times a second, backing off, until it is finished; then the page is rendered anew.
 async function follow(url, onUpdate) {
-  let delay = 100;
+  let delay = 50;
   for (;;) {
     await new Promise((resolve) => setTimeout(resolve, delay));
     delay = Math.min(delay * 1.5, 2000);

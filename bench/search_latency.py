@@ -1,0 +1,141 @@
+"""Search latency through the web, upload to result, for 1, 8 and 32 concurrent clients, idle and during a load.
+
+    .venv/bin/python bench/search_latency.py [--seconds 20] [--model M.onnx]
+
+Starts its own Redis, an index owner, an embed worker and `lookalike web` (waitress) on this machine, loads the
+1,002 shared sample images, then runs clients that each POST a catalogue photo to /api/search and poll
+/api/jobs/<id> the way the results page does (after 50 ms, then 1.5x longer each time) until the result is
+there. Then it starts a load of the 39,072-image shared catalogue and runs the same clients while it loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from catalog_load import SHARED, percentiles
+
+from lookalike.redis_server import EmbeddedRedis, free_port
+from lookalike.stack import Stack
+from worker.client import Client
+
+CONCURRENCY = (1, 8, 32)
+FIRST_POLL, BACKOFF, LONGEST_POLL = 0.05, 1.5, 2.0  # as web/static/app.js polls
+
+
+class Shopper(threading.Thread):
+    """One client: search, follow the job to its result, repeat until `until` (monotonic)."""
+
+    def __init__(self, port: int, photos: list[Path], until: float, offset: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.photos, self.until, self.offset = port, photos, until, offset
+        self.latencies: list[float] = []
+        self.statuses: Counter[int] = Counter()
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        while time.monotonic() < self.until:
+            photo = self.photos[(self.offset + len(self.latencies)) % len(self.photos)]
+            started = time.perf_counter()
+            status, body = post_image(connection, photo)
+            self.statuses[status] += 1
+            if status != 202:
+                time.sleep(0.5)
+                continue
+            delay = FIRST_POLL
+            while True:
+                time.sleep(delay)
+                delay = min(delay * BACKOFF, LONGEST_POLL)
+                connection.request("GET", body["status_url"])
+                response = connection.getresponse()
+                job = json.loads(response.read())
+                if job["state"] in ("done", "failed"):
+                    break
+            if job["state"] == "done":
+                self.latencies.append(time.perf_counter() - started)
+            else:
+                self.statuses[-1] += 1  # a failed search job
+
+
+def post_image(connection: http.client.HTTPConnection, photo: Path) -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = b"".join([
+        f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n10\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{photo.name}"\r\n'.encode(),
+        b"Content-Type: image/jpeg\r\n\r\n", photo.read_bytes(), f"\r\n--{boundary}--\r\n".encode(),
+    ])  # fmt: skip
+    connection.request("POST", "/api/search", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def run_clients(port: int, photos: list[Path], clients: int, seconds: float) -> tuple[list[float], Counter[int]]:
+    until = time.monotonic() + seconds
+    shoppers = [Shopper(port, photos, until, offset=97 * n) for n in range(clients)]
+    for shopper in shoppers:
+        shopper.start()
+    for shopper in shoppers:
+        shopper.join()
+    statuses: Counter[int] = Counter()
+    for shopper in shoppers:
+        statuses.update(shopper.statuses)
+    return [value for shopper in shoppers for value in shopper.latencies], statuses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20, help="how long each concurrency level runs")
+    parser.add_argument("--model", type=Path, default=SHARED / "models" / "efficientnet_lite0_max.onnx")
+    parser.add_argument("--archive", type=Path, default=SHARED / "data" / "fashion-catalog.tar.gz")
+    parser.add_argument("--metadata", type=Path, default=SHARED / "data" / "fashion" / "styles.csv")
+    args = parser.parse_args()
+
+    photos = sorted((SHARED / "data" / "fashion" / "images").glob("*.jpg"))
+    work = Path(tempfile.mkdtemp(prefix="lookalike-latency-"))
+    rows = []
+    with EmbeddedRedis(work / "redis") as redis_server:
+        stack = Stack(redis_server.url, work / "data", args.model, SHARED / "data")
+        try:
+            stack.start("index")
+            stack.start("embed")
+            port = free_port()
+            stack.start_web(port)
+            client = Client(stack.settings)
+            client.wait(client.submit_load(SHARED / "data" / "fashion"), timeout=600)
+            for clients in CONCURRENCY:
+                rows.append(("idle", clients, *run_clients(port, photos, clients, args.seconds)))
+            load_id = client.submit_load(args.archive, args.metadata)
+            time.sleep(5)  # past the unpacking, into embedding
+            for clients in CONCURRENCY:
+                rows.append(("during a catalogue load", clients, *run_clients(port, photos, clients, args.seconds)))
+            indexed = client.jobs.get(load_id, error_limit=0)["progress"]["done"]
+        finally:
+            stack.stop()
+
+    idle_p95 = {clients: _p95(latencies) for state, clients, latencies, _ in rows if state == "idle"}
+    print(f"\n{os.cpu_count()} cores, {args.model.name}, {args.seconds:.0f} s per row; {indexed:,} catalogue items "
+          "indexed during the load rows")  # fmt: skip
+    print("\n| system | clients | searches | p50 ms | p95 ms | p99 ms | searches/s | p95 vs idle | not 202 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for state, clients, latencies, statuses in rows:
+        refused = sum(count for status, count in statuses.items() if status != 202) or 0
+        ratio = _p95(latencies) / idle_p95[clients]
+        print(f"| {state} | {clients} | {percentiles(latencies)} | {len(latencies) / args.seconds:.1f} | "
+              f"{ratio:.2f} | {refused} |")  # fmt: skip
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+if __name__ == "__main__":
+    main()
