@@ -103,17 +103,29 @@ def test_with_no_index_worker_searches_and_item_reads_are_503_at_once(idle, shar
     assert health.get_json()["index"] == {"alive": False} and health.get_json()["broker"]["reachable"]
 
 
-@pytest.mark.parametrize("job_id", ["nope", "0123456789abcdef0123456789abcdef", "../../etc/passwd"])
+@pytest.mark.parametrize("job_id", ["nope", "0123456789abcdef0123456789abcdef", "G" * 32])
 def test_unknown_jobs_are_404(idle, job_id):
     response = idle.get(f"/api/jobs/{job_id}")
     assert response.status_code == 404 and error_of(response) == "not_found"
     assert idle.get(f"/jobs/{job_id}").status_code == 404
 
 
-def test_bad_paging_and_methods(idle):
-    job_id = "0123456789abcdef0123456789abcdef"
-    assert error_of(idle.get(f"/api/jobs/{job_id}?errors_limit=many")) == "bad_parameter"
-    assert error_of(idle.get("/api/catalog/loads?limit=1000")) == "bad_parameter"
+A_JOB = "/api/jobs/0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [f"{A_JOB}?errors_limit=many", f"{A_JOB}?errors_limit=\u00b2", f"{A_JOB}?errors_offset={'9' * 5000}",
+     "/api/catalog/loads?limit=0", "/api/catalog/loads?limit=1000", "/api/catalog/loads?limit=-1",
+     "/api/items/10186/similar?k=\u00b2"],
+)  # fmt: skip
+def test_bad_numbers_in_queries_are_400(idle, query):
+    response = idle.get(query)
+    assert response.status_code == 400 and error_of(response) == "bad_parameter"
+    assert idle.get("/thumbnails/catalog/fashion/images/10186.jpg?size=\u00b2").status_code == 400
+
+
+def test_wrong_methods_and_routes(idle):
     wrong = idle.put("/api/search")
     assert wrong.status_code == 405 and error_of(wrong) == "method_not_allowed"
     missing = idle.get("/api/nothing-here")
@@ -128,6 +140,8 @@ def test_without_a_key_only_direct_loopback_clients_may_write(idle):
     assert remote.status_code == 403 and error_of(remote) == "forbidden"
     proxied = idle.post("/api/catalog/loads", json={"source": "fashion"}, headers={"X-Forwarded-For": "203.0.113.9"})
     assert proxied.status_code == 403
+    rebound = idle.post("/api/catalog/loads", json={"source": "fashion"}, headers={"Host": "shop.example:8000"})
+    assert rebound.status_code == 403  # a DNS name re-pointed at 127.0.0.1 is not "this machine"
     assert idle.delete("/api/items/10186", environ_base=NOT_LOOPBACK).status_code == 403
     local = idle.post("/api/catalog/loads", json={"source": "fashion"})
     assert local.status_code == 202
@@ -148,7 +162,10 @@ def test_with_a_key_writes_need_it_from_anywhere(module_redis, tmp_path, shared_
     assert right.status_code == 202
     form = web.post("/catalog", data={"source": "fashion", "api_key": "s3cret-key"}, environ_base=NOT_LOOPBACK)
     assert form.status_code == 303
-    assert web.post("/catalog", data={"source": "fashion", "api_key": "no"}).status_code == 401
+    refused = web.post("/catalog", data={"source": "fashion", "api_key": "no"})
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+    # the API takes the key from the Authorization header only
+    assert web.post("/api/catalog/loads", data={"source": "fashion", "api_key": "s3cret-key"}).status_code == 401
 
 
 @pytest.mark.parametrize(
@@ -157,18 +174,42 @@ def test_with_a_key_writes_need_it_from_anywhere(module_redis, tmp_path, shared_
         {"json": {}},
         {"json": ["fashion"]},
         {"json": {"source": "../../etc"}},
-        {"json": {"source": "/etc"}},
+        {"json": {"source": "/etc"}},  # a leading / is the catalogue root, which has no etc
         {"json": {"source": "no-such-folder"}},
         {"json": {"source": "fashion", "metadata": "../../etc/passwd"}},
         {"data": {"archive": (io.BytesIO(b"zip"), "catalog.zip")}},
         {"data": {"archive": (io.BytesIO(b"tar"), "c.tar"), "source": "fashion"}},
         {"data": {"source": "fashion", "csv": (io.BytesIO(b"id\n1\n"), "m.txt")}},
     ],
-    ids=["empty", "not-an-object", "dot-dot", "absolute", "missing", "metadata-outside", "zip", "both", "not-csv"],
+    ids=["empty", "not-an-object", "dot-dot", "rooted", "missing", "metadata-outside", "zip", "both", "not-csv"],
 )
-def test_bad_load_requests_are_400(idle, request_body):
+def test_bad_load_requests_are_400_and_leave_no_upload_behind(idle, request_body):
     response = idle.post("/api/catalog/loads", **request_body)
     assert response.status_code == 400 and error_of(response) == "bad_parameter"
+    uploads = idle.application.extensions["lookalike"].settings.uploads_dir
+    assert not uploads.exists() or not any(uploads.iterdir())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://evil.example"},
+     {"Origin": "http://localhost:9999"}],
+)  # fmt: skip
+def test_writes_from_another_sites_page_are_refused(idle, headers):
+    for response in (idle.post("/api/catalog/loads", json={"source": "fashion"}, headers=headers),
+                     idle.post("/catalog", data={"source": "fashion"}, headers=headers),
+                     idle.delete("/api/items/10186", headers=headers)):  # fmt: skip
+        assert response.status_code == 403
+    assert error_of(idle.post("/api/catalog/loads", json={"source": "fashion"}, headers=headers)) == "cross_site"
+    own_page = {"Sec-Fetch-Site": "same-origin", "Origin": "http://localhost"}
+    assert idle.post("/catalog", data={"source": "fashion"}, headers=own_page).status_code == 303
+
+
+def test_a_catalogue_upload_over_its_cap_is_413(module_redis, tmp_path, shared_dir):
+    web = app_for(module_redis, tmp_path, shared_dir, LOOKALIKE_MAX_CATALOG_UPLOAD="100000")
+    archive = (io.BytesIO(b"\0" * 300_000), "big.tar")
+    response = web.post("/api/catalog/loads", data={"archive": archive})
+    assert response.status_code == 413 and "100,000" in response.get_json()["error"]["message"]
 
 
 # -- thumbnails -----------------------------------------------------------------------------------------------
@@ -176,11 +217,23 @@ def test_bad_load_requests_are_400(idle, request_body):
 
 @pytest.mark.parametrize(
     "reference",
-    ["catalog/../../../etc/passwd", "catalog/%2e%2e/%2e%2e/etc/passwd", "catalog//etc/passwd", "home/x.jpg",
-     "catalog/fashion/styles.csv", "catalog/fashion/images/none.jpg", "uploads/../../../etc/hostname"],
+    ["catalog/../outside.jpg", "catalog/%2e%2e/outside.jpg", "catalog/link.jpg", "catalog/linked/outside.jpg",
+     f"catalog/{'..%2f' * 3}outside.jpg", "uploads/../outside.jpg", "home/outside.jpg", "catalog/notes.txt",
+     "catalog/none.jpg"],
 )  # fmt: skip
-def test_thumbnails_never_leave_the_catalogue(idle, reference):
-    assert idle.get(f"/thumbnails/{reference}").status_code == 404
+def test_thumbnails_never_leave_the_catalogue(module_redis, tmp_path, reference):
+    """A real photo sits beside the catalogue root, reachable by `..`, by a link to it and by a linked folder."""
+    root, photo_bytes = tmp_path / "root", encode(Image.new("RGB", (32, 32), "blue"), "JPEG")
+    root.mkdir()
+    (tmp_path / "outside.jpg").write_bytes(photo_bytes)
+    (root / "inside.jpg").write_bytes(photo_bytes)
+    (root / "notes.txt").write_text("not an image")
+    (root / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    (root / "linked").symlink_to(tmp_path)
+    web = create_app(Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_DATA_DIR": str(tmp_path / "d"),
+                                        "LOOKALIKE_CATALOG_ROOT": str(root)})).test_client()  # fmt: skip
+    assert web.get("/thumbnails/catalog/inside.jpg").status_code == 200
+    assert web.get(f"/thumbnails/{reference}").status_code == 404
 
 
 def test_thumbnails_are_small_jpegs_the_browser_may_cache(idle):
@@ -208,6 +261,9 @@ def test_pages_say_what_is_wrong_in_a_sentence(idle, shared_dir):
     assert catalog.status_code == 200 and b"No catalogue loads yet" in catalog.data
     forbidden = idle.post("/catalog", data={"source": "fashion"}, environ_base=NOT_LOOPBACK)
     assert forbidden.status_code == 403 and b"only clients on this machine" in forbidden.data
+    unavailable = idle.get("/items/10186")
+    assert unavailable.status_code == 503 and unavailable.headers["Retry-After"]
+    assert b"No index worker is running" in unavailable.data
     for page in (home, refused, catalog):
         assert page.headers["X-Content-Type-Options"] == "nosniff"
         assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
@@ -250,6 +306,8 @@ def test_with_redis_down_every_endpoint_answers_503_or_degrades(tmp_path, shared
     assert web.post("/api/catalog/loads", json={"source": "fashion"}).status_code == 503
     health = web.get("/healthz")
     assert health.status_code == 503 and health.get_json()["broker"]["reachable"] is False
+    assert web.delete("/api/items/10186").status_code == 503
+    assert error_of(web.get("/api/items/10186")) == "broker_unavailable"
     metrics = web.get("/metrics")
     assert metrics.status_code == 200 and "lookalike_broker_up 0" in metrics.get_data(as_text=True)
     home = web.get("/")
@@ -358,5 +416,7 @@ def test_delete_then_upload_an_archive_that_brings_the_item_back(live, served, s
     assert item["metadata"]["image"].startswith("archives/")
     assert live.get(item["thumbnail_url"]).status_code == 200
     page = live.get(f"/jobs/{job['id']}").get_data(as_text=True)
-    assert 'value="100"' in page and "done" in page
-    assert json.loads(json.dumps(job))  # the record is plain JSON
+    assert 'value="100"' in page and '<span class="state">done</span>' in page
+    listed = live.get("/api/catalog/loads?limit=1").get_json()["loads"][0]
+    assert listed["id"] == job["id"] and listed["params"]["source"] == "uploads/" + listed["params"]["source"][8:]
+    assert str(served.stack.settings.data_dir) not in json.dumps(listed)  # no server paths for clients

@@ -8,12 +8,16 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from web.auth import require_writer
-from web.errors import bad_parameter
-from web.params import check_item_id, check_job_id, parse_filters, parse_k
-from web.submit import load_from_request, search_from_request, service
+from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_whole
+from web.service import LOADS_SHOWN
+from web.service import current_service as service
+from web.submit import load_from_request, search_from_request
+from worker.jobs import ERROR_PAGE
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 MAX_ERROR_PAGE = 500
+MAX_ERRORS_OFFSET = 100_000_000
+MAX_LOADS = 100
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -25,8 +29,8 @@ def search() -> tuple[Response, int, dict[str, str]]:
 
 @api.get("/jobs/<job_id>")
 def job(job_id: str) -> Response:
-    offset = _whole_number("errors_offset", 0, maximum=None)
-    limit = _whole_number("errors_limit", 50, maximum=MAX_ERROR_PAGE)
+    offset = parse_whole("errors_offset", request.args.get("errors_offset"), 0, 0, MAX_ERRORS_OFFSET)
+    limit = parse_whole("errors_limit", request.args.get("errors_limit"), ERROR_PAGE, 0, MAX_ERROR_PAGE)
     return jsonify(present_job(service().job(check_job_id(job_id), offset, limit)))
 
 
@@ -38,7 +42,8 @@ def start_load() -> tuple[Response, int, dict[str, str]]:
 
 @api.get("/catalog/loads")
 def loads() -> Response:
-    return jsonify({"loads": service().loads(_whole_number("limit", 20, maximum=100))})
+    limit = parse_whole("limit", request.args.get("limit"), LOADS_SHOWN, 1, MAX_LOADS)
+    return jsonify({"loads": [present_job(load) for load in service().loads(limit)]})
 
 
 @api.get("/items/<item_id>")
@@ -54,10 +59,12 @@ def similar(item_id: str) -> Response:
 
 
 @api.delete("/items/<item_id>")
-def delete(item_id: str) -> Response:
+def delete(item_id: str) -> tuple[Response, int]:
     require_writer()
-    service().delete(check_item_id(item_id))
-    return jsonify({"deleted": item_id})
+    if service().delete(check_item_id(item_id)):
+        return jsonify({"deleted": item_id}), 200
+    message = "the index worker is busy: the delete is queued and will be applied"
+    return jsonify({"queued": item_id, "message": message}), 202
 
 
 @api.get("/openapi.json")
@@ -73,9 +80,11 @@ def accepted(job_id: str) -> tuple[Response, int, dict[str, str]]:
 
 
 def present_job(job: dict[str, Any]) -> dict[str, Any]:
-    """A job record with links: each search hit gets its thumbnail and item URLs."""
+    """A job record for clients: search hits with their links, a load's files as catalogue references."""
     if job["kind"] == "search" and job.get("result"):
         job["result"] = {**job["result"], "hits": [present_item(hit) for hit in job["result"]["hits"]]}
+    if job["kind"] == "load":
+        job["params"] = {name: service().reference(path) for name, path in job["params"].items()}
     return job
 
 
@@ -85,13 +94,3 @@ def present_item(item: dict[str, Any]) -> dict[str, Any]:
     if reference:
         links["thumbnail_url"] = url_for("pages.thumbnail", reference=reference)
     return {**item, **links}
-
-
-def _whole_number(name: str, default: int, maximum: int | None) -> int:
-    text = request.args.get(name, "")
-    if not text:
-        return default
-    if not text.isdigit() or (maximum is not None and int(text) > maximum):
-        limit = f" up to {maximum}" if maximum is not None else ""
-        raise bad_parameter(f"{name} must be a whole number{limit}, not {text[:40]!r}")
-    return int(text)

@@ -38,9 +38,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.before_request
     def start() -> None:
         g.started = time.perf_counter()
-        uploads_catalog = request.endpoint in CATALOG_UPLOADS
-        request.max_content_length = settings.max_catalog_upload if uploads_catalog else settings.max_upload
-        request.max_content_length += FORM_ALLOWANCE
+        g.upload_cap = settings.max_catalog_upload if request.endpoint in CATALOG_UPLOADS else settings.max_upload
+        request.max_content_length = g.upload_cap + FORM_ALLOWANCE
 
     @app.after_request
     def finish(response: Response) -> Response:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import redis
-from flask import Flask, Response, jsonify, make_response, render_template, request
+from flask import Flask, Response, g, jsonify, make_response, render_template, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -57,16 +57,13 @@ def register_error_handlers(app: Flask) -> None:
     def api_error(error: ApiError) -> Response:
         return _respond(error)
 
-    @app.errorhandler(ImageError)
-    def image_error(error: ImageError) -> Response:
-        return _respond(ApiError.from_image_error(error))
-
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 413:
-            limit = request.max_content_length or 0
-            return _respond(ApiError(413, "too_large", f"the request is over the cap of {limit:,} bytes"))
+            return _respond(
+                ApiError(413, "too_large", f"the upload is over the cap of {g.get('upload_cap', 0):,} bytes")
+            )
         code = HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
         return _respond(ApiError(status, code, error.description or error.name))
 
@@ -75,6 +72,11 @@ def register_error_handlers(app: Flask) -> None:
     def broker_down(error: Exception) -> Response:
         log.warning("Redis is unreachable: %s", error)
         return _respond(unavailable("broker_unavailable", f"the queue (Redis) can't be reached: {error}"))
+
+    @app.errorhandler(OSError)
+    def storage_error(error: OSError) -> Response:
+        log.error("file system error on %s %s: %s", request.method, request.path, error)
+        return _respond(unavailable("storage_error", f"the server can't read or write its files: {error.strerror}"))
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:

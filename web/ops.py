@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from web.metrics import CONTENT_TYPE, exposition
-from web.submit import service
+from web.service import current_service as service
 
 ops = Blueprint("ops", __name__)
 

@@ -8,13 +8,14 @@ from flask import Blueprint, Response, make_response, redirect, render_template,
 
 from web.api import present_item, present_job
 from web.auth import require_writer
-from web.errors import ApiError
-from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id
+from web.errors import ApiError, not_found
+from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id, parse_whole
 from web.service import PREVIEW_SIDE
-from web.submit import load_from_request, search_from_request, service
+from web.service import current_service as service
+from web.submit import load_from_request, search_from_request
 from worker.jobs import FINISHED
 
-THUMBNAIL_SIDES = (160, PREVIEW_SIDE, 640)
+THUMBNAIL_SIDES = (PREVIEW_SIDE, 640)  # gallery cards, an item's own page
 THUMBNAIL_MAX_AGE = 24 * 3600
 SIMILAR_SHOWN = 12
 
@@ -61,6 +62,7 @@ def load_percent(job: dict[str, Any]) -> int:
     return 100 if job["state"] in FINISHED else 0
 
 
+@pages.app_template_global()
 def sentence(error: dict[str, str]) -> str:
     known = SENTENCES.get(error["code"])
     return f"{known} ({error['message']})" if known else error["message"]
@@ -113,21 +115,24 @@ def catalog() -> str:
 @pages.post("/catalog")
 def start_load() -> Response:
     try:
-        require_writer()
+        require_writer(form_key=True)
         load_from_request()
     except ApiError as error:
         page = render_template("catalog.html", error=sentence(error.as_dict()["error"]), **_catalog_context())
-        return make_response(page, error.status)
+        return make_response(page, error.status, error.headers)
     return redirect(url_for("pages.catalog"), 303)
 
 
 @pages.get("/thumbnails/<path:reference>")
 def thumbnail(reference: str) -> Response:
     """A catalogue image, small, cached by the browser; only files inside the catalogue areas are readable."""
-    side = int(request.args.get("size", PREVIEW_SIDE)) if request.args.get("size", "").isdigit() else PREVIEW_SIDE
+    side = parse_whole("size", request.args.get("size"), PREVIEW_SIDE, 1, max(THUMBNAIL_SIDES))
     side = side if side in THUMBNAIL_SIDES else PREVIEW_SIDE
     path = service().catalog_image(reference)
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:
+        raise not_found(f"no image {reference!r}") from None
     etag = f"{stat.st_mtime_ns:x}-{stat.st_size:x}-{side}"
     fresh = request.if_none_match.contains(etag)
     response = make_response(b"" if fresh else service().thumbnail(path, side), 304 if fresh else 200)
@@ -148,5 +153,4 @@ def _catalog_context() -> dict[str, Any]:
         "loads": service().loads(),
         "health": service().health(),
         "needs_key": bool(settings.api_key),
-        "catalog_root": settings.catalog_root,
     }

@@ -12,19 +12,21 @@ MAX_K = 100
 MAX_FILTERS = 20
 MAX_FIELD_LENGTH = 200
 JOB_ID = re.compile(r"[0-9a-f]{32}")
+DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
 
-def parse_k(value: str | None, default: int = DEFAULT_K) -> int:
-    """How many results: a whole number from 1 to MAX_K (empty: the default)."""
+def parse_whole(name: str, value: str | None, default: int, minimum: int, maximum: int) -> int:
+    """A whole number from `minimum` to `maximum`; missing or empty: the default."""
     if value is None or value.strip() == "":
         return default
-    try:
-        k = int(value)
-    except ValueError:
-        raise bad_parameter(f"k must be a whole number from 1 to {MAX_K}, not {value[:40]!r}") from None
-    if not 1 <= k <= MAX_K:
-        raise bad_parameter(f"k must be from 1 to {MAX_K}, not {k}")
-    return k
+    if not DIGITS.fullmatch(value.strip()) or not minimum <= int(value) <= maximum:
+        raise bad_parameter(f"{name} must be a whole number from {minimum} to {maximum}, not {value[:40]!r}")
+    return int(value)
+
+
+def parse_k(value: str | None) -> int:
+    """How many results: 1 to MAX_K, DEFAULT_K when not given."""
+    return parse_whole("k", value, DEFAULT_K, 1, MAX_K)
 
 
 def parse_filters(values: Iterable[str]) -> dict[str, str]:

@@ -8,23 +8,29 @@ from typing import Any
 
 import celery.exceptions
 import redis
+from flask import current_app
+from kombu.exceptions import OperationalError
 
 from lookalike.settings import Settings
 from web.errors import ApiError, bad_parameter, not_found, unavailable
-from worker.areas import CatalogError, resolve_reference
+from worker.areas import CatalogError, locate, resolve_reference
 from worker.celery_app import queue_depths
 from worker.client import Client
-from worker.decode import IMAGE_SUFFIXES, ImageError, thumbnail_jpeg
+from worker.decode import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
 from worker.heartbeats import alive
 
 PREVIEW_SIDE = 320  # query previews and gallery thumbnails, CSS pixels (served at this size, shown smaller)
 LOADS_SHOWN = 20
 
 
+def current_service() -> Service:
+    return current_app.extensions["lookalike"]
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = Client(settings)
+        self.client = Client(settings, redis_timeout=settings.call_timeout)
         self.jobs = self.client.jobs
         self.redis = self.jobs.redis
 
@@ -32,11 +38,10 @@ class Service:
 
     def submit_search(self, image: bytes, k: int, filters: dict[str, str]) -> str:
         """Check the upload is an image we can read, then queue it; the preview is made from the same decode."""
-        if len(image) > self.settings.max_upload:
-            raise ApiError(413, "too_large", f"the image is {len(image):,} bytes, over the cap of "
-                           f"{self.settings.max_upload:,} (LOOKALIKE_MAX_UPLOAD)")  # fmt: skip
         try:
-            preview = thumbnail_jpeg(image, PREVIEW_SIDE, self.settings.max_pixels)
+            preview = thumbnail_jpeg(
+                check_size(image, self.settings.max_upload), PREVIEW_SIDE, self.settings.max_pixels
+            )
         except ImageError as error:
             raise ApiError.from_image_error(error) from error
         self.index_owner()
@@ -60,7 +65,7 @@ class Service:
         return self.client.submit_load(source, metadata)
 
     def catalog_path(self, relative: str) -> Path:
-        """A file or folder named relative to the catalogue root; nothing outside it."""
+        """A file or folder named relative to the catalogue root (a leading / is the root); nothing outside it."""
         try:
             path = resolve_reference(self.settings, "catalog", relative.strip().strip("/") or ".")
         except CatalogError as error:
@@ -68,6 +73,16 @@ class Service:
         if not path.exists():
             raise bad_parameter(f"{relative!r} does not exist under the catalogue root")
         return path
+
+    def reference(self, path: str | None) -> str | None:
+        """A server path as `area/relative`, the way clients see catalogue files (never the server's folders)."""
+        if not path:
+            return path
+        try:
+            area, relative = locate(self.settings, Path(path))
+        except CatalogError:
+            return Path(path).name
+        return f"{area}/{relative.as_posix()}"
 
     def loads(self, limit: int = LOADS_SHOWN) -> list[dict[str, Any]]:
         return self.jobs.list_loads(limit)
@@ -88,6 +103,8 @@ class Service:
             return thumbnail_jpeg(path.read_bytes(), side, self.settings.max_pixels)
         except ImageError as error:
             raise not_found(f"{path.name} can't be shown: {error.message}") from error
+        except OSError as error:  # removed or unreadable since it was found
+            raise not_found(f"{path.name} can't be read: {error.strerror}") from error
 
     # items (answered by the index owner) ---------------------------------------------------------------------
 
@@ -103,21 +120,29 @@ class Service:
             raise not_found(answer["error"]["message"])
         return answer["hits"]
 
-    def delete(self, item_id: str) -> None:
-        # A delete must not expire: once queued, it is applied even if the answer comes too late for this request.
-        if not self._ask("delete_items", [item_id], expires=False)["deleted"]:
+    def delete(self, item_id: str) -> bool:
+        """True when deleted; False when the owner did not answer in time (the delete stays queued: no expiry)."""
+        try:
+            deleted = self._ask("delete_items", [item_id], expires=False)["deleted"]
+        except celery.exceptions.TimeoutError:
+            return False
+        if not deleted:
             raise not_found(f"no item with id {item_id!r}")
+        return True
 
     def _ask(self, task: str, *args: Any, expires: bool = True) -> Any:
+        """A question for the index owner; celery's TimeoutError only for a question that doesn't expire."""
         self.index_owner()
         try:
             return self.client.call(task, *args, timeout=self.settings.call_timeout, expires=expires)
         except celery.exceptions.TimeoutError:
+            if not expires:
+                raise
             raise unavailable(
                 "no_worker", f"the index worker did not answer within {self.settings.call_timeout} s (busy or stopped)"
             ) from None
-        except (redis.RedisError, OSError):
-            raise
+        except (redis.RedisError, OperationalError):
+            raise  # the broker: answered as broker_unavailable
         except Exception as error:  # the owner raised (an unusable index): its reason, not a 500
             raise unavailable("index_unavailable", f"the index can't answer: {error}") from error
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from flask import current_app, request
+from flask import request
 from werkzeug.datastructures import FileStorage
 
 from web.errors import ApiError, bad_parameter
 from web.params import parse_filters, parse_k
-from web.service import Service
+from web.service import current_service as service
 from worker.areas import ARCHIVE_SUFFIXES
-
-
-def service() -> Service:
-    return current_app.extensions["lookalike"]
 
 
 def search_from_request() -> str:
@@ -51,10 +48,16 @@ def load_from_request() -> str:
         raise bad_parameter(f"the archive must be a {', '.join(ARCHIVE_SUFFIXES)} file, not {archive.filename!r}")
     if csv_file and not csv_file.filename.lower().endswith(".csv"):
         raise bad_parameter(f"the metadata file must be a .csv file, not {csv_file.filename!r}")
-    saved = _save_uploads(catalog=archive, metadata=csv_file)
-    source_path = saved.get("catalog") or service().catalog_path(source)
-    metadata_path = saved.get("metadata") or (service().catalog_path(metadata) if metadata else None)
-    return service().submit_load(source_path, metadata_path)
+    # Named paths are checked before anything is saved; saved uploads go again if the load can't be queued.
+    source_path = None if archive else service().catalog_path(source)
+    metadata_path = service().catalog_path(metadata) if metadata else None
+    folder = service().settings.uploads_dir / uuid.uuid4().hex
+    try:
+        saved = _save_uploads(folder, catalog=archive, metadata=csv_file)
+        return service().submit_load(saved.get("catalog") or source_path, saved.get("metadata") or metadata_path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _upload(name: str) -> FileStorage | None:
@@ -62,12 +65,11 @@ def _upload(name: str) -> FileStorage | None:
     return upload if upload is not None and upload.filename else None
 
 
-def _save_uploads(**uploads: FileStorage | None) -> dict[str, Path]:
-    """Each upload saved in a fresh folder under our own name (a client's file name is never a path here)."""
+def _save_uploads(folder: Path, **uploads: FileStorage | None) -> dict[str, Path]:
+    """Each upload saved in `folder` under our own name (a client's file name is never a path here)."""
     present = {stem: upload for stem, upload in uploads.items() if upload is not None}
     if not present:
         return {}
-    folder = service().settings.uploads_dir / uuid.uuid4().hex
     folder.mkdir(parents=True)
     saved = {}
     for stem, upload in present.items():

@@ -76,6 +76,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     from worker.client import Client
+    from worker.decode import ImageError
     from worker.runtime import settings
 
     filters = dict(_field_value(text) for text in args.filter)
@@ -84,7 +85,11 @@ def run_search(args: argparse.Namespace) -> int:
     except OSError as error:
         raise LookalikeError(f"can't read {args.image}: {error.strerror}") from error
     client = Client(settings())
-    job = client.wait(client.submit_search(image, args.k, filters), timeout=60)
+    try:
+        job_id = client.submit_search(image, args.k, filters)
+    except ImageError as error:
+        raise LookalikeError(f"{error.message} ({error.code})") from error
+    job = client.wait(job_id, timeout=60)
     if args.json:
         print(json.dumps(job, indent=2))
     if job["state"] != "done":

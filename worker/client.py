@@ -11,16 +11,17 @@ from typing import Any
 from lookalike.errors import LookalikeError
 from lookalike.settings import Settings
 from worker.celery_app import make_celery
+from worker.decode import check_size
 from worker.jobs import FINISHED, Jobs, item_error, redis_client
 
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
 
 
 class Client:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis_timeout: float = 10) -> None:
         self.settings = settings
         self.app = make_celery(settings)
-        self.jobs = Jobs(redis_client(settings.redis_url), settings.search_ttl)
+        self.jobs = Jobs(redis_client(settings.redis_url, redis_timeout), settings.search_ttl)
 
     def submit_load(self, source: str | Path, metadata_csv: str | Path | None = None) -> str:
         params = {"source": str(source), "metadata": str(metadata_csv) if metadata_csv else None}
@@ -32,15 +33,14 @@ class Client:
         self, image: bytes, k: int = 5, filters: dict[str, str] | None = None, preview: bytes | None = None
     ) -> str:
         """Queue a search; `preview` (a small JPEG of the query) is kept with the job for pages to show."""
-        if len(image) > self.settings.max_upload:
-            raise LookalikeError(f"the image is {len(image):,} bytes, over the cap of {self.settings.max_upload:,}")
+        check_size(image, self.settings.max_upload)
         job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
         self._enqueue(job_id, "search_image", base64.b64encode(image).decode(), k, filters or {})
         return job_id
 
     def _enqueue(self, job_id: str, task: str, *args: Any) -> None:
         try:
-            self.app.send_task(f"lookalike.{task}", args=[job_id, *args])
+            self.app.send_task(f"lookalike.{task}", args=[job_id, *args], ignore_result=True)  # the job record tells
         except Exception as error:  # a job no message will ever finish must not stay "queued"
             self.jobs.fail(job_id, item_error("enqueue_failed", f"the job could not be queued: {error}"))
             raise

@@ -35,6 +35,13 @@ class ImageError(ValueError):
         return {"code": self.code, "message": self.message}
 
 
+def check_size(data: bytes, max_bytes: int) -> bytes:
+    """Refuse an upload over the byte cap before anything decodes it."""
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"the upload is {len(data):,} bytes, over the cap of {max_bytes:,}")
+    return data
+
+
 def decode_image(
     data: bytes,
     size: tuple[int, int],

@@ -59,8 +59,11 @@ return {done, failed}
 """
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+def redis_client(url: str, timeout: float = 10) -> redis.Redis:
+    """A client that gives up on an unresponsive Redis after `timeout` seconds (connecting: at most 5)."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 5), health_check_interval=30
+    )
 
 
 def now() -> str:

@@ -15,7 +15,7 @@ from celery import Celery
 
 from lookalike.settings import CORES, Settings
 from worker.celery_app import INDEX_QUEUE, SEARCH_QUEUE
-from worker.decode import ImageError, decode_image
+from worker.decode import check_size, decode_image
 from worker.embedding import decode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs, item_error
@@ -207,7 +207,4 @@ def _refusal_code(error: Exception) -> str:
 
 def decode_upload(text: str, max_upload: int) -> bytes:
     """An uploaded image as it travels in a search message (base64), refused when over the cap."""
-    data = base64.b64decode(text)
-    if len(data) > max_upload:
-        raise ImageError("too_large", f"the upload is {len(data):,} bytes, over the cap of {max_upload:,}")
-    return data
+    return check_size(base64.b64decode(text), max_upload)

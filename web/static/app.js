@@ -36,6 +36,7 @@ async function follow(url, onUpdate) {
     let job;
     try {
       const response = await fetch(url, { headers: { Accept: "application/json" } });
+      if (response.status === 404) return null;  // expired or never existed: nothing more to wait for
       if (!response.ok) continue;
       job = await response.json();
     } catch (error) {
@@ -68,7 +69,7 @@ function followJobPage() {
   follow(page.dataset.statusUrl, (job) => {
     if (bar) showProgress(bar, job);
     if (waiting) waiting.hidden = !(job.state === "queued" && Date.now() - started > 10000);
-  }).then(() => window.location.reload());
+  }).then((job) => { if (job) window.location.reload(); });
 }
 
 function followLoads() {
