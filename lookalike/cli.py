@@ -25,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
+    from lookalike.up import register as register_up
     from web.cli import register as register_web
     from worker.cli import register as register_worker
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(commands)
     register_worker(commands)
     register_web(commands)
+    register_up(commands)
     return parser
 
 

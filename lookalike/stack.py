@@ -40,7 +40,6 @@ class Stack:
             "LOOKALIKE_DATA_DIR": str(data_dir),
             "LOOKALIKE_MODEL": str(model),
             "LOOKALIKE_CATALOG_ROOT": str(catalog_root),
-            "LOOKALIKE_EMBED_PROCESSES": "2",
             **extra_env,
         }
         self.settings = Settings.from_env(self.env)

@@ -30,13 +30,10 @@ def readme_commands(marker: str) -> list[str]:
     return [line for line in match.group(1).splitlines() if line and not line.startswith("#")]
 
 
-def test_ci_runs_the_readmes_test_command_after_the_readmes_install():
-    ci = (REPO / ".ci" / "run").read_text().splitlines()
+def test_ci_runs_the_readmes_test_command():
     (test_command,) = readme_commands("test-command")
-    assert test_command in ci
-    (run_command,) = readme_commands("run-command")
-    install_steps = [step for step in run_command.split(" && ") if not step.startswith(".venv/bin/lookalike")]
-    assert install_steps and all(step in ci for step in install_steps)
+    assert test_command in (REPO / ".ci" / "run").read_text().splitlines()
+    # the run command is run by tests/test_up.py; every other README command by a test of its own part
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lookalike.errors import LookalikeError
+
+if TYPE_CHECKING:
+    from worker.client import Client
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -63,6 +66,12 @@ def run_ingest(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(job_id)
         return 0
+    follow_load(client, job_id)
+    return 0
+
+
+def follow_load(client: Client, job_id: str) -> dict[str, Any]:
+    """Show a load's progress bar until it finishes, then its counts and errors by code."""
     job = client.wait(job_id, on_update=_progress_bar)
     print(file=sys.stderr)
     progress = job["progress"]
@@ -71,7 +80,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         print(f"  {code}: {count:,}")
     if "error" in job:
         raise LookalikeError(job["error"]["message"])
-    return 0
+    return job
 
 
 def run_search(args: argparse.Namespace) -> int:

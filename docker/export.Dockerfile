@@ -1,0 +1,13 @@
+# The one-shot exporter: Keras ResNet50 -> ONNX with TensorFlow (CPU build) and tf2onnx, then a parity check.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+RUN mkdir -p lookalike export worker web && pip install ".[export,cpu]" && pip uninstall --yes lookalike
+COPY lookalike lookalike
+COPY export export
+COPY worker worker
+COPY web web
+RUN pip install --no-deps .
+ENTRYPOINT ["lookalike"]
+CMD ["export", "--out", "/models/resnet50_max.onnx"]

@@ -1,0 +1,15 @@
+# The web (pages, JSON API, /healthz, /metrics): Flask under waitress. No onnxruntime, TensorFlow, hnswlib or pandas.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+# The dependencies first, from pyproject.toml alone: a change of code reuses this layer.
+COPY pyproject.toml README.md ./
+RUN mkdir -p lookalike export worker web && pip install . && pip uninstall --yes lookalike
+COPY lookalike lookalike
+COPY export export
+COPY worker worker
+COPY web web
+RUN pip install --no-deps .
+EXPOSE 8000
+ENTRYPOINT ["lookalike"]
+CMD ["web", "--host", "0.0.0.0", "--port", "8000"]

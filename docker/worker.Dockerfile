@@ -1,0 +1,20 @@
+# Embed and index workers: onnxruntime (EXTRA=cpu; EXTRA=gpu for onnxruntime-gpu with its CUDA libraries) and
+# hnswlib, built without -march=native so that the image runs on any x86-64. No TensorFlow.
+FROM python:3.11-slim
+ARG EXTRA=cpu
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HNSWLIB_NO_NATIVE=1
+WORKDIR /app
+# The dependencies first, from pyproject.toml alone: a change of code reuses this layer. The compiler that
+# hnswlib's build needs goes again in the same layer.
+COPY pyproject.toml README.md ./
+RUN apt-get update && apt-get install --yes --no-install-recommends g++ \
+    && mkdir -p lookalike export worker web && pip install ".[$EXTRA]" && pip uninstall --yes lookalike \
+    && apt-get purge --yes g++ && apt-get autoremove --yes && rm -rf /var/lib/apt/lists/*
+COPY lookalike lookalike
+COPY export export
+COPY worker worker
+COPY web web
+RUN pip install --no-deps .
+ENTRYPOINT ["lookalike"]
+CMD ["worker", "embed"]

@@ -1,0 +1,87 @@
+"""Every command in the README runs somewhere: here, in the test named for it, or in .ci/run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import tarfile
+
+import pytest
+
+from lookalike.cli import build_parser
+from lookalike.settings import SETTINGS
+from tests.test_project import REPO, readme_commands
+
+README = (REPO / "README.md").read_text()
+
+# Commands run elsewhere: their first words -> the file that runs them (and must contain what proves it).
+RUN_ELSEWHERE = {
+    "make demo": ("tests/test_up.py", 'readme_commands("run-command")'),
+    "make test": (".ci/run", "make test"),
+    "docker compose": ("tests/test_docker.py", "docker-compose.yml"),  # no Docker engine here: file and images
+    ".venv/bin/python bench/": ("bench", ""),  # benchmarks print tables; a run takes minutes (see below)
+}
+
+
+def commands() -> list[str]:
+    """Each command of every ```sh block (continuation lines joined, comments dropped)."""
+    found = []
+    for block in re.findall(r"```sh\n(.*?)```", README, re.DOTALL):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split("  #", 1)[0].strip()
+            if command and not command.startswith("#"):
+                found.append(command)
+    return found
+
+
+def api_examples() -> str:
+    match = re.search(r"<!-- api-examples -->\s*```sh\n(.*?)```", README, re.DOTALL)
+    assert match, "README.md has no API examples block"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("command", commands())
+def test_every_readme_command_is_run_by_a_test_or_ci(command):
+    if command in api_examples().replace("\\\n", " "):
+        return  # run below, for real
+    if command.startswith("export LOOKALIKE_"):
+        # settings: each variable is one the code reads, or one docker-compose.yml reads from the host
+        compose = (REPO / "docker-compose.yml").read_text()
+        names = re.findall(r"\b(LOOKALIKE_[A-Z_]+)=", command)
+        assert all(name in {s.variable for s in SETTINGS} or f"${{{name}" in compose for name in names), names
+        return
+    if command.startswith(".venv/bin/lookalike "):
+        # a valid command line of this version; each kind is run end to end by its part's tests
+        build_parser().parse_args(shlex.split(command.rstrip("&").strip())[1:])
+        return
+    place = next((where for prefix, where in RUN_ELSEWHERE.items() if command.startswith(prefix)), None)
+    assert place, f"README command {command!r} is run by no test: run it in one, or add it to RUN_ELSEWHERE"
+    path, proof = place
+    if command.startswith(".venv/bin/python bench/"):
+        script = REPO / shlex.split(command)[1]
+        result = subprocess.run([REPO / ".venv/bin/python", script, "--help"], capture_output=True, check=False)
+        assert result.returncode == 0, result.stderr
+    else:
+        assert proof in (REPO / path).read_text()
+
+
+def test_the_readme_commands_are_its_two_commands():
+    assert readme_commands("run-command") == ["make demo"] and readme_commands("test-command") == ["make test"]
+
+
+@pytest.mark.slow
+def test_the_api_examples_work_against_the_running_service(served, shared_dir, tmp_path):
+    images = shared_dir / "data" / "fashion" / "images"
+    (tmp_path / "photo.jpg").write_bytes((images / "10186.jpg").read_bytes())
+    (tmp_path / "styles.csv").write_text("id,gender,productDisplayName\n11013,Women,Wrangler Women Frill Check Tops\n")
+    with tarfile.open(tmp_path / "shop.tar.gz", "w:gz") as archive:
+        archive.add(images / "11013.jpg", "11013.jpg")
+    script = api_examples().replace("http://127.0.0.1:8000", served.url)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={"PATH": "/usr/bin:/bin", "LOOKALIKE_API_KEY": ""})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"deleted":"11013"' in result.stdout and '"status":"ok"' in result.stdout
+    # put the sample back as the other tests know it
+    served.client.wait(served.client.submit_load(shared_dir / "data" / "fashion"), timeout=300)
+    assert served.client.call("get_item", "11013") is not None

@@ -1,0 +1,130 @@
+"""`lookalike up` end to end: everything starts, serves, reuses its index, and stops with nothing left behind."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lookalike.redis_server import free_port
+from lookalike.settings import Settings
+from lookalike.stack import LOOKALIKE, Stack
+from tests.test_project import REPO, readme_commands
+from worker.client import Client
+
+pytestmark = pytest.mark.slow
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (its children, their children, ...)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def search(port: int, photo: Path) -> dict:
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n\r\n'.encode()
+            + photo.read_bytes() + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/api/search", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = connection.getresponse()
+    assert response.status == 202, response.read()
+    status_url = json.loads(response.read())["status_url"]
+    for _ in range(600):
+        connection.request("GET", status_url)
+        job = json.loads(connection.getresponse().read())
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError("the search did not finish")
+
+
+class Up:
+    """`lookalike up` (or a command that runs it) in a session of its own, its output in files read as it goes."""
+
+    def __init__(self, tmp_path: Path, argv: list[str], **env: str) -> None:
+        environ = {name: value for name, value in os.environ.items() if not name.startswith("LOOKALIKE_")}
+        environ |= {"LOOKALIKE_DATA_DIR": str(tmp_path / "data"), **env}
+        self.out = tmp_path / f"up-{uuid.uuid4().hex[:6]}.out"
+        self.err = self.out.with_suffix(".err")
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.process = subprocess.Popen(argv, env=environ, stdout=out, stderr=err, cwd=REPO,
+                                            start_new_session=True)  # fmt: skip
+
+    def wait_for_output(self, pattern: str, timeout: float = 300) -> re.Match:
+        return Stack.wait_for(lambda: re.search(pattern, self.out.read_text()), f"{pattern!r} from lookalike up",
+                              timeout, self.process)  # fmt: skip
+
+    def redis_url(self) -> str:
+        return re.search(r"redis: (redis://\S+) \(embedded", self.err.read_text()).group(1)
+
+    def stop(self) -> int:
+        """SIGTERM to the whole session, as a terminal's Ctrl-C or `docker stop` would reach it."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        return self.process.wait(90)
+
+
+def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_path, pretrained_model, shared_dir):
+    """`make demo` (the README's run command), then `lookalike up` on the same data: nothing is embedded again."""
+    (run_command,) = readme_commands("run-command")
+    port = free_port()
+    catalog = shared_dir / "data" / "fashion"
+    demo = Up(tmp_path, run_command.split(), PORT=str(port), LOOKALIKE_MODEL=str(pretrained_model),
+              LOOKALIKE_DEMO_CATALOG=str(catalog))  # fmt: skip
+    try:
+        demo.wait_for_output(rf"lookalike is up: http://127.0.0.1:{port}/")
+        demo.wait_for_output(r"load partial: 1,002 indexed, 43,444 failed of 44,446")
+        health = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        health.request("GET", "/healthz")
+        assert health.getresponse().status == 200
+        job = search(port, catalog / "images" / "10186.jpg")
+        assert job["result"]["hits"][0]["id"] == "10186"
+        index = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": demo.redis_url()})).call("index_stats")
+        processes = descendants(demo.process.pid)
+        assert len(processes) >= 6, "lookalike up, redis-server, the index worker, the embed worker and pool, the web"
+    finally:
+        demo.stop()
+    Stack.wait_for(lambda: not [pid for pid in processes if running(pid)], "every process of lookalike up to end")
+
+    args = ["--port", str(port), "--model", str(pretrained_model), "--catalog", str(catalog)]
+    again = Up(tmp_path, [LOOKALIKE, "up", *args])
+    try:
+        again.wait_for_output(r"load partial: 1,002 indexed")
+        after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": again.redis_url()})).call("index_stats")
+        assert (after["items"], after["seq"]) == (1002, index["seq"]), "a restart embedded nothing again"
+        processes = descendants(again.process.pid)
+    finally:
+        assert again.stop() == 0
+    assert not [pid for pid in processes if running(pid)], "lookalike up returned before all it started ended"
+
+
+def test_up_without_a_model_says_what_to_run(tmp_path):
+    result = subprocess.run([LOOKALIKE, "up", "--model", str(tmp_path / "none.onnx")], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "lookalike export" in result.stderr and "--model PATH" in result.stderr
