@@ -12,9 +12,12 @@ demo: .venv/bin/lookalike
 	folder of product photos, a CSV, a tar archive or a styles.csv + images/ folder"; exit 1; }
 	.venv/bin/lookalike up --port $(PORT) --catalog "$(DEMO_CATALOG)"
 
-test: .venv/bin/lookalike
-	.venv/bin/pip install --quiet -e ".[cpu,export,dev]"
+test: .venv/.dev-installed
 	.venv/bin/python -m pytest
+
+.venv/.dev-installed: .venv/bin/lookalike
+	.venv/bin/pip install --quiet -e ".[cpu,export,dev]"
+	@touch $@
 
 .venv/bin/lookalike: pyproject.toml
 	python3 -m venv .venv

@@ -1,9 +1,11 @@
-# The one-shot exporter: Keras ResNet50 -> ONNX with TensorFlow (CPU build) and tf2onnx, then a parity check.
+# The one-shot exporter: Keras ResNet50 -> ONNX with TensorFlow (CPU build) and tf2onnx, then a parity check with
+# onnxruntime (the `cpu` extra's version; not the extra itself, whose hnswlib would need a compiler here).
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
-RUN mkdir -p lookalike export worker web && pip install ".[export,cpu]" && pip uninstall --yes lookalike
+COPY pyproject.toml ./
+RUN touch README.md && mkdir -p lookalike export worker web \
+    && pip install ".[export]" "onnxruntime>=1.20,<2" && pip uninstall --yes lookalike
 COPY lookalike lookalike
 COPY export export
 COPY worker worker

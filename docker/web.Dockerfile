@@ -2,9 +2,11 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-# The dependencies first, from pyproject.toml alone: a change of code reuses this layer.
-COPY pyproject.toml README.md ./
-RUN mkdir -p lookalike export worker web && pip install . && pip uninstall --yes lookalike
+# The dependencies first, from pyproject.toml alone (an empty README stands in): a change of code or docs
+# reuses this layer.
+COPY pyproject.toml ./
+RUN touch README.md && mkdir -p lookalike export worker web \
+    && pip install . && pip uninstall --yes lookalike
 COPY lookalike lookalike
 COPY export export
 COPY worker worker

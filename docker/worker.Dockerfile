@@ -5,11 +5,12 @@ ARG EXTRA=cpu
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HNSWLIB_NO_NATIVE=1
 WORKDIR /app
-# The dependencies first, from pyproject.toml alone: a change of code reuses this layer. The compiler that
+# The dependencies first, from pyproject.toml alone (an empty README stands in): a change of code or docs
+# reuses this layer. The compiler that
 # hnswlib's build needs goes again in the same layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN apt-get update && apt-get install --yes --no-install-recommends g++ \
-    && mkdir -p lookalike export worker web && pip install ".[$EXTRA]" && pip uninstall --yes lookalike \
+    && touch README.md && mkdir -p lookalike export worker web && pip install ".[$EXTRA]" && pip uninstall --yes lookalike \
     && apt-get purge --yes g++ && apt-get autoremove --yes && rm -rf /var/lib/apt/lists/*
 COPY lookalike lookalike
 COPY export export

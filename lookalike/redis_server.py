@@ -39,7 +39,10 @@ class EmbeddedRedis:
             "--dir", str(self.directory), "--appendonly", "yes", "--save", "",
             "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A session of its own: a terminal's Ctrl-C reaches only our process, which stops Redis after its clients.
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

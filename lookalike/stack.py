@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 
 import redis
 
+from lookalike.errors import LookalikeError
 from lookalike.settings import Settings
 from worker.heartbeats import heartbeats
 
@@ -50,15 +52,21 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def start(self, kind: str) -> subprocess.Popen:
-        """Start `lookalike worker <kind>` and wait until it reports in."""
-        started = time.time()
+        """Start `lookalike worker <kind>` and wait until it (or a pool process of its) reports in."""
         process = self._spawn(kind, "worker", kind)
-        self.wait_for(lambda: self.heartbeat(kind, since=started), f"{kind} worker to report in", process=process)
+
+        def reported() -> bool:
+            ours = {process.pid, *self.pool_children(kind)}
+            return any(beat["pid"] in ours for beat in self.heartbeat(kind))
+
+        self.wait_for(reported, f"the {kind} worker to report in", process=process)
         return process
 
     def start_web(self, port: int, host: str = "127.0.0.1") -> str:
         """Start `lookalike web` and wait until it answers; returns its base URL."""
         url = f"http://{host}:{port}"
+        if _answers(f"{url}/healthz"):
+            raise LookalikeError(f"something already listens on {host}:{port}; choose another port")
         process = self._spawn("web", "web", "--host", host, "--port", str(port))
         self.wait_for(lambda: _answers(f"{url}/healthz"), f"the web server on {url}", process=process)
         return url
@@ -90,7 +98,7 @@ class Stack:
         return [int(pid) for pid in result.stdout.split()]
 
     def stop(self) -> None:
-        """Stop every worker: politely first, then by force; nothing is left behind."""
+        """Stop every process: politely first, then by force, its whole group; nothing is left behind."""
         for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -98,8 +106,10 @@ class Stack:
             try:
                 process.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # pool children that outlived their parent
         self.processes.clear()
 
     @staticmethod

@@ -10,12 +10,21 @@ import time
 from pathlib import Path
 from types import FrameType
 
+import redis
+
 from lookalike.errors import LookalikeError
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.settings import DEFAULTS, Settings
 from lookalike.stack import Stack
+from worker.heartbeats import alive
 
 WATCH_SECONDS = 1.0
+ROOT_FILE = "catalog-root"  # in DATA_DIR: the catalogue root `up` chose; item references are relative to it
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class ProcessExited(LookalikeError):
+    """A process of ours ended on its own: everything stops."""
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -38,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         environ["LOOKALIKE_MODEL"] = str(args.model.expanduser().resolve())
     catalog = args.catalog.expanduser().resolve() if args.catalog else None
-    if catalog is not None:
-        if not catalog.exists():
-            raise LookalikeError(f"catalogue {args.catalog} does not exist")
-        environ.setdefault("LOOKALIKE_CATALOG_ROOT", str(catalog.parent))
+    if catalog is not None and not catalog.exists():
+        raise LookalikeError(f"catalogue {args.catalog} does not exist")
+    if not environ.get("LOOKALIKE_CATALOG_ROOT"):
+        root = catalog_root(Settings.from_env(environ).data_dir, catalog)
+        if root is not None:
+            environ["LOOKALIKE_CATALOG_ROOT"] = str(root)
     settings = Settings.from_env(environ)
     if not settings.model.is_file():
         raise LookalikeError(
@@ -58,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             embedded.start()
             print(f"redis: {embedded.url} (embedded, data in {embedded.directory})", file=sys.stderr)
         redis_url = embedded.url if embedded else settings.redis_url
+        refuse_a_second_index_owner(redis_url)
         extra = {name: environ[name] for name in environ if name.startswith("LOOKALIKE_")}
         extra["LOOKALIKE_REDIS_URL"] = redis_url
         stack = Stack(redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
@@ -74,11 +86,44 @@ def run(args: argparse.Namespace) -> int:
     except AssertionError as error:  # a process did not come up: say which, and where its log is
         raise LookalikeError(f"{error} (see the logs in {settings.data_dir / 'logs'})") from None
     finally:
+        for signum in STOP_SIGNALS:  # a second Ctrl-C must not cut the stopping short
+            signal.signal(signum, signal.SIG_IGN)
         if stack is not None:
             stack.stop()
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def catalog_root(data_dir: Path, catalog: Path | None) -> Path | None:
+    """The root this data folder's index was loaded from, else the catalogue's own folder (then remembered):
+    items refer to their images relative to it, so it must not move between runs."""
+    saved = data_dir / ROOT_FILE
+    if saved.is_file():
+        root = Path(saved.read_text().strip())
+        if catalog is not None and not catalog.is_relative_to(root):
+            raise LookalikeError(
+                f"{catalog} is outside {root}, the catalogue root of the index in {data_dir}; set "
+                "LOOKALIKE_CATALOG_ROOT to a folder that holds both, or use another LOOKALIKE_DATA_DIR"
+            )
+        return root
+    if catalog is None:
+        return None
+    root = catalog if catalog.is_dir() else catalog.parent
+    data_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(f"{root}\n")
+    return root
+
+
+def refuse_a_second_index_owner(redis_url: str) -> None:
+    """One index owner per Redis: another one (a shared external Redis) would take our searches and changes."""
+    owners = alive(redis.Redis.from_url(redis_url, socket_connect_timeout=5), "index")
+    if owners:
+        owner = owners[0]
+        raise LookalikeError(
+            f"an index worker already runs against {redis_url} (pid {owner['pid']} on {owner['host']}); stop it, or "
+            "point LOOKALIKE_REDIS_URL at a Redis of this deployment's own"
+        )
 
 
 def load(stack: Stack, catalog: Path) -> None:
@@ -88,7 +133,9 @@ def load(stack: Stack, catalog: Path) -> None:
     client = Client(stack.settings)
     print(f"loading {catalog} (items the index already holds unchanged are not embedded again)", file=sys.stderr)
     try:
-        follow_load(client, client.submit_load(catalog))
+        follow_load(client, client.submit_load(catalog), check=lambda: check_processes(stack))
+    except ProcessExited:
+        raise
     except LookalikeError as error:  # the service still runs: a better catalogue can be loaded from the web
         print(f"the catalogue was not loaded: {error}", file=sys.stderr)
 
@@ -96,16 +143,21 @@ def load(stack: Stack, catalog: Path) -> None:
 def watch(stack: Stack) -> None:
     """Wait for Ctrl-C or SIGTERM; a process that dies on its own takes the rest down, with a reason."""
     while True:
-        for kind, process in stack.processes.items():
-            if process.poll() is not None:
-                raise LookalikeError(f"the {kind} process exited ({process.returncode}); see {stack.log_paths[kind]}")
+        check_processes(stack)
         time.sleep(WATCH_SECONDS)
 
 
+def check_processes(stack: Stack) -> None:
+    for kind, process in stack.processes.items():
+        if process.poll() is not None:
+            raise ProcessExited(f"the {kind} process exited ({process.returncode}); see {stack.log_paths[kind]}")
+
+
 def stop_on_signals() -> None:
-    """SIGTERM (docker stop, systemd, kill) stops everything the way Ctrl-C does."""
+    """SIGTERM (docker stop, systemd, kill) and SIGHUP (a closed terminal) stop everything as Ctrl-C does."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)

@@ -33,7 +33,7 @@ def test_the_services_of_a_deployment_are_there():
     assert set(SERVICES) == {"redis", "export", "web", *WORKERS}
     assert SERVICES["redis"]["image"].startswith("redis:")
     assert "--appendonly" in SERVICES["redis"]["command"] and "redis:/data" in SERVICES["redis"]["volumes"]
-    assert set(COMPOSE["volumes"]) == {"redis", "models", "data"}
+    assert set(COMPOSE["volumes"]) == {"redis", "models", "data", "index"}
     assert SERVICES["web"]["ports"] == ["8000:8000"]
     assert "/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
     for name in ("worker-embed", "worker-embed-gpu"):  # scaled with --scale: no fixed name, no published port
@@ -50,6 +50,8 @@ def test_each_service_runs_a_real_command_with_settings_the_code_reads(name):
     settings = Settings.from_env({key: value for key, value in environment.items() if "${" not in str(value)})
     mounts = dict(mount(volume) for volume in service["volumes"])
     assert mounts[str(settings.data_dir)] == "data"
+    if name == "worker-index":
+        assert mounts[str(settings.index_dir)] == "index"  # the index in a volume of its own
     assert str(settings.catalog_root) in mounts
     if name != "web":
         assert mounts[str(settings.model.parent)] == "models"
@@ -100,8 +102,15 @@ def build_here(dockerfile: Path, where: Path, args: dict[str, str]) -> tuple[Pat
     shims = where / "shims"
     shims.mkdir()
     (shims / "apt-get").write_text("#!/bin/sh\necho apt-get skipped in the test: $*\n")
-    (shims / "apt-get").chmod(0o755)
+    # The base image has no compiler: an image whose Dockerfile installs none must not need one.
+    compilers = () if "g++" in dockerfile.read_text() else ("gcc", "g++", "cc", "c++")
+    for compiler in compilers:
+        (shims / compiler).write_text(f"#!/bin/sh\necho {compiler}: there is no compiler in this image >&2\nexit 1\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{environment / 'bin'}:{shims}:{os.environ['PATH']}", "VIRTUAL_ENV": str(environment)}
+    if compilers:
+        env |= {"CC": str(shims / "gcc"), "CXX": str(shims / "g++")}
     env.pop("PYTHONPATH", None)
     workdir, entrypoint, command = where, [], []
     for instruction, arguments in instructions(dockerfile):
@@ -143,7 +152,7 @@ def installed(environment: Path, module: str) -> bool:
     [
         ("web.Dockerfile", {}, ["flask", "waitress", "celery"], ["onnxruntime", "tensorflow", "hnswlib", "pandas"]),
         ("worker.Dockerfile", {"EXTRA": "cpu"}, ["onnxruntime", "hnswlib", "pandas"], ["tensorflow", "tf2onnx"]),
-        ("export.Dockerfile", {}, ["tensorflow", "tf2onnx", "onnxruntime"], []),
+        ("export.Dockerfile", {}, ["tensorflow", "tf2onnx", "onnxruntime"], ["hnswlib", "pandas"]),
     ],
 )
 def test_each_dockerfile_installs_what_its_image_needs_and_no_more(tmp_path, dockerfile, args, present, absent):

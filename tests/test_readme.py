@@ -6,8 +6,10 @@ import re
 import shlex
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
+import yaml
 
 from lookalike.cli import build_parser
 from lookalike.settings import SETTINGS
@@ -19,7 +21,6 @@ README = (REPO / "README.md").read_text()
 RUN_ELSEWHERE = {
     "make demo": ("tests/test_up.py", 'readme_commands("run-command")'),
     "make test": (".ci/run", "make test"),
-    "docker compose": ("tests/test_docker.py", "docker-compose.yml"),  # no Docker engine here: file and images
     ".venv/bin/python bench/": ("bench", ""),  # benchmarks print tables; a run takes minutes (see below)
 }
 
@@ -45,11 +46,24 @@ def api_examples() -> str:
 def test_every_readme_command_is_run_by_a_test_or_ci(command):
     if command in api_examples().replace("\\\n", " "):
         return  # run below, for real
+    assignments = re.match(r"((?:[A-Z_]+=\S+ )*)(.*)", command)
+    if assignments.group(1) and assignments.group(2):  # settings for one command: they must be settings
+        assert set(re.findall(r"([A-Z_]+)=", assignments.group(1))) <= {s.variable for s in SETTINGS}
+        command = assignments.group(2)
     if command.startswith("export LOOKALIKE_"):
         # settings: each variable is one the code reads, or one docker-compose.yml reads from the host
         compose = (REPO / "docker-compose.yml").read_text()
         names = re.findall(r"\b(LOOKALIKE_[A-Z_]+)=", command)
         assert all(name in {s.variable for s in SETTINGS} or f"${{{name}" in compose for name in names), names
+        return
+    if command.startswith("docker compose "):
+        # no Docker engine here: tests/test_docker.py checks the file and builds the images' environments;
+        # this checks that the services and profiles the command names are in it
+        compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+        for service in re.findall(r"--scale (\S+)=\d+", command):
+            assert service in compose["services"], service
+        for profile in re.findall(r"--profile (\S+)", command):
+            assert any(profile in s.get("profiles", []) for s in compose["services"].values()), profile
         return
     if command.startswith(".venv/bin/lookalike "):
         # a valid command line of this version; each kind is run end to end by its part's tests
@@ -85,3 +99,18 @@ def test_the_api_examples_work_against_the_running_service(served, shared_dir, t
     # put the sample back as the other tests know it
     served.client.wait(served.client.submit_load(shared_dir / "data" / "fashion"), timeout=300)
     assert served.client.call("get_item", "11013") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command", [command for command in commands() if command.startswith(".venv/bin/lookalike export")]
+)
+def test_the_export_examples_run(command, shared_dir, tmp_path):
+    """As written, with the README's folders moved: models/ to a temporary folder, ../shared to the shared data."""
+    moved = {"../shared/": f"{shared_dir}/", "models/": f"{tmp_path}/"}
+    argv = [next((new + word[len(old):] for old, new in moved.items() if word.startswith(old)), word)
+            for word in shlex.split(command)]  # fmt: skip
+    result = subprocess.run([REPO / argv[0], *argv[1:]], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    out = Path(argv[argv.index("--out") + 1])
+    assert out.is_file() and out.with_suffix(".json").is_file()

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from lookalike.errors import LookalikeError
 from lookalike.redis_server import free_port
 from lookalike.settings import Settings
 from lookalike.stack import LOOKALIKE, Stack
+from lookalike.up import catalog_root
 from tests.test_project import REPO, readme_commands
 from worker.client import Client
 
@@ -83,9 +85,9 @@ class Up:
     def redis_url(self) -> str:
         return re.search(r"redis: (redis://\S+) \(embedded", self.err.read_text()).group(1)
 
-    def stop(self) -> int:
-        """SIGTERM to the whole session, as a terminal's Ctrl-C or `docker stop` would reach it."""
-        os.killpg(self.process.pid, signal.SIGTERM)
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """A signal to the whole session: SIGINT as a terminal's Ctrl-C sends it, SIGTERM as `kill` or `docker stop`."""
+        os.killpg(self.process.pid, sig)
         return self.process.wait(90)
 
 
@@ -119,7 +121,7 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
         assert (after["items"], after["seq"]) == (1002, index["seq"]), "a restart embedded nothing again"
         processes = descendants(again.process.pid)
     finally:
-        assert again.stop() == 0
+        assert again.stop(signal.SIGINT) == 0
     assert not [pid for pid in processes if running(pid)], "lookalike up returned before all it started ended"
 
 
@@ -128,3 +130,26 @@ def test_up_without_a_model_says_what_to_run(tmp_path):
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 1
     assert "lookalike export" in result.stderr and "--model PATH" in result.stderr
+
+
+def test_the_catalogue_root_is_remembered_so_item_references_stay_valid(tmp_path):
+    shop, other = tmp_path / "shop", tmp_path / "other"
+    (shop / "spring").mkdir(parents=True)
+    other.mkdir()
+    data = tmp_path / "data"
+    assert catalog_root(data, None) is None  # nothing loaded yet: LOOKALIKE_CATALOG_ROOT's default
+    assert catalog_root(data, shop) == shop
+    assert catalog_root(data, None) == shop  # a restart without --catalog
+    assert catalog_root(data, shop / "spring") == shop  # a folder inside it
+    with pytest.raises(LookalikeError, match="outside"):
+        catalog_root(data, other)
+
+
+def test_up_refuses_a_second_index_worker_on_the_same_redis(make_stack, tmp_path, pretrained_model):
+    stack = make_stack()
+    stack.start("index")
+    result = subprocess.run([LOOKALIKE, "up", "--model", str(pretrained_model), "--port", str(free_port())],
+                            env={**stack.env, "LOOKALIKE_DATA_DIR": str(tmp_path / "second")}, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert "an index worker already runs against" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ def run_worker(args: argparse.Namespace) -> int:
         prepare_embed_processes()
         app.worker_main(embed_worker_argv(config, args.loglevel))
         return 0
+    from worker.heartbeats import forget_heartbeat
     from worker.processes import index_worker_argv, open_index_owner
 
     owner = open_index_owner(app)
@@ -53,6 +55,7 @@ def run_worker(args: argparse.Namespace) -> int:
         app.worker_main(index_worker_argv(args.loglevel))
     finally:
         owner.close()
+        forget_heartbeat(owner.redis, "index")
     return 0
 
 
@@ -70,9 +73,16 @@ def run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def follow_load(client: Client, job_id: str) -> dict[str, Any]:
-    """Show a load's progress bar until it finishes, then its counts and errors by code."""
-    job = client.wait(job_id, on_update=_progress_bar)
+def follow_load(client: Client, job_id: str, check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Show a load's progress bar until it finishes, then its counts and errors by code; `check` runs on each
+    update (and may raise to stop following)."""
+
+    def update(job: dict[str, Any]) -> None:
+        _progress_bar(job)
+        if check is not None:
+            check()
+
+    job = client.wait(job_id, on_update=update)
     print(file=sys.stderr)
     progress = job["progress"]
     print(f"load {job['state']}: {progress['done']:,} indexed, {progress['failed']:,} failed of {progress['total']:,}")

@@ -21,9 +21,13 @@ ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # a process that missed this many seconds
 WORKERS_KEY = "lookalike:workers"  # hash: "<role>:<host>:<pid>" -> JSON status, refreshed by each process
 
 
+def _field(role: str) -> str:
+    return f"{role}:{socket.gethostname()}:{os.getpid()}"
+
+
 def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[str, Any]]) -> threading.Event:
     """Publish this process's status every few seconds from a daemon thread; set the event to publish sooner."""
-    name = f"{role}:{socket.gethostname()}:{os.getpid()}"
+    name = _field(role)
     wake = threading.Event()
 
     def beat() -> None:
@@ -41,6 +45,11 @@ def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[st
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     return wake
+
+
+def forget_heartbeat(client: redis.Redis, role: str) -> None:
+    """A clean stop: this process is gone now, not in ALIVE_SECONDS."""
+    client.hdel(WORKERS_KEY, _field(role))
 
 
 def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
