@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 from typing import NamedTuple
@@ -96,23 +98,33 @@ def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
 
 class Served(NamedTuple):
     stack: Stack
-    url: str  # where `lookalike web` listens
+    url: str  # where `lookalike web` listens ("" without it)
     client: Client
+    load: dict  # the finished job of the sample's load
+
+
+@contextmanager
+def sample_service(redis_url: str, data_dir: Path, model: Path, shared_dir: Path, web: bool) -> Iterator[Served]:
+    """Index and embed workers (and `lookalike web`) with the 1,002 shared images loaded as they are."""
+    stack = Stack(redis_url, data_dir, model, shared_dir / "data")
+    stack.redis.flushdb()
+    try:
+        stack.start("index")
+        stack.start("embed")
+        url = stack.start_web(free_port()) if web else ""
+        client = Client(stack.settings)
+        job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+        yield Served(stack, url, client, job)
+    finally:
+        stack.stop()
 
 
 @pytest.fixture(scope="session")
 def served(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
     """The whole service on loopback: index and embed workers and `lookalike web`, the 1,002 shared images loaded."""
-    stack = Stack(next(redis_databases), tmp_path_factory.mktemp("served"), pretrained_model, shared_dir / "data")
-    stack.redis.flushdb()
-    try:
-        stack.start("index")
-        stack.start("embed")
-        url = stack.start_web(free_port())
-        client = Client(stack.settings)
-        job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
-        assert job["progress"]["done"] == 1002, job
+    data_dir = tmp_path_factory.mktemp("served")
+    with sample_service(next(redis_databases), data_dir, pretrained_model, shared_dir, web=True) as service:
+        assert service.load["progress"]["done"] == 1002, service.load
+        stack = service.stack
         stack.wait_for(lambda: stack.heartbeat("index")[0]["items"] == 1002, "the index owner to report 1,002 items")
-        yield Served(stack, url, client)
-    finally:
-        stack.stop()
+        yield service

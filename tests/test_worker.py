@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from lookalike.stack import LOOKALIKE, Stack
+from tests.conftest import sample_service
 from tests.images import encode
 from worker.client import Client
 
@@ -25,16 +26,9 @@ STYLES_ROWS = 44446
 @pytest.fixture(scope="module")
 def loaded(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
     """A stack with the 1,002 shared images loaded as they are (styles.csv + images/)."""
-    stack = Stack(next(redis_databases), tmp_path_factory.mktemp("worker"), pretrained_model, shared_dir / "data")
-    stack.redis.flushdb()
-    try:
-        stack.start("index")
-        stack.start("embed")
-        client = Client(stack.settings)
-        job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
-        yield stack, client, job
-    finally:
-        stack.stop()
+    data_dir = tmp_path_factory.mktemp("worker")
+    with sample_service(next(redis_databases), data_dir, pretrained_model, shared_dir, web=False) as service:
+        yield service.stack, service.client, service.load
 
 
 def image_bytes(shared_dir, item_id: str) -> bytes:
