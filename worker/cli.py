@@ -35,6 +35,43 @@ def register(commands: argparse._SubParsersAction) -> None:
     search.set_defaults(handler=run_search)
 
 
+def register_evaluate(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("evaluate", help="measure retrieval quality on a labelled catalogue")
+    evaluate.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        required=True,
+        help="an ONNX model with the contract; repeat to compare (fp32 and INT8, max and avg)",
+    )
+    evaluate.add_argument("--catalog", type=Path, required=True, help="any form a load accepts, with label columns")
+    evaluate.add_argument("--metadata", type=Path, help="a CSV (id + columns) for a folder or archive of images")
+    evaluate.add_argument(
+        "--label",
+        action="append",
+        required=True,
+        metavar="COLUMN",
+        help="a neighbour is right when it has the query's value here; repeat for more columns",
+    )
+    evaluate.add_argument(
+        "--queries",
+        type=Path,
+        help="a separate query set (any form a load accepts); default: leave-one-out over the catalogue",
+    )
+    evaluate.add_argument(
+        "--resize",
+        action="append",
+        choices=["stretch", "pad"],
+        help="resize policies to compare (default LOOKALIKE_RESIZE)",
+    )
+    evaluate.add_argument(
+        "--m", type=int, action="append", help="hnswlib M values to compare (default LOOKALIKE_HNSW_M)"
+    )
+    evaluate.add_argument("--ef", type=int, action="append", help="hnswlib ef values (default LOOKALIKE_HNSW_EF)")
+    evaluate.add_argument("--json", type=Path, help="write every figure as JSON here")
+    evaluate.set_defaults(handler=run_evaluate)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
     from worker.runtime import settings
@@ -137,3 +174,41 @@ def _progress_bar(job: dict[str, Any]) -> None:
     filled = int(width * finished / total)
     bar = "#" * filled + "-" * (width - filled)
     print(f"\r[{bar}] {finished:,}/{total:,} ({progress['failed']:,} failed)", end="", file=sys.stderr, flush=True)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from lookalike.settings import CORES, Settings
+    from worker.evaluate import embed_catalog, evaluate, markdown
+    from worker.index import IndexParams
+    from worker.model import load_model
+
+    # The files named here are read where they are: the catalogue root is the whole file system unless set.
+    settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": "/", **os.environ})
+    evaluations = []
+    for model_path in args.model:
+        model = load_model(model_path, settings.providers, intra_op_threads=CORES)
+        for resize in args.resize or [settings.resize]:
+            configured = dataclasses.replace(settings, resize=resize)
+            print(f"{model_path.name}, resize {resize}: embedding {args.catalog} ...", file=sys.stderr)
+            catalogue = embed_catalog(configured, model, args.catalog.resolve(), args.metadata)
+            if not catalogue.ids:
+                raise LookalikeError(f"no image of {args.catalog} could be embedded")
+            queries = embed_catalog(configured, model, args.queries.resolve()) if args.queries else None
+            index_params = [
+                IndexParams(model.contract.dimension, m, settings.hnsw_ef_construction, ef)
+                for m in args.m or [settings.hnsw_m]
+                for ef in args.ef or [settings.hnsw_ef]
+            ]
+            setting = {"model": model_path.name, "resize": resize}
+            evaluations.append(evaluate(catalogue, args.label, queries, index_params, setting))
+    print(markdown(evaluations))
+    for evaluation in evaluations:
+        for quality in evaluation.labels:
+            worst = ", ".join(f"{entry['value']} {entry['precision@5']:.2f}" for entry in quality.worst)
+            print(f"{evaluation.name} / {quality.label}, lowest precision@5: {worst}")
+    if args.json:
+        args.json.write_text(json.dumps([evaluation.as_dict() for evaluation in evaluations], indent=2) + "\n")
+    return 0
