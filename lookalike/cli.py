@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lookalike.up import register as register_up
     from web.cli import register as register_web
     from worker.cli import register as register_worker
-    from worker.cli import register_evaluate
+    from worker.cli import register_duplicates, register_evaluate
 
     parser = OneLineParser(prog="lookalike", description="Self-hosted visual similarity search for products.")
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_worker(commands)
     register_web(commands)
     register_evaluate(commands)
+    register_duplicates(commands)
     register_up(commands)
     return parser
 

@@ -215,3 +215,22 @@ def test_the_command_line_loads_with_a_progress_bar_and_searches(loaded, shared_
     assert refused.stderr.strip().endswith("search failed: the file is not an image in a known format (not_an_image)")
     bad_filter = lookalike("search", str(folder / "10186.jpg"), "--filter", "gender")
     assert "expected FIELD=VALUE" in bad_filter.stderr and bad_filter.returncode == 1
+
+
+def test_near_duplicates_are_found_through_the_index_in_chunks(loaded, shared_dir):
+    stack, client, _ = loaded
+    folder = stack.settings.uploads_dir / "again"
+    folder.mkdir(parents=True)
+    (folder / "copy-of-10230.jpg").write_bytes(image_bytes(shared_dir, "10230"))  # the same photo, a new product id
+    client.wait(client.submit_load(folder), timeout=120)
+
+    result = subprocess.run([LOOKALIKE, "duplicates", "--threshold", "0.99", "--json"], env=stack.env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    items = client.call("index_stats")["items"]
+    assert job["state"] == "done" and job["progress"]["done"] == job["progress"]["total"] == items  # several chunks
+    pairs = {(pair["a"], pair["b"]): pair["score"] for pair in job["result"]["pairs"]}
+    assert pairs[("10230", "copy-of-10230")] > 0.999
+    assert job["result"]["total_pairs"] == len(pairs)
+    assert job["id"] not in [load["id"] for load in client.jobs.list_loads()]

@@ -22,6 +22,7 @@ ROUTES = {
     "lookalike.similar_items": SEARCH_QUEUE,
     "lookalike.get_item": SEARCH_QUEUE,
     "lookalike.index_stats": SEARCH_QUEUE,
+    "lookalike.find_duplicates": SEARCH_QUEUE,
 }
 
 

@@ -35,6 +35,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     search.set_defaults(handler=run_search)
 
 
+def register_duplicates(commands: argparse._SubParsersAction) -> None:
+    duplicates = commands.add_parser("duplicates", help="list catalogue items that look the same (near-duplicates)")
+    duplicates.add_argument("--threshold", type=float, default=0.95, help="least cosine similarity (default 0.95)")
+    duplicates.add_argument("-k", type=int, default=5, help="neighbours of each item to look at (default 5)")
+    duplicates.add_argument("--json", action="store_true", help="print the job record as JSON")
+    duplicates.set_defaults(handler=run_duplicates)
+
+
 def register_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="measure retrieval quality on a labelled catalogue")
     evaluate.add_argument(
@@ -211,4 +219,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"{evaluation.name} / {quality.label}, lowest precision@5: {worst}")
     if args.json:
         args.json.write_text(json.dumps([evaluation.as_dict() for evaluation in evaluations], indent=2) + "\n")
+    return 0
+
+
+def run_duplicates(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.runtime import settings
+
+    if not 0 < args.threshold <= 1 or args.k < 1:
+        raise LookalikeError("--threshold must be in (0, 1] and -k at least 1")
+    client = Client(settings())
+    job = client.wait(client.submit_duplicates(args.threshold, args.k), on_update=_progress_bar)
+    print(file=sys.stderr)
+    if "error" in job:
+        raise LookalikeError(job["error"]["message"])
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return 0
+    result = job["result"]
+    print(f"{result['total_pairs']:,} pairs of items at cosine similarity {args.threshold} or more")
+    for pair in result["pairs"]:
+        print(f"{pair['score']:.4f}  {pair['a']}  {pair['b']}")
     return 0

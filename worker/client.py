@@ -38,6 +38,12 @@ class Client:
         self._enqueue(job_id, "search_image", base64.b64encode(image).decode(), k, filters or {})
         return job_id
 
+    def submit_duplicates(self, threshold: float, k: int) -> str:
+        """Queue a near-duplicate report over the whole index (walked in chunks between searches)."""
+        job_id = self.jobs.create("duplicates", {"threshold": threshold, "k": k})
+        self._enqueue(job_id, "find_duplicates", threshold, k)
+        return job_id
+
     def _enqueue(self, job_id: str, task: str, *args: Any) -> None:
         try:
             self.app.send_task(f"lookalike.{task}", args=[job_id, *args], ignore_result=True)  # the job record tells

@@ -96,10 +96,10 @@ class Jobs:
             )
             if preview is not None:
                 pipe.set(self._key(job_id, "preview"), preview, ex=self.search_ttl)
-            if kind == "search":
-                pipe.expire(key, self.search_ttl)
-            else:
+            if kind == "load":  # loads are the catalogue's history and stay listed; the rest expire
                 pipe.zadd(f"{PREFIX}:loads", {job_id: time.time()})
+            else:
+                pipe.expire(key, self.search_ttl)
             pipe.hincrby(METRICS_KEY, f"created:{kind}", 1)
             pipe.execute()
         return job_id
@@ -137,7 +137,7 @@ class Jobs:
         closed = now()
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping={**fields, "finished": closed})
-            if kind == "search":
+            if kind != "load":
                 pipe.expire(key, self.search_ttl)
             pipe.lpush(finished, fields["state"]).expire(finished, 60)
             if state not in FINISHED:  # a task that runs twice closes its job twice; count it once
@@ -152,6 +152,15 @@ class Jobs:
     def metrics(self) -> dict[str, float]:
         """The counters of METRICS_KEY: `created:<kind>`, `finished:<kind>:<state>`, `search_seconds:<bucket>`."""
         return {name.decode(): float(value) for name, value in self.redis.hgetall(METRICS_KEY).items()}
+
+    def add_rows(self, job_id: str, rows: list[dict[str, Any]]) -> None:
+        """Part of a result that a job builds in steps (near-duplicate pairs, chunk by chunk)."""
+        if rows:
+            key = self._key(job_id, "rows")
+            self.redis.pipeline().rpush(key, *map(json.dumps, rows)).expire(key, self.search_ttl).execute()
+
+    def rows(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(row) for row in self.redis.lrange(self._key(job_id, "rows"), 0, -1)]
 
     def preview(self, job_id: str) -> bytes | None:
         """The small JPEG of a search's query image, while its job record lives."""

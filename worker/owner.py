@@ -152,6 +152,22 @@ class IndexOwner:
         vector = self.store.index.vector(item_id)
         return [hit.as_dict() for hit in self.store.index.search(vector, k, filters, exclude=item_id)]
 
+    def duplicate_pairs(
+        self, after: str | None, count: int, threshold: float, k: int
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Near-duplicates of the `count` items that follow `after` in id order: those of each item's `k` nearest
+        neighbours that score at least `threshold`, as pairs (a < b; a pair can come from both of its items).
+        Returns the pairs and the items looked at."""
+        self.store.check_usable()
+        index = self.store.index
+        ids = sorted(item_id for item_id in index.items if after is None or item_id > after)[:count]
+        pairs = []
+        for item_id in ids:
+            for hit in index.search(index.vector(item_id), k, exclude=item_id):
+                if hit.score >= threshold:
+                    pairs.append({"a": min(item_id, hit.id), "b": max(item_id, hit.id), "score": round(hit.score, 6)})
+        return pairs, ids
+
     def get(self, item_id: str) -> dict[str, Any] | None:
         item = self.store.index.items.get(item_id)
         return None if item is None else {"id": item_id, "metadata": item.metadata}

@@ -112,3 +112,38 @@ def get_item(item_id: str) -> dict[str, Any] | None:
 @app.task(name="lookalike.index_stats")
 def index_stats() -> dict[str, Any]:
     return owner().stats()
+
+
+DUPLICATES_CHUNK = 500  # items per task: searches queued meanwhile wait for one chunk at most
+MOST_PAIRS = 10_000
+
+
+@app.task(name="lookalike.find_duplicates")
+def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = None) -> None:
+    """Walk the index in chunks of DUPLICATES_CHUNK items, each chunk a task of its own on the search queue."""
+    jobs = runtime.jobs()
+    try:
+        if after is None:
+            jobs.start(job_id)
+            if len(owner().store.index):  # an empty index: no total, the job finishes below with its result
+                jobs.set_total(job_id, len(owner().store.index))
+        pairs, looked_at = owner().duplicate_pairs(after, DUPLICATES_CHUNK, threshold, k)
+    except Exception as error:  # a job must never stay "running"
+        log.exception("duplicates %s failed", job_id)
+        jobs.fail(job_id, item_error("duplicates_failed", f"the near-duplicate search failed: {error}"))
+        return
+    jobs.add_rows(job_id, pairs)
+    if len(looked_at) == DUPLICATES_CHUNK:
+        # Counted short of the total (items a load adds meanwhile could reach it), so that only the last
+        # chunk, below, finishes the job.
+        progress = jobs.get(job_id, error_limit=0)["progress"]
+        jobs.record(job_id, done=looked_at[: max(0, (progress["total"] or 0) - progress["done"] - 1)])
+        find_duplicates.delay(job_id, threshold, k, looked_at[-1])
+        return
+    best: dict[tuple[str, str], dict] = {}
+    for pair in jobs.rows(job_id):
+        best[pair["a"], pair["b"]] = pair
+    found = sorted(best.values(), key=lambda pair: (-pair["score"], pair["a"], pair["b"]))
+    # The result first, then the last chunk's items: the job is never seen finished without its result.
+    jobs.finish(job_id, {"threshold": threshold, "pairs": found[:MOST_PAIRS], "total_pairs": len(found)})
+    jobs.record(job_id, done=looked_at)
