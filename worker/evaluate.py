@@ -8,7 +8,7 @@ shares the query's label (articleType, subCategory, ...). Kept apart from servin
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,9 +137,7 @@ def label_quality(
     min(10, the number of other catalogue items with the query's label); averaged over queries.
     """
     catalogue = np.array([str(value) if value not in (None, "") else "\0" for value in catalogue_labels])
-    counts = defaultdict(int)
-    for value in catalogue:
-        counts[value] += 1
+    counts = Counter(catalogue.tolist())
     kept, right, relevant = [], [], []
     for row, value in enumerate(query_labels):
         value = str(value) if value not in (None, "") else None
