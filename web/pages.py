@@ -78,8 +78,7 @@ def search() -> Response:
     try:
         job_id = search_from_request()
     except ApiError as error:
-        page = render_template("index.html", error=sentence(error.as_dict()["error"]), **_form_context())
-        return make_response(page, error.status, error.headers)
+        return _refused("index.html", error, _form_context())
     return redirect(url_for("pages.job", job_id=job_id), 303)
 
 
@@ -118,8 +117,7 @@ def start_load() -> Response:
         require_writer(form_key=True)
         load_from_request()
     except ApiError as error:
-        page = render_template("catalog.html", error=sentence(error.as_dict()["error"]), **_catalog_context())
-        return make_response(page, error.status, error.headers)
+        return _refused("catalog.html", error, _catalog_context())
     return redirect(url_for("pages.catalog"), 303)
 
 
@@ -141,6 +139,12 @@ def thumbnail(reference: str) -> Response:
     response.cache_control.public = True
     response.cache_control.max_age = THUMBNAIL_MAX_AGE
     return response
+
+
+def _refused(template: str, error: ApiError, context: dict[str, Any]) -> Response:
+    """The form's page again, with the reason in a sentence and the error's status and headers."""
+    page = render_template(template, error=sentence(error.as_dict()["error"]), **context)
+    return make_response(page, error.status, error.headers)
 
 
 def _form_context() -> dict[str, Any]:
