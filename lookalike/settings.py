@@ -39,6 +39,8 @@ SETTINGS = [
     Setting("LOOKALIKE_HNSW_M", "16", "hnswlib M (graph degree)"),
     Setting("LOOKALIKE_HNSW_EF_CONSTRUCTION", "100", "hnswlib ef_construction"),
     Setting("LOOKALIKE_HNSW_EF", "128", "hnswlib ef at query time (at least k)"),
+    Setting("LOOKALIKE_PCA_DIM", "0", "reduce the index's vectors to this many dimensions by PCA; 0: off"),
+    Setting("LOOKALIKE_PCA_FIT_ITEMS", "10000", "items the index must hold before the PCA is fitted on them"),
     Setting("LOOKALIKE_SNAPSHOT_EVERY", "20000", "changes between index snapshots (the log is cut after each)"),
     Setting("LOOKALIKE_SEARCH_TTL", "3600", "seconds a search job's record is kept"),
     Setting("LOOKALIKE_TASK_TIME_LIMIT", "600", "seconds before a task is killed"),
@@ -70,6 +72,8 @@ class Settings:
     hnsw_m: int
     hnsw_ef_construction: int
     hnsw_ef: int
+    pca_dim: int
+    pca_fit_items: int
     snapshot_every: int
     search_ttl: int
     task_time_limit: int
@@ -114,6 +118,8 @@ class Settings:
             hnsw_m=_integer(env, "LOOKALIKE_HNSW_M", minimum=2),
             hnsw_ef_construction=_integer(env, "LOOKALIKE_HNSW_EF_CONSTRUCTION", minimum=1),
             hnsw_ef=_integer(env, "LOOKALIKE_HNSW_EF", minimum=1),
+            pca_dim=_integer(env, "LOOKALIKE_PCA_DIM", minimum=0),
+            pca_fit_items=_integer(env, "LOOKALIKE_PCA_FIT_ITEMS", minimum=2),
             snapshot_every=_integer(env, "LOOKALIKE_SNAPSHOT_EVERY", minimum=1),
             search_ttl=_integer(env, "LOOKALIKE_SEARCH_TTL", minimum=1),
             task_time_limit=_integer(env, "LOOKALIKE_TASK_TIME_LIMIT", minimum=10),
@@ -124,6 +130,11 @@ class Settings:
         )
         if settings.resize not in ("stretch", "pad"):
             raise LookalikeError(f"LOOKALIKE_RESIZE is {settings.resize!r}; choose stretch or pad")
+        if settings.pca_dim and settings.pca_fit_items <= settings.pca_dim:
+            raise LookalikeError(
+                f"LOOKALIKE_PCA_FIT_ITEMS ({settings.pca_fit_items}) must be more than LOOKALIKE_PCA_DIM "
+                f"({settings.pca_dim}): a PCA needs more items than dimensions (ten times as many is better)"
+            )
         return settings
 
 

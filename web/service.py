@@ -173,7 +173,7 @@ class Service:
         owner = owners[0] if owners else None
         index: dict[str, Any] = {"alive": owner is not None}
         if owner:
-            index |= {key: owner.get(key) for key in ("items", "model", "model_sha256", "provider", "resize")}
+            index |= {key: owner.get(key) for key in ("items", "model", "model_sha256", "provider", "resize", "pca")}
             index["seconds_since_heartbeat"] = round(time.time() - owner["seen"], 1)
             if owner.get("mismatch"):
                 index["problem"] = owner["mismatch"]

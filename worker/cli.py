@@ -76,6 +76,14 @@ def register_evaluate(commands: argparse._SubParsersAction) -> None:
         "--m", type=int, action="append", help="hnswlib M values to compare (default LOOKALIKE_HNSW_M)"
     )
     evaluate.add_argument("--ef", type=int, action="append", help="hnswlib ef values (default LOOKALIKE_HNSW_EF)")
+    evaluate.add_argument(
+        "--pca",
+        type=int,
+        action="append",
+        metavar="DIM",
+        help="PCA dimensions to compare, fitted on the catalogue as the index fits it; 0: none "
+        "(default LOOKALIKE_PCA_DIM)",
+    )
     evaluate.add_argument("--json", type=Path, help="write every figure as JSON here")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -189,9 +197,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import os
 
     from lookalike.settings import CORES, Settings
-    from worker.evaluate import embed_catalog, evaluate, markdown
+    from worker.evaluate import embed_catalog, evaluate, markdown, reduce
     from worker.index import IndexParams
     from worker.model import load_model
+    from worker.projection import Projection
 
     # The files named here are read where they are: the catalogue root is the whole file system unless set.
     settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": "/", **os.environ})
@@ -205,16 +214,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
             if not catalogue.ids:
                 raise LookalikeError(f"no image of {args.catalog} could be embedded")
             queries = embed_catalog(configured, model, args.queries.resolve()) if args.queries else None
-            index_params = [
-                IndexParams(model.contract.dimension, m, settings.hnsw_ef_construction, ef)
-                for m in args.m or [settings.hnsw_m]
-                for ef in args.ef or [settings.hnsw_ef]
-            ]
-            setting = {"model": model_path.name, "resize": resize}
-            evaluations.append(evaluate(catalogue, args.label, queries, index_params, setting))
+            for dimension in args.pca or [settings.pca_dim]:
+                setting: dict[str, Any] = {"model": model_path.name, "resize": resize}
+                indexed, asked = catalogue, queries
+                if dimension:
+                    try:
+                        projection = Projection.fit(catalogue.vectors, dimension)
+                    except ValueError as error:
+                        raise LookalikeError(f"--pca {dimension}: {error}") from None
+                    indexed = reduce(catalogue, projection)
+                    asked = reduce(queries, projection) if queries else None
+                    setting["pca"] = f"{dimension} ({projection.retained_variance:.0%} of variance)"
+                index_params = [
+                    IndexParams(indexed.vectors.shape[1], m, settings.hnsw_ef_construction, ef)
+                    for m in args.m or [settings.hnsw_m]
+                    for ef in args.ef or [settings.hnsw_ef]
+                ]
+                evaluations.append(evaluate(indexed, args.label, asked, index_params, setting))
     print(markdown(evaluations))
     for evaluation in evaluations:
         for quality in evaluation.labels:
+            if not quality.queries:
+                print(f"no query has a {quality.label!r} another item shares: is it a column of the catalogue's "
+                      "CSV (or --metadata)?", file=sys.stderr)  # fmt: skip
             worst = ", ".join(f"{entry['value']} {entry['precision@5']:.2f}" for entry in quality.worst)
             print(f"{evaluation.name} / {quality.label}, lowest precision@5: {worst}")
     if args.json:

@@ -7,6 +7,8 @@ shares the query's label (articleType, subCategory, ...). Kept apart from servin
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from worker.catalog import plan_catalog
 from worker.embedding import decode_vector, embed_items
 from worker.index import IndexParams, Item, VectorIndex
 from worker.model import EmbeddingModel
+from worker.projection import Projection
 
 TOP_K = 10
 PRECISION_AT = (1, 5, 10)
@@ -67,6 +70,13 @@ def embed_catalog(
     return Embeddings(ids, matrix, metadata, errors, time.perf_counter() - started)
 
 
+def reduce(embeddings: Embeddings, projection: Projection) -> Embeddings:
+    """The embeddings as an index reduced by `projection` holds and queries them (unit length again)."""
+    vectors = projection.apply(embeddings.vectors)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return dataclasses.replace(embeddings, vectors=vectors)
+
+
 def exact_neighbours(queries: np.ndarray, catalogue: np.ndarray, k: int, leave_one_out: bool) -> np.ndarray:
     """Indices of the top-`k` catalogue vectors by cosine for each query; with `leave_one_out`, query i is
     catalogue item i and never its own neighbour."""
@@ -81,6 +91,14 @@ def exact_neighbours(queries: np.ndarray, catalogue: np.ndarray, k: int, leave_o
         order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
         result[start : start + len(scores)] = np.take_along_axis(top, order, axis=1)
     return result
+
+
+def index_mebibytes(index: VectorIndex) -> float:
+    """What the index takes on disk, which is what it takes in memory (hnswlib saves its arrays as they are)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "vectors.hnsw"
+        index.save_vectors(path)
+        return path.stat().st_size / 2**20
 
 
 def build_index(embeddings: Embeddings, params: IndexParams) -> VectorIndex:
@@ -223,7 +241,8 @@ def evaluate(
         for label in labels
     ]
     positions = {item_id: number for number, item_id in enumerate(catalogue.ids)}
-    ann = [{"index": "exact (numpy)", "recall@10": 1.0, "queries/s": round(exact_rate)}]
+    vectors_mib = catalogue.vectors.nbytes / 2**20
+    ann = [{"index": "exact (numpy)", "recall@10": 1.0, "queries/s": round(exact_rate), "MiB": round(vectors_mib, 1)}]
     built: dict[tuple[int, int], VectorIndex] = {}
     for params in index_params:
         # one graph per (M, ef_construction); ef is a query-time setting of the same graph
@@ -237,7 +256,10 @@ def evaluate(
         rate = len(asking.ids) / max(time.perf_counter() - started, 1e-9)
         overlap = [len(set(a) & set(e)) / max(len(e), 1) for a, e in zip(found, exact, strict=True)]
         name = f"hnswlib M={params.m} ef_construction={params.ef_construction} ef={params.ef}"
-        ann.append({"index": name, "recall@10": round(float(np.mean(overlap)), 4), "queries/s": round(rate)})
+        recall = round(float(np.mean(overlap)), 4)
+        ann.append(
+            {"index": name, "recall@10": recall, "queries/s": round(rate), "MiB": round(index_mebibytes(index), 1)}
+        )
     return Evaluation(
         setting or {},
         len(catalogue.ids),
@@ -261,10 +283,11 @@ def markdown(evaluations: Sequence[Evaluation]) -> str:
                 f"| {evaluation.name} | {quality.label} | {quality.queries:,} | {p.get(1, 0):.3f} | "
                 f"{p.get(5, 0):.3f} | {p.get(10, 0):.3f} | {quality.map_at_10:.3f} |"
             )
-    lines += ["", "| setting | index | recall@10 | queries/s |", "| --- | --- | ---: | ---: |"]
+    lines += ["", "| setting | index | recall@10 | queries/s | MiB |", "| --- | --- | ---: | ---: | ---: |"]
     for evaluation in evaluations:
         lines += [
-            f"| {evaluation.name} | {row['index']} | {row['recall@10']:.3f} | {row['queries/s']:,} |"
+            f"| {evaluation.name} | {row['index']} | {row['recall@10']:.3f} | {row['queries/s']:,} | "
+            f"{row['MiB']:,.1f} |"
             for row in evaluation.ann
         ]
     return "\n".join(lines) + "\n"

@@ -214,13 +214,39 @@ class VectorIndex:
     def save_vectors(self, path: Path) -> None:
         self.hnsw.save_index(str(path))
 
+    def stored_vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every item's id and its unit vector as stored, in the same order."""
+        ids = list(self.items)
+        if not ids:
+            return ids, np.zeros((0, self.params.dim), dtype=np.float32)
+        labels = [self.items[item_id].label for item_id in ids]
+        return ids, np.asarray(self.hnsw.get_items(labels), dtype=np.float32)
+
+    @classmethod
+    def build(cls, params: IndexParams, entries: list[tuple[str, Item]], vectors: np.ndarray) -> VectorIndex:
+        """A new index of `entries` and their `vectors` (same order), built in one call on every core."""
+        hnsw = hnswlib.Index(space="cosine", dim=params.dim)
+        hnsw.init_index(
+            max_elements=max(INITIAL_CAPACITY, len(entries)),
+            M=params.m,
+            ef_construction=params.ef_construction,
+            allow_replace_deleted=True,
+        )
+        if entries:
+            hnsw.add_items(np.asarray(vectors, dtype=np.float32), np.arange(len(entries)), num_threads=-1)
+        for label, (_, item) in enumerate(entries):
+            item.label = label
+        return cls(params, hnsw)._adopt(entries, next_label=len(entries))
+
     @classmethod
     def load(cls, params: IndexParams, path: Path, items: Iterable[tuple[str, Item]], next_label: int) -> VectorIndex:
         hnsw = hnswlib.Index(space="cosine", dim=params.dim)
         hnsw.load_index(str(path), allow_replace_deleted=True)
-        index = cls(params, hnsw)
+        return cls(params, hnsw)._adopt(items, next_label)
+
+    def _adopt(self, items: Iterable[tuple[str, Item]], next_label: int) -> VectorIndex:
         for item_id, item in items:
-            index.items[item_id] = item
-            index.ids_by_label[item.label] = item_id
-        index.next_label = next_label
-        return index
+            self.items[item_id] = item
+            self.ids_by_label[item.label] = item_id
+        self.next_label = next_label
+        return self

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from lookalike.errors import LookalikeError
 from lookalike.settings import CORES, Settings
 from worker.celery_app import INDEX_QUEUE, SEARCH_QUEUE
 from worker.decode import check_size, decode_image
@@ -20,6 +21,7 @@ from worker.embedding import decode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs, item_error
 from worker.model import EmbeddingModel, load_model
+from worker.projection import Reduction
 from worker.store import DurableIndex, ModelIdentity, ModelMismatch
 from worker.wal import Change
 
@@ -51,7 +53,15 @@ class IndexOwner:
             ef_construction=settings.hnsw_ef_construction,
             ef=settings.hnsw_ef,
         )
-        store = DurableIndex.open(settings.index_dir, identity, params, settings.snapshot_every)
+        reduction = None
+        if settings.pca_dim:
+            if settings.pca_dim >= model.contract.dimension:
+                raise LookalikeError(
+                    f"LOOKALIKE_PCA_DIM is {settings.pca_dim}, but the model's vectors have only "
+                    f"{model.contract.dimension} dimensions"
+                )
+            reduction = Reduction(settings.pca_dim, settings.pca_fit_items)
+        store = DurableIndex.open(settings.index_dir, identity, params, settings.snapshot_every, reduction)
         owner = cls(settings, model, store, client)
         owner.publish_checksums()
         return owner
@@ -141,7 +151,7 @@ class IndexOwner:
         """Decode and embed the query here (no queue behind bulk work), then search."""
         self.store.check_usable()
         pixels = decode_image(image, self.model.contract.size, self.store.identity.resize, self.settings.max_pixels)
-        vector = self.model.embed(pixels[None])[0]
+        vector = self.store.to_index_space(self.model.embed(pixels[None])[0])
         return [hit.as_dict() for hit in self.store.index.search(vector, k, filters)]
 
     def similar(self, item_id: str, k: int, filters: dict[str, str]) -> list[dict[str, Any]] | None:
@@ -194,7 +204,7 @@ class IndexOwner:
         """What the web's health check and search form need, without a round trip through the queue."""
         stats = self.stats()
         return {
-            **{key: stats[key] for key in ("items", "provider", "model", "model_sha256", "resize", "mismatch")},
+            **{key: stats[key] for key in ("items", "provider", "model", "model_sha256", "resize", "mismatch", "pca")},
             "facets": self.facets(),
         }
 

@@ -4,10 +4,12 @@ Folder layout (all under the configured index directory, never anywhere else):
 
     LOCK                      flock held by the owning process
     CURRENT                   name of the snapshot to load (replaced atomically)
-    snapshot-<seq>-<random>/  vectors.hnsw, items.json, manifest.json (sha256 of each file)
+    snapshot-<seq>-<random>/  vectors.hnsw, items.json, [projection.npz,] manifest.json (sha256 of each file)
     wal-<first seq>.log       changes after the snapshot
 
 Start-up loads the snapshot CURRENT names (after checking its files' sha256), then replays the log.
+The log always holds the model's own vectors; with a PCA fitted (see `worker.projection`) they are reduced as they
+are applied, so a log written before the fit replays the same way as one written after.
 """
 
 from __future__ import annotations
@@ -18,19 +20,22 @@ import logging
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lookalike.errors import LookalikeError
 from lookalike.files import atomic_write_bytes, file_sha256, fsync_path
 from worker.index import IndexParams, Item, VectorIndex
+from worker.projection import Projection, Reduction
 from worker.wal import Change, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lookalike-index/1"
-VECTORS, ITEMS, MANIFEST = "vectors.hnsw", "items.json", "manifest.json"
+VECTORS, ITEMS, PROJECTION, MANIFEST = "vectors.hnsw", "items.json", "projection.npz", "manifest.json"
 
 
 class IndexStoreError(LookalikeError):
@@ -53,11 +58,20 @@ class ModelIdentity:
 class DurableIndex:
     """A VectorIndex whose every change is logged before it is applied, with periodic snapshots."""
 
-    def __init__(self, directory: Path, identity: ModelIdentity, params: IndexParams, snapshot_every: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        identity: ModelIdentity,
+        params: IndexParams,
+        snapshot_every: int,
+        reduction: Reduction | None = None,
+    ) -> None:
         self.directory = directory
         self.identity = identity
         self.params = params
         self.snapshot_every = snapshot_every
+        self.reduction = reduction
+        self.projection: Projection | None = None
         self.seq = 0
         self.changes_since_snapshot = 0
         self.mismatch: str | None = None
@@ -68,11 +82,16 @@ class DurableIndex:
 
     @classmethod
     def open(
-        cls, directory: Path, identity: ModelIdentity, params: IndexParams, snapshot_every: int = 20000
+        cls,
+        directory: Path,
+        identity: ModelIdentity,
+        params: IndexParams,
+        snapshot_every: int = 20000,
+        reduction: Reduction | None = None,
     ) -> DurableIndex:
-        """Take the owner's lock, load the latest snapshot, replay the log."""
+        """Take the owner's lock, load the latest snapshot, replay the log (and fit a PCA when one is due)."""
         directory.mkdir(parents=True, exist_ok=True)
-        store = cls(directory, identity, params, snapshot_every)
+        store = cls(directory, identity, params, snapshot_every, reduction)
         store._lock()
         store._remove_unfinished_snapshots()
         store._load_snapshot()
@@ -83,8 +102,10 @@ class DurableIndex:
             replayed += 1
         store.changes_since_snapshot = replayed
         store.wal.start_file(store.seq + 1)
-        if store.mismatch is None and store.snapshot_identity != identity:
-            store.snapshot()  # records the model identity from the very start
+        store._warn_about_reduction()
+        reduced = store._reduce_when_due()
+        if store.mismatch is None and (reduced or store.snapshot_identity != identity):
+            store.snapshot()  # records the model identity from the very start, and a new projection at once
         log.info(
             "index %s: %d items, %d changes replayed from the log%s",
             directory,
@@ -111,7 +132,7 @@ class DurableIndex:
         for change in changes:
             self._apply(change)
         self.changes_since_snapshot += len(changes)
-        if self.changes_since_snapshot >= self.snapshot_every:
+        if self._reduce_when_due() or self.changes_since_snapshot >= self.snapshot_every:
             try:
                 self.snapshot()
             except OSError as error:  # the changes are safe in the log; the next batch tries again
@@ -125,18 +146,63 @@ class DurableIndex:
         item = Item(-1, change.metadata or {}, change.image_sha256, change.metadata_sha256)
         if change.vector is None and change.id not in self.index:
             return  # a metadata-only change to an item deleted since: nothing to update
-        self.index.upsert(change.id, change.vector, item)
+        self.index.upsert(change.id, self.to_index_space(change.vector), item)
+
+    def to_index_space(self, vector: np.ndarray | None) -> np.ndarray | None:
+        """A model vector as the index compares it: reduced when a PCA has been fitted."""
+        if vector is None or self.projection is None:
+            return vector
+        return self.projection.apply(vector[None])[0]
+
+    def _reduce_when_due(self) -> bool:
+        """Fit the configured PCA on every vector the index holds once there are enough, and rebuild the index
+        in the reduced space; True when it did (the caller snapshots, which stores the projection)."""
+        wish = self.reduction
+        if wish is None or self.projection is not None or self.mismatch or len(self.index) < wish.fit_items:
+            return False
+        ids, vectors = self.index.stored_vectors()
+        projection = Projection.fit(vectors, wish.dimension)
+        entries = [(item_id, self.index.items[item_id]) for item_id in ids]
+        self.params = replace(self.params, dim=projection.dimension)
+        self.index = VectorIndex.build(self.params, entries, projection.apply(vectors))
+        self.projection = projection
+        log.info(
+            "index %s reduced by PCA from %d to %d dimensions, fitted on %d items (%.1f%% of the variance kept)",
+            self.directory,
+            projection.input_dimension,
+            projection.dimension,
+            projection.fitted_on,
+            100 * projection.retained_variance,
+        )
+        return True
+
+    def _warn_about_reduction(self) -> None:
+        stored = self.projection.dimension if self.projection else None
+        wanted = self.reduction.dimension if self.reduction else None
+        if stored is not None and stored != wanted:
+            log.warning(
+                "the index in %s holds vectors reduced by PCA to %d dimensions (configured: %s); it stays so, "
+                "since the model's own vectors are gone: load the catalogue into an empty LOOKALIKE_INDEX_DIR "
+                "to change it",
+                self.directory,
+                stored,
+                wanted or "off",
+            )
 
     def snapshot(self) -> None:
         """Write index + items + manifest to a new folder, switch CURRENT to it, then cut the log."""
         staging = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=self.directory))
         self.index.save_vectors(staging / VECTORS)
+        files = [VECTORS, ITEMS]
+        if self.projection is not None:
+            self.projection.save(staging / PROJECTION)
+            files.append(PROJECTION)
         items = [
             [item_id, item.label, item.metadata, item.image_sha256, item.metadata_sha256]
             for item_id, item in self.index.items.items()
         ]
         (staging / ITEMS).write_text(json.dumps(items, separators=(",", ":")))
-        for name in (VECTORS, ITEMS):
+        for name in files:
             fsync_path(staging / name)
         manifest = {
             "format": FORMAT,
@@ -145,7 +211,8 @@ class DurableIndex:
             "items": len(self.index),
             "model": asdict(self.identity),
             "params": asdict(self.params),
-            "files": {name: file_sha256(staging / name) for name in (VECTORS, ITEMS)},
+            "projection": self.projection.describe() if self.projection else None,
+            "files": {name: file_sha256(staging / name) for name in files},
         }
         atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
         # A fresh name every time: the snapshot CURRENT names is never touched until CURRENT names another.
@@ -184,6 +251,7 @@ class DurableIndex:
             "snapshot": self.snapshot_name(),
             "changes_since_snapshot": self.changes_since_snapshot,
             "mismatch": self.mismatch,
+            "pca": self.projection.describe() if self.projection else None,
         }
 
     def _lock(self) -> None:
@@ -232,6 +300,8 @@ class DurableIndex:
             self.identity = stored
         params = IndexParams(**{**manifest["params"], "ef": self.params.ef})
         self.params = params
+        if manifest.get("projection"):
+            self.projection = Projection.load(folder / PROJECTION)
         items = (
             (item_id, Item(label, metadata, image_sha, meta_sha))
             for item_id, label, metadata, image_sha, meta_sha in json.loads((folder / ITEMS).read_text())
