@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.images import BAD_IMAGES, encode
+from tests.images import BAD_IMAGES, ODD_IMAGES, encode
 from worker.decode import ImageError, ResizePolicy, decode_image
 
 SIZE = (32, 32)
@@ -67,3 +67,9 @@ def test_bad_input_gets_a_coded_error(data, code):
         decode_image(data, SIZE)
     assert refused.value.code == code
     assert refused.value.as_dict() == {"code": code, "message": refused.value.message}
+
+
+@pytest.mark.parametrize("data", ODD_IMAGES)
+@pytest.mark.parametrize("policy", list(ResizePolicy))
+def test_odd_but_genuine_images_are_decoded(data, policy):
+    assert decode_image(data, SIZE, policy).shape == (32, 32, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from enum import StrEnum
 
@@ -13,6 +14,10 @@ ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
 # File names taken for images when a folder is scanned (the formats above, by their usual suffixes).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 50_000_000
+# What Pillow's plugins raise on damaged data besides OSError (a TIFF whose next frame has no size: TypeError, ...).
+# Named, not `Exception`: a task's soft time limit or a bug of ours must not pass for a corrupt image.
+DAMAGED_DATA = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError, struct.error,
+                ZeroDivisionError, OverflowError)  # fmt: skip
 WHITE = (255, 255, 255)
 
 
@@ -77,7 +82,9 @@ def load_rgb(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
             image.draft("RGB", (side, side))
         image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except MemoryError as error:
+        raise ImageError("too_large", "the image needs more memory to decode than there is") from error
+    except DAMAGED_DATA as error:
         raise unreadable(error) from error
 
 
@@ -93,7 +100,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError("too_large", f"the image is too large: {error}") from error
     except Image.UnidentifiedImageError as error:
         raise ImageError("not_an_image", "the file is not an image in a known format") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except DAMAGED_DATA as error:
         raise unreadable(error) from error
     if image.format not in ALLOWED_FORMATS:
         allowed = ", ".join(sorted(ALLOWED_FORMATS - {"MPO"}))
@@ -103,8 +110,11 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError("corrupt", f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError("too_large", f"the image is {width}x{height} pixels, over the cap of {max_pixels:,} pixels")
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
+    try:
+        if getattr(image, "n_frames", 1) > 1:  # counting frames reads every frame's header
+            image.seek(0)
+    except DAMAGED_DATA as error:
+        raise unreadable(error) from error
     return image
 
 
