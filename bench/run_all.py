@@ -4,8 +4,9 @@
 
 Runs, one after another (never two at once: they measure the same cores): embedding throughput (the tutorial's
 Keras per-image predict as the baseline), catalogue load through the queue and search latency around it, search
-latency through the web for 1/8/32 clients, hnswlib against exact search on the real catalogue (and on 1M
-synthetic vectors with --with-million: ~10 minutes, ~16 GB), and the tutorial's all-pairs search.
+latency through the web for 1/8/32 clients, 20 and 150 clients uploading for 30 s, hnswlib against exact search
+on the real catalogue (and on 1M synthetic vectors with --with-million: ~10 minutes, ~16 GB), and the tutorial's
+all-pairs search.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ BENCHMARKS = [
     ("Embedding throughput", ["embed_throughput.py"]),
     ("Catalogue load and search latency", ["catalog_load.py"]),
     ("Search latency through the web", ["search_latency.py"]),
+    ("Load: concurrent uploads", ["load.py", "--clients", "20", "--seconds", "30"]),
+    ("Load: more clients than the search queue takes", ["load.py", "--clients", "150", "--seconds", "30"]),
     ("Index: hnswlib against exact search (real catalogue)", ["index_recall.py", "real"]),
     ("Search: the tutorial's all-pairs matrix against hnswlib", ["search_baseline.py"]),
 ]

@@ -29,43 +29,89 @@ from worker.client import Client
 
 CONCURRENCY = (1, 8, 32)
 FIRST_POLL, BACKOFF, LONGEST_POLL = 0.05, 1.5, 2.0  # as web/static/app.js polls
+PATIENCE = 120  # seconds a client follows one job before it counts the search as failed
+FAILED = -1  # the status under which a client counts an accepted search that did not end done
+
+
+class Budget:
+    """Uploads left to make, shared by every client of a run."""
+
+    def __init__(self, uploads: int | None) -> None:
+        self.left = uploads
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.left is None:
+                return True
+            if self.left <= 0:
+                return False
+            self.left -= 1
+            return True
 
 
 class Shopper(threading.Thread):
-    """One client: search, follow the job to its result, repeat until `until` (monotonic)."""
+    """One client: search, follow the job to its result, repeat until `until` (monotonic) or the budget is spent.
 
-    def __init__(self, port: int, photos: list[Path], until: float, offset: int) -> None:
+    A refused upload waits as its Retry-After says; `refusals` counts each answer but 202 by status and error
+    code ("no reason" when the body has none, "no Retry-After" when a 429/503 lacks it). An accepted search that
+    ends failed, can't be followed (its job answers other than 200) or takes longer than PATIENCE counts as
+    FAILED; a client that breaks off (a dropped connection) counts its upload as FAILED too.
+    """
+
+    def __init__(
+        self, port: int, photos: list[Path], until: float, offset: int, budget: Budget | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
         super().__init__(daemon=True)
-        self.port, self.photos, self.until, self.offset = port, photos, until, offset
+        self.host, self.port, self.photos, self.until, self.offset = host, port, photos, until, offset
+        self.budget = budget or Budget(None)
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
+        self.refusals: Counter[str] = Counter()
 
     def run(self) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        while time.monotonic() < self.until:
-            photo = self.photos[(self.offset + len(self.latencies)) % len(self.photos)]
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        made = 0
+        while time.monotonic() < self.until and self.budget.take():
+            photo = self.photos[(self.offset + made) % len(self.photos)]
+            made += 1
             started = time.perf_counter()
-            status, body = post_image(connection, photo)
-            self.statuses[status] += 1
-            if status != 202:
-                time.sleep(0.5)
-                continue
-            delay = FIRST_POLL
-            while True:
-                time.sleep(delay)
-                delay = min(delay * BACKOFF, LONGEST_POLL)
-                connection.request("GET", body["status_url"])
-                response = connection.getresponse()
-                job = json.loads(response.read())
-                if job["state"] in ("done", "failed"):
-                    break
-            if job["state"] == "done":
-                self.latencies.append(time.perf_counter() - started)
-            else:
-                self.statuses[-1] += 1  # a failed search job
+            try:
+                status, body, headers = post_image(connection, photo)
+                self.statuses[status] += 1
+                if status != 202:
+                    self.refusals[f"{status} {body.get('error', {}).get('code', 'no reason')}"] += 1
+                    if status in (429, 503) and "Retry-After" not in headers:
+                        self.refusals[f"{status} no Retry-After"] += 1
+                    time.sleep(min(float(headers.get("Retry-After", 0.5)), 5.0))
+                    continue
+                if self.follow(connection, body["status_url"]):
+                    self.latencies.append(time.perf_counter() - started)
+                    continue
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
+                connection.close()  # the next request opens a new connection
+            self.statuses[FAILED] += 1
+
+    @staticmethod
+    def follow(connection: http.client.HTTPConnection, status_url: str) -> bool:
+        """Poll a search job like the results page does; True when it ends done within PATIENCE seconds."""
+        delay, deadline = FIRST_POLL, time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * BACKOFF, LONGEST_POLL)
+            connection.request("GET", status_url)
+            response = connection.getresponse()
+            job = json.loads(response.read())
+            if response.status != 200:
+                return False
+            if job["state"] in ("done", "failed"):
+                return job["state"] == "done"
+        return False
 
 
-def post_image(connection: http.client.HTTPConnection, photo: Path) -> tuple[int, dict]:
+def post_image(connection: http.client.HTTPConnection, photo: Path) -> tuple[int, dict, dict[str, str]]:
+    """POST a photo to /api/search: the status, the JSON body (or {} when it isn't JSON) and the headers."""
     boundary = uuid.uuid4().hex
     body = b"".join([
         f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n10\r\n'.encode(),
@@ -74,20 +120,30 @@ def post_image(connection: http.client.HTTPConnection, photo: Path) -> tuple[int
     ])  # fmt: skip
     connection.request("POST", "/api/search", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
     response = connection.getresponse()
-    return response.status, json.loads(response.read())
+    data = response.read()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = {}
+    return response.status, answer, dict(response.getheaders())
 
 
-def run_clients(port: int, photos: list[Path], clients: int, seconds: float) -> tuple[list[float], Counter[int]]:
-    until = time.monotonic() + seconds
-    shoppers = [Shopper(port, photos, until, offset=97 * n) for n in range(clients)]
+def run_clients(
+    port: int, photos: list[Path], clients: int, seconds: float, uploads: int | None = None, host: str = "127.0.0.1"
+) -> tuple[list[float], Counter[int], Counter[str]]:
+    """`clients` shoppers for `seconds` (or until `uploads` uploads): latencies, answers by status, refusals."""
+    until, budget = time.monotonic() + seconds, Budget(uploads)
+    shoppers = [Shopper(port, photos, until, offset=97 * n, budget=budget, host=host) for n in range(clients)]
     for shopper in shoppers:
         shopper.start()
     for shopper in shoppers:
         shopper.join()
     statuses: Counter[int] = Counter()
+    refusals: Counter[str] = Counter()
     for shopper in shoppers:
         statuses.update(shopper.statuses)
-    return [value for shopper in shoppers for value in shopper.latencies], statuses
+        refusals.update(shopper.refusals)
+    return [value for shopper in shoppers for value in shopper.latencies], statuses, refusals
 
 
 def main() -> None:
@@ -111,11 +167,11 @@ def main() -> None:
             client = Client(stack.settings)
             client.wait(client.submit_load(SHARED / "data" / "fashion"), timeout=600)
             for clients in CONCURRENCY:
-                rows.append(("idle", clients, *run_clients(port, photos, clients, args.seconds)))
+                rows.append(("idle", clients, *run_clients(port, photos, clients, args.seconds)[:2]))
             load_id = client.submit_load(args.archive, args.metadata)
             time.sleep(5)  # past the unpacking, into embedding
             for clients in CONCURRENCY:
-                rows.append(("during a catalogue load", clients, *run_clients(port, photos, clients, args.seconds)))
+                rows.append(("during a catalogue load", clients, *run_clients(port, photos, clients, args.seconds)[:2]))
             indexed = client.jobs.get(load_id, error_limit=0)["progress"]["done"]
         finally:
             stack.stop()

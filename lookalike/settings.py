@@ -43,6 +43,8 @@ SETTINGS = [
     Setting("LOOKALIKE_PCA_FIT_ITEMS", "10000", "items the index must hold before the PCA is fitted on them"),
     Setting("LOOKALIKE_SNAPSHOT_EVERY", "20000", "changes between index snapshots (the log is cut after each)"),
     Setting("LOOKALIKE_SEARCH_TTL", "3600", "seconds a search job's record is kept"),
+    Setting("LOOKALIKE_SEARCH_TIMEOUT", "60", "seconds a search may wait for the index worker before it fails"),
+    Setting("LOOKALIKE_MAX_QUEUED_SEARCHES", "100", "searches that may wait at once; another gets 503 + Retry-After"),
     Setting("LOOKALIKE_TASK_TIME_LIMIT", "600", "seconds before a task is killed"),
     Setting(
         "LOOKALIKE_API_KEY", "", "bearer token for the write endpoints (loads, deletes); empty: loopback clients only"
@@ -76,6 +78,8 @@ class Settings:
     pca_fit_items: int
     snapshot_every: int
     search_ttl: int
+    search_timeout: int
+    max_queued_searches: int
     task_time_limit: int
     api_key: str = field(repr=False)  # never in a log line
     max_catalog_upload: int
@@ -122,6 +126,8 @@ class Settings:
             pca_fit_items=_integer(env, "LOOKALIKE_PCA_FIT_ITEMS", minimum=2),
             snapshot_every=_integer(env, "LOOKALIKE_SNAPSHOT_EVERY", minimum=1),
             search_ttl=_integer(env, "LOOKALIKE_SEARCH_TTL", minimum=1),
+            search_timeout=_integer(env, "LOOKALIKE_SEARCH_TIMEOUT", minimum=1),
+            max_queued_searches=_integer(env, "LOOKALIKE_MAX_QUEUED_SEARCHES", minimum=1),
             task_time_limit=_integer(env, "LOOKALIKE_TASK_TIME_LIMIT", minimum=10),
             api_key=env.get("LOOKALIKE_API_KEY", ""),
             max_catalog_upload=_integer(env, "LOOKALIKE_MAX_CATALOG_UPLOAD", minimum=1),

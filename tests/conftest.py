@@ -10,12 +10,21 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from web.app import create_app
 from worker.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+# Property tests and the decoder fuzz draw the same examples every run, so that main stays green or red for a
+# reason; `pytest --hypothesis-profile explore` draws new ones.
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore")
+hypothesis_settings.load_profile("repeatable")
 
 
 def _shared_dir() -> Path:
@@ -128,3 +137,9 @@ def served(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
         stack = service.stack
         stack.wait_for(lambda: stack.heartbeat("index")[0]["items"] == 1002, "the index owner to report 1,002 items")
         yield service
+
+
+@pytest.fixture(scope="module")
+def live(served):
+    """A Flask test client of the web app in front of the served stack (real Redis and workers)."""
+    return create_app(served.stack.settings).test_client()

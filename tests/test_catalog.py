@@ -91,16 +91,21 @@ def test_a_folder_of_images_with_a_metadata_csv(settings):
 def test_a_tar_archive_is_unpacked_once_and_hostile_members_are_skipped(settings):
     archive = settings.catalog_root / "catalog.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        for name, data in (("images/1.jpg", b"\xff\xd8a"), ("images/2.jpg", b"\xff\xd8b"), ("../evil.jpg", b"x")):
+        absolute = str(settings.data_dir / "absolute.jpg")
+        members = [("images/1.jpg", b"\xff\xd8a"), ("images/2.jpg", b"\xff\xd8b"), ("../evil.jpg", b"x")]
+        for name, data in [*members, (absolute, b"y")]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("images/3.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
+        for name, kind, target in (("images/3.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+                                   ("images/4.jpg", tarfile.LNKTYPE, "../../../../etc/passwd")):  # fmt: skip
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tar.addfile(link)
     plan = plan_catalog(settings, "catalog.tar.gz")
     assert sorted((item.id, item.area) for item in plan.items) == [("1", "archives"), ("2", "archives")]
-    assert not (settings.data_dir / "evil.jpg").exists() and not list(settings.archives_dir.rglob("3.jpg"))
+    assert not (settings.data_dir / "evil.jpg").exists() and not (settings.data_dir / "absolute.jpg").exists()
+    assert not list(settings.archives_dir.rglob("3.jpg")) and not list(settings.archives_dir.rglob("4.jpg"))
     again = plan_catalog(settings, "catalog.tar.gz")
     assert [item.path for item in again.items] == [item.path for item in plan.items]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -69,3 +71,28 @@ def test_search_jobs_expire_and_carry_their_result_or_error(jobs):
     assert jobs.get(failed)["error"]["code"] == "not_an_image"
     assert jobs.get("no-such-job") is None
     assert jobs.list_loads() == []
+
+
+def test_the_first_outcome_of_a_job_is_the_one_that_stays(jobs):
+    search = jobs.create("search", {"k": 3})
+    assert jobs.finish(search, {"hits": []}) is True
+    assert jobs.fail(search, item_error("search_failed", "a second delivery")) is False  # ran twice: counted once
+    job = jobs.get(search)
+    assert job["state"] == "done" and "error" not in job
+    assert jobs.metrics()["finished:search:done"] == 1 and "finished:search:failed" not in jobs.metrics()
+    assert jobs.fail("no-such-job", item_error("x", "y")) is False and jobs.get("no-such-job") is None
+
+
+def test_a_search_no_worker_answers_in_time_fails_instead_of_waiting_forever(jobs):
+    impatient = Jobs(jobs.redis, search_ttl=60, search_timeout=1)
+    search = impatient.create("search", {"k": 3})
+    load = impatient.create("load", {})
+    assert impatient.get(search)["state"] == "queued"
+    time.sleep(1.2)
+    job = impatient.get(search)
+    assert job["state"] == "failed" and job["error"]["code"] == "timed_out"
+    assert impatient.start(search) is False  # the worker that turns up late does nothing
+    assert impatient.finish(search, {"hits": []}) is False  # and could change nothing
+    assert impatient.get(search)["state"] == "failed"
+    assert impatient.start("no-such-job") is False and impatient.get("no-such-job") is None
+    assert impatient.get(load)["state"] == "queued"  # loads wait for workers as long as it takes

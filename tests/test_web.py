@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -50,6 +51,13 @@ def idle(module_redis, tmp_path, shared_dir):
 
 def search(web, data: bytes, filename: str = "photo.jpg", **fields: str | list[str]):
     return web.post("/api/search", data={"image": (io.BytesIO(data), filename), **fields})
+
+
+def catalog_form(web, fields: dict, **options):
+    """The catalogue page's form as a browser sends it: with the CSRF token of the page it came from."""
+    page = web.get("/catalog").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page).group(1)
+    return web.post("/catalog", data={**fields, "csrf_token": token}, **options)
 
 
 def error_of(response) -> str:
@@ -160,9 +168,9 @@ def test_with_a_key_writes_need_it_from_anywhere(module_redis, tmp_path, shared_
     right = web.post("/api/catalog/loads", json={"source": "fashion"},
                      headers={"Authorization": "Bearer s3cret-key"}, environ_base=NOT_LOOPBACK)  # fmt: skip
     assert right.status_code == 202
-    form = web.post("/catalog", data={"source": "fashion", "api_key": "s3cret-key"}, environ_base=NOT_LOOPBACK)
+    form = catalog_form(web, {"source": "fashion", "api_key": "s3cret-key"}, environ_base=NOT_LOOPBACK)
     assert form.status_code == 303
-    refused = web.post("/catalog", data={"source": "fashion", "api_key": "no"})
+    refused = catalog_form(web, {"source": "fashion", "api_key": "no"})
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
     # the API takes the key from the Authorization header only
     assert web.post("/api/catalog/loads", data={"source": "fashion", "api_key": "s3cret-key"}).status_code == 401
@@ -197,12 +205,29 @@ def test_bad_load_requests_are_400_and_leave_no_upload_behind(idle, request_body
 )  # fmt: skip
 def test_writes_from_another_sites_page_are_refused(idle, headers):
     for response in (idle.post("/api/catalog/loads", json={"source": "fashion"}, headers=headers),
-                     idle.post("/catalog", data={"source": "fashion"}, headers=headers),
+                     catalog_form(idle, {"source": "fashion"}, headers=headers),
                      idle.delete("/api/items/10186", headers=headers)):  # fmt: skip
         assert response.status_code == 403
     assert error_of(idle.post("/api/catalog/loads", json={"source": "fashion"}, headers=headers)) == "cross_site"
     own_page = {"Sec-Fetch-Site": "same-origin", "Origin": "http://localhost"}
-    assert idle.post("/catalog", data={"source": "fashion"}, headers=own_page).status_code == 303
+    assert catalog_form(idle, {"source": "fashion"}, headers=own_page).status_code == 303
+
+
+def test_the_catalogue_form_needs_the_token_of_its_own_page(idle, module_redis, tmp_path, shared_dir):
+    """CSRF: a form without the token, with a made-up one, or with a token from another browser is refused."""
+    assert catalog_form(idle, {"source": "fashion"}).status_code == 303
+    page = idle.get("/catalog")
+    cookie = page.headers.get("Set-Cookie") or ""
+    assert "lookalike_csrf" not in cookie  # the browser has its nonce already: the same token again
+    for fields in ({}, {"csrf_token": "0" * 64}):
+        refused = idle.post("/catalog", data={"source": "fashion", **fields})
+        assert refused.status_code == 403 and b"reload the page" in refused.data
+    other_browser = app_for(module_redis, tmp_path / "other", shared_dir)
+    first = other_browser.get("/catalog")
+    assert "HttpOnly" in first.headers["Set-Cookie"] and "SameSite=Strict" in first.headers["Set-Cookie"]
+    other_browser.delete_cookie("lookalike_csrf")
+    stolen = re.search(r'name="csrf_token" value="([0-9a-f]+)"', first.get_data(as_text=True)).group(1)
+    assert idle.post("/catalog", data={"source": "fashion", "csrf_token": stolen}).status_code == 403
 
 
 def test_a_catalogue_upload_over_its_cap_is_413(module_redis, tmp_path, shared_dir):
@@ -259,7 +284,7 @@ def test_pages_say_what_is_wrong_in_a_sentence(idle, shared_dir):
     assert no_worker.status_code == 503 and b"No index worker is running" in no_worker.data
     catalog = idle.get("/catalog")
     assert catalog.status_code == 200 and b"No catalogue loads yet" in catalog.data
-    forbidden = idle.post("/catalog", data={"source": "fashion"}, environ_base=NOT_LOOPBACK)
+    forbidden = catalog_form(idle, {"source": "fashion"}, environ_base=NOT_LOOPBACK)
     assert forbidden.status_code == 403 and b"only clients on this machine" in forbidden.data
     unavailable = idle.get("/items/10186")
     assert unavailable.status_code == 503 and unavailable.headers["Retry-After"]
@@ -316,11 +341,6 @@ def test_with_redis_down_every_endpoint_answers_503_or_degrades(tmp_path, shared
 
 
 # -- against the real service: workers loaded with the shared sample ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def live(served):
-    return create_app(served.stack.settings).test_client()
 
 
 def follow(web, status_url: str, timeout: float = 120) -> dict:

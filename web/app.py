@@ -8,6 +8,7 @@ from flask import Flask, Response, g, request
 
 from lookalike.settings import Settings
 from web.api import api
+from web.csrf import form_token, set_nonce_cookie
 from web.errors import register_error_handlers
 from web.metrics import RequestMetrics
 from web.ops import ops
@@ -27,6 +28,7 @@ SECURITY_HEADERS = {
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    app.url_map.merge_slashes = False  # "/api/items//similar" is a 404 in JSON, not a redirect to an HTML page
     app.config["LOOKALIKE"] = settings
     app.extensions["lookalike"] = Service(settings)
     app.extensions["lookalike.metrics"] = metrics = RequestMetrics()
@@ -34,6 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api)
     app.register_blueprint(ops)
     register_error_handlers(app)
+    app.add_template_global(form_token, "csrf_token")
 
     @app.before_request
     def start() -> None:
@@ -48,6 +51,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         route = request.url_rule.rule if request.url_rule else "(no route)"
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
         metrics.observe(route, request.method, response.status_code, seconds)
-        return response
+        return set_nonce_cookie(response)
 
     return app

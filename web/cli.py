@@ -6,6 +6,7 @@ import argparse
 import logging
 
 log = logging.getLogger(__name__)
+CONNECTION_LIMIT = 1000
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         threads=settings.web_threads,
+        # waitress stops accepting at 100 open connections: one more keep-alive client than that waits in the
+        # kernel's queue until its SYN retries (up to ~30 s); idle connections are cheap to hold.
+        connection_limit=CONNECTION_LIMIT,
         max_request_body_size=settings.max_catalog_upload + 1024 * 1024,
         ident="lookalike",
         # Keep X-Forwarded-For and friends: their presence tells web.auth that a proxy relays the request,

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, make_response, redirect, render_template,
 
 from web.api import present_item, present_job
 from web.auth import require_writer
+from web.csrf import require_form_token
 from web.errors import ApiError, not_found
 from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id, parse_whole
 from web.service import PREVIEW_SIDE
@@ -114,6 +115,7 @@ def catalog() -> str:
 @pages.post("/catalog")
 def start_load() -> Response:
     try:
+        require_form_token()
         require_writer(form_key=True)
         load_from_request()
     except ApiError as error:

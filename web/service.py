@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ from kombu.exceptions import OperationalError
 from lookalike.settings import Settings
 from web.errors import ApiError, bad_parameter, not_found, unavailable
 from worker.areas import CatalogError, locate, resolve_reference
-from worker.celery_app import queue_depths
+from worker.celery_app import SEARCH_QUEUE, queue_depths
 from worker.client import Client
 from worker.decode import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
 from worker.heartbeats import alive
 
+BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
+FORM_SECRET_KEY = "lookalike:web:form-secret"  # the HMAC key of the forms' CSRF tokens, shared by web processes
 PREVIEW_SIDE = 320  # query previews and gallery thumbnails, CSS pixels (served at this size, shown smaller)
 LOADS_SHOWN = 20
 
@@ -33,11 +36,22 @@ class Service:
         self.client = Client(settings, redis_timeout=settings.call_timeout)
         self.jobs = self.client.jobs
         self.redis = self.jobs.redis
+        self._form_secret: bytes | None = None
+
+    def form_secret(self, refresh: bool = False) -> bytes:
+        """A random secret made once per Redis and shared by every web process (see web.csrf); `refresh` reads it
+        again (another process may have made a new one after Redis lost it)."""
+        if self._form_secret is None or refresh:
+            mine = secrets.token_bytes(32)
+            self.redis.set(FORM_SECRET_KEY, mine, nx=True)
+            self._form_secret = self.redis.get(FORM_SECRET_KEY) or mine
+        return self._form_secret
 
     # searches ------------------------------------------------------------------------------------------------
 
     def submit_search(self, image: bytes, k: int, filters: dict[str, str]) -> str:
         """Check the upload is an image we can read, then queue it; the preview is made from the same decode."""
+        self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
         try:
             preview = thumbnail_jpeg(
                 check_size(image, self.settings.max_upload), PREVIEW_SIDE, self.settings.max_pixels
@@ -46,6 +60,17 @@ class Service:
             raise ApiError.from_image_error(error) from error
         self.index_owner()
         return self.client.submit_search(image, k, filters, preview)
+
+    def refuse_when_busy(self) -> None:
+        """Back-pressure: a search behind a queue this long would be answered after its shopper gave up."""
+        waiting = self.redis.llen(SEARCH_QUEUE)
+        if waiting >= self.settings.max_queued_searches:
+            raise ApiError(
+                503,
+                "busy",
+                f"{waiting} searches are waiting already; try again in a few seconds",
+                {"Retry-After": str(BUSY_RETRY_SECONDS)},
+            )
 
     def job(self, job_id: str, error_offset: int = 0, error_limit: int = 50) -> dict[str, Any]:
         job = self.jobs.get(job_id, error_offset, error_limit)

@@ -89,10 +89,12 @@ def register_evaluate(commands: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from worker import runtime
     from worker.celery_app import app
-    from worker.runtime import settings
+    from worker.recovery import watch_for_orphans
 
-    config = settings()
+    config = runtime.settings()
+    watch_for_orphans(app, config)
     if args.kind == "embed":
         from worker.processes import check_model_elsewhere, embed_worker_argv, prepare_embed_processes
 

@@ -21,7 +21,7 @@ class Client:
     def __init__(self, settings: Settings, redis_timeout: float = 10) -> None:
         self.settings = settings
         self.app = make_celery(settings)
-        self.jobs = Jobs(redis_client(settings.redis_url, redis_timeout), settings.search_ttl)
+        self.jobs = Jobs(redis_client(settings.redis_url, redis_timeout), settings.search_ttl, settings.search_timeout)
 
     def submit_load(self, source: str | Path, metadata_csv: str | Path | None = None) -> str:
         params = {"source": str(source), "metadata": str(metadata_csv) if metadata_csv else None}
@@ -35,7 +35,9 @@ class Client:
         """Queue a search; `preview` (a small JPEG of the query) is kept with the job for pages to show."""
         check_size(image, self.settings.max_upload)
         job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
-        self._enqueue(job_id, "search_image", base64.b64encode(image).decode(), k, filters or {})
+        # A search no worker took in time is failed by its job record; its message must not run later for no one.
+        expires = self.settings.search_timeout
+        self._enqueue(job_id, "search_image", base64.b64encode(image).decode(), k, filters or {}, expires=expires)
         return job_id
 
     def submit_duplicates(self, threshold: float, k: int) -> str:
@@ -44,9 +46,10 @@ class Client:
         self._enqueue(job_id, "find_duplicates", threshold, k)
         return job_id
 
-    def _enqueue(self, job_id: str, task: str, *args: Any) -> None:
+    def _enqueue(self, job_id: str, task: str, *args: Any, expires: float | None = None) -> None:
         try:
-            self.app.send_task(f"lookalike.{task}", args=[job_id, *args], ignore_result=True)  # the job record tells
+            # ignore_result: the job record tells
+            self.app.send_task(f"lookalike.{task}", args=[job_id, *args], ignore_result=True, expires=expires)
         except Exception as error:  # a job no message will ever finish must not stay "queued"
             self.jobs.fail(job_id, item_error("enqueue_failed", f"the job could not be queued: {error}"))
             raise

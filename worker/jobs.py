@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 PREFIX = "lookalike"
 STATES = ("queued", "running", "done", "failed", "partial")
@@ -58,11 +60,42 @@ end
 return {done, failed}
 """
 
+# Marks a job running unless it is finished already (a search that timed out, a redelivered task) or gone.
+# KEYS: job hash. ARGV: now.
+START_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1])
+return 1
+"""
 
-def redis_client(url: str, timeout: float = 10) -> redis.Redis:
-    """A client that gives up on an unresponsive Redis after `timeout` seconds (connecting: at most 5)."""
+# Closes a job once: the first outcome recorded (a result, a failure, a time-out) is the one that stays.
+# KEYS: job hash, the list a waiting client blocks on. ARGV: state, field, value, now.
+CLOSE_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'done' or state == 'failed' or state == 'partial' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], ARGV[2], ARGV[3], 'finished', ARGV[4])
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], 60)
+return 1
+"""
+
+
+def redis_client(url: str, timeout: float = 10, patience: float = 0) -> redis.Redis:
+    """A client that gives up on an unresponsive Redis after `timeout` seconds (connecting: at most 5).
+
+    With `patience`, a lost connection is tried again for about that many seconds: a worker's task rides out a
+    Redis restart instead of failing half done. The web has none: it answers 503 at once.
+    """
+    persistence: dict[str, Any] = {}
+    if patience:
+        persistence = {
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=int(patience) + 5),
+            # not on time-outs: a command whose answer was lost may have run, and some can't run twice
+            "retry_on_error": [redis.ConnectionError],
+        }
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 5), health_check_interval=30
+        url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 5), health_check_interval=30, **persistence
     )
 
 
@@ -77,10 +110,13 @@ def item_error(code: str, message: str) -> dict[str, str]:
 class Jobs:
     """Create, update and read job records."""
 
-    def __init__(self, client: redis.Redis, search_ttl: int = 3600) -> None:
+    def __init__(self, client: redis.Redis, search_ttl: int = 3600, search_timeout: int = 60) -> None:
         self.redis = client
         self.search_ttl = search_ttl
+        self.search_timeout = search_timeout
         self._record = client.register_script(RECORD_SCRIPT)
+        self._close_once = client.register_script(CLOSE_SCRIPT)
+        self._start = client.register_script(START_SCRIPT)
 
     @staticmethod
     def _key(job_id: str, part: str = "") -> str:
@@ -104,8 +140,9 @@ class Jobs:
             pipe.execute()
         return job_id
 
-    def start(self, job_id: str) -> None:
-        self.redis.hset(self._key(job_id), mapping={"state": "running", "started": now()})
+    def start(self, job_id: str) -> bool:
+        """Mark the job running; False when it is finished already or gone: its task has nothing left to do."""
+        return bool(self._start(keys=[self._key(job_id)], args=[now()]))
 
     def set_total(self, job_id: str, total: int) -> tuple[int, int]:
         """Fix the number of items; finishes the job at once if they are all accounted for already."""
@@ -123,31 +160,30 @@ class Jobs:
         done_count, failed_count = self._record(keys=keys, args=[now(), len(done), *done, *triples])
         return int(done_count), int(failed_count)
 
-    def finish(self, job_id: str, result: Any) -> None:
-        self._close(job_id, {"state": "done", "result": json.dumps(result)})
+    def finish(self, job_id: str, result: Any) -> bool:
+        return self._close(job_id, "done", "result", json.dumps(result))
 
-    def fail(self, job_id: str, error: dict[str, str]) -> None:
-        self._close(job_id, {"state": "failed", "error": json.dumps(error)})
+    def fail(self, job_id: str, error: dict[str, str]) -> bool:
+        return self._close(job_id, "failed", "error", json.dumps(error))
 
-    def _close(self, job_id: str, fields: dict[str, str]) -> None:
-        key, finished = self._key(job_id), self._key(job_id, "finished")
-        kind, state, created = (
-            value.decode() if value else "" for value in self.redis.hmget(key, "kind", "state", "created")
-        )
+    def _close(self, job_id: str, state: str, field: str, value: str) -> bool:
+        """Record the outcome unless the job already has one (a task that runs twice, a search that timed out)."""
+        key = self._key(job_id)
         closed = now()
+        if not self._close_once(keys=[key, self._key(job_id, "finished")], args=[state, field, value, closed]):
+            return False
+        kind, created = (raw.decode() if raw else "" for raw in self.redis.hmget(key, "kind", "created"))
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping={**fields, "finished": closed})
             if kind != "load":
                 pipe.expire(key, self.search_ttl)
-            pipe.lpush(finished, fields["state"]).expire(finished, 60)
-            if state not in FINISHED:  # a task that runs twice closes its job twice; count it once
-                pipe.hincrby(METRICS_KEY, f"finished:{kind}:{fields['state']}", 1)
-                if kind == "search" and created:
-                    seconds = (datetime.fromisoformat(closed) - datetime.fromisoformat(created)).total_seconds()
-                    bucket = next(bound for bound in SEARCH_SECONDS_BUCKETS if seconds <= bound)
-                    pipe.hincrby(METRICS_KEY, f"search_seconds:{bucket}", 1)
-                    pipe.hincrbyfloat(METRICS_KEY, "search_seconds:sum", seconds)
+            pipe.hincrby(METRICS_KEY, f"finished:{kind}:{state}", 1)
+            if kind == "search" and created:
+                seconds = (datetime.fromisoformat(closed) - datetime.fromisoformat(created)).total_seconds()
+                bucket = next(bound for bound in SEARCH_SECONDS_BUCKETS if seconds <= bound)
+                pipe.hincrby(METRICS_KEY, f"search_seconds:{bucket}", 1)
+                pipe.hincrbyfloat(METRICS_KEY, "search_seconds:sum", seconds)
             pipe.execute()
+        return True
 
     def metrics(self) -> dict[str, float]:
         """The counters of METRICS_KEY: `created:<kind>`, `finished:<kind>:<state>`, `search_seconds:<bucket>`."""
@@ -173,8 +209,13 @@ class Jobs:
     def get(self, job_id: str, error_offset: int = 0, error_limit: int = ERROR_PAGE) -> dict[str, Any] | None:
         """The job as the API shows it: state, progress counters, a page of item errors, result or error."""
         raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(job_id)).items()}
-        if not raw:
+        if "kind" not in raw:
             return None
+        if raw["kind"] == "search" and raw["state"] not in FINISHED and self._overdue(raw["created"]):
+            # The index worker that should answer is gone or hopelessly behind: say so instead of "queued" forever.
+            message = f"no index worker answered within {self.search_timeout} s; try again"
+            self.fail(job_id, item_error("timed_out", message))
+            return self.get(job_id, error_offset, error_limit)
         done = self.redis.scard(self._key(job_id, "done"))
         failed = self.redis.hlen(self._key(job_id, "errors"))
         job: dict[str, Any] = {
@@ -195,6 +236,10 @@ class Jobs:
             job["errors"] = self.item_errors(job_id, error_offset, error_limit)
             job["errors_by_code"] = self.errors_by_code(job_id)
         return job
+
+    def _overdue(self, created: str) -> bool:
+        age = datetime.now(UTC) - datetime.fromisoformat(created)
+        return age.total_seconds() > self.search_timeout
 
     def item_errors(self, job_id: str, offset: int = 0, limit: int = ERROR_PAGE) -> list[dict[str, str]]:
         """A page of per-item errors, ordered by item id."""

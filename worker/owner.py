@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from worker.index import IndexParams
 from worker.jobs import Jobs, item_error
 from worker.model import EmbeddingModel, load_model
 from worker.projection import Reduction
+from worker.recovery import give_back
 from worker.store import DurableIndex, ModelIdentity, ModelMismatch
 from worker.wal import Change
 
@@ -38,7 +38,7 @@ class IndexOwner:
         self.model = model
         self.store = store
         self.redis = client
-        self.jobs = Jobs(client, settings.search_ttl)
+        self.jobs = Jobs(client, settings.search_ttl, settings.search_timeout)
         self._facets: tuple[int, float, int, dict[str, list[str]]] = (-1, 0.0, 0, {})  # seq, when, items, facets
         self.on_change: Callable[[], None] = lambda: None  # tells the heartbeat to publish the new item count
 
@@ -86,15 +86,7 @@ class IndexOwner:
         Redis would re-deliver them only after the visibility timeout; holding the index lock proves that no
         other owner is alive, so everything unacknowledged on the owner's queues is orphaned.
         """
-        restored = 0
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-            client = channel.client
-            for tag, raw in client.hgetall(channel.unacked_key).items():
-                _, _, routing_key = json.loads(raw)
-                if routing_key in (INDEX_QUEUE, SEARCH_QUEUE):
-                    channel.qos.restore_by_tag(tag, client)
-                    restored += 1
+        restored = len(give_back(app, lambda _tag, routing_key, *_: routing_key in (INDEX_QUEUE, SEARCH_QUEUE)))
         if restored:
             log.warning("gave back %d messages a previous index owner had not acknowledged", restored)
         return restored

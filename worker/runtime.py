@@ -13,6 +13,8 @@ from lookalike.settings import Settings
 from worker.jobs import Jobs, redis_client
 from worker.model import EmbeddingModel, load_model
 
+REDIS_PATIENCE = 60  # seconds a worker's Redis calls keep trying while Redis restarts
+
 if TYPE_CHECKING:
     from worker.owner import IndexOwner
 
@@ -35,8 +37,8 @@ class ProcessState:
 @cache
 def _process_state(pid: int) -> ProcessState:
     """Keyed by pid so that a forked child never uses its parent's sessions or sockets."""
-    client = redis_client(settings().redis_url)
-    return ProcessState(client, Jobs(client, settings().search_ttl))
+    client = redis_client(settings().redis_url, patience=REDIS_PATIENCE)
+    return ProcessState(client, Jobs(client, settings().search_ttl, settings().search_timeout))
 
 
 def state() -> ProcessState:

@@ -29,7 +29,8 @@ def owner() -> IndexOwner:
 def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict[str, int]:
     """Read the catalogue, refuse bad rows up front, and queue its items in batches of references."""
     jobs, settings = runtime.jobs(), runtime.settings()
-    jobs.start(job_id)
+    if not jobs.start(job_id):
+        return {"total": 0}  # finished already: a redelivered message
     try:
         plan = plan_catalog(settings, source, metadata_csv)
     except CatalogError as error:
@@ -82,7 +83,8 @@ def delete_items(ids: list[str]) -> dict[str, int]:
 @app.task(name="lookalike.search_image")
 def search_image(job_id: str, image: str, k: int, filters: dict[str, str] | None = None) -> None:
     jobs = runtime.jobs()
-    jobs.start(job_id)
+    if not jobs.start(job_id):
+        return  # timed out (or expired) while it waited: the shopper has its answer already
     try:
         hits = owner().search_image(decode_upload(image, runtime.settings().max_upload), k, filters or {})
     except ImageError as error:
@@ -124,7 +126,8 @@ def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = N
     jobs = runtime.jobs()
     try:
         if after is None:
-            jobs.start(job_id)
+            if not jobs.start(job_id):
+                return
             if len(owner().store.index):  # an empty index: no total, the job finishes below with its result
                 jobs.set_total(job_id, len(owner().store.index))
         pairs, looked_at = owner().duplicate_pairs(after, DUPLICATES_CHUNK, threshold, k)

@@ -1,0 +1,235 @@
+"""Hostile files, load and back-pressure against the real stack: Redis, worker processes and the web."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lookalike.redis_server import EmbeddedRedis, free_port
+from lookalike.stack import Stack
+from tests.conftest import BENCH
+from tests.images import BAD_IMAGES, ODD_IMAGES
+from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_while_holding_a_message, loading, search
+from web.app import create_app
+from worker.client import Client
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "k3y-that-must-never-be-logged"
+WORKER_PEAK_BYTES = 1.5 * 2**30  # model session + one decoded batch; a decoded bomb alone would be 30 GB
+
+
+def peak_memory(pid: int) -> int:
+    """The most resident memory the process ever had (VmHWM), bytes."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def write_corpus(folder: Path) -> dict[str, str | None]:
+    """Every bad and odd image as `<id>.jpg` with a CSV listing them; id -> the error code expected (None: fine)."""
+    folder.mkdir(parents=True)
+    expected: dict[str, str | None] = {}
+    for param in BAD_IMAGES + ODD_IMAGES:
+        item_id = param.id
+        (folder / f"{item_id}.jpg").write_bytes(param.values[0])
+        expected[item_id] = param.values[1] if len(param.values) > 1 else None
+    with (folder / "catalog.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "image", "kind"])
+        writer.writerows([item_id, f"{item_id}.jpg", "hostile"] for item_id in expected)
+    return expected
+
+
+def test_hostile_files_in_a_load_are_per_item_errors_and_no_worker_dies(make_stack):
+    stack = make_stack()
+    stack.start("index")
+    stack.start("embed")
+    workers = {stack.processes["index"].pid, stack.processes["embed"].pid, *stack.pool_children("embed")}
+    expected = write_corpus(stack.settings.uploads_dir / "hostile")
+    client = Client(stack.settings)
+    job = client.wait(client.submit_load(stack.settings.uploads_dir / "hostile" / "catalog.csv"), timeout=300)
+
+    refused = {error["id"]: error["code"] for error in job["errors"]}
+    assert refused == {item_id: code for item_id, code in expected.items() if code}
+    assert job["progress"] == {"total": len(expected), "done": len(ODD_IMAGES), "failed": len(BAD_IMAGES)}
+    assert job["errors_by_code"] == dict(sorted(Counter(code for code in expected.values() if code).items()))
+    assert client.call("index_stats")["items"] == len(ODD_IMAGES)
+    # no worker died or was replaced, and none held a decoded bomb in memory
+    assert workers <= {stack.processes["index"].pid, stack.processes["embed"].pid, *stack.pool_children("embed")}
+    assert not [log.name for log in stack.logs.glob("*.log") if "WorkerLostError" in log.read_text()]
+    for pid in workers:
+        assert peak_memory(pid) < WORKER_PEAK_BYTES, f"process {pid} peaked at {peak_memory(pid) / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("data", ODD_IMAGES)
+def test_odd_but_genuine_images_are_searched_through_the_api(live, served, data):
+    response = live.post("/api/search", data={"image": (io.BytesIO(data), "odd.jpg"), "k": "3"})
+    assert response.status_code == 202, response.get_json()
+    job = served.client.wait(response.get_json()["job_id"], timeout=60)
+    assert job["state"] == "done" and len(job["result"]["hits"]) == 3
+    preview = live.get(f"/jobs/{job['id']}/preview.jpg")
+    assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
+    assert preview.data.startswith(b"\xff\xd8") and b"<script" not in preview.data  # re-encoded, never echoed
+
+
+def test_200_uploads_from_20_clients_are_all_answered(served, tmp_path):
+    """The bounded version of bench/load.py: each answer a 202 whose search ends done, or a 429/503 with a reason
+    and Retry-After; nothing else (no 500, no lost job)."""
+    report = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, BENCH / "load.py", "--url", served.url, "--clients", "20", "--uploads", "200",
+         "--json", report],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(BENCH.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(report.read_text())
+    print(result.stdout)
+    assert figures["uploads"] == 200 and figures["bad_answers"] == 0 and figures["failed_jobs"] == 0
+    assert set(figures["statuses"]) <= {"202", "429", "503"} and figures["statuses"].get("202", 0) > 0
+
+
+def test_a_full_search_queue_answers_503_and_stalled_searches_fail(make_stack, shared_dir):
+    """Back-pressure: with the index owner frozen, searches queue up to the limit, then 503 busy + Retry-After.
+    Those waiting longer than LOOKALIKE_SEARCH_TIMEOUT are failed (timed_out), and the owner never runs them."""
+    stack = make_stack(LOOKALIKE_MAX_QUEUED_SEARCHES="3", LOOKALIKE_SEARCH_TIMEOUT="4")
+    stack.start("index")
+    web = create_app(stack.settings).test_client()
+    photo = (shared_dir / "data" / "fashion" / "images" / "10186.jpg").read_bytes()
+
+    def search():
+        return web.post("/api/search", data={"image": (io.BytesIO(photo), "photo.jpg")})
+
+    client = Client(stack.settings)
+    os.killpg(stack.processes["index"].pid, signal.SIGSTOP)
+    try:
+        answers = [search() for _ in range(6)]
+        accepted = [answer.get_json()["job_id"] for answer in answers if answer.status_code == 202]
+        stalled = [client.wait(job_id, timeout=30) for job_id in accepted]
+    finally:
+        os.killpg(stack.processes["index"].pid, signal.SIGCONT)
+    busy = [answer for answer in answers if answer.status_code == 503]
+    assert len(accepted) >= 3 and busy and len(accepted) + len(busy) == 6
+    assert busy[0].get_json()["error"]["code"] == "busy" and busy[0].headers["Retry-After"] == "2"
+    assert {(job["state"], job["error"]["code"]) for job in stalled} == {("failed", "timed_out")}
+    # the owner is back and the queue drains: the expired searches are dropped, not run
+    stack.wait_for(lambda: stack.redis.llen("search") == 0, "the search queue to drain")
+    fresh = search()
+    assert fresh.status_code == 202, fresh.get_json()
+    assert client.wait(fresh.get_json()["job_id"], timeout=60)["state"] == "done"
+    assert all(client.jobs.get(job_id)["error"]["code"] == "timed_out" for job_id in accepted)
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_redis_restart_during_a_load_is_a_503_then_the_load_finishes(tmp_path, pretrained_model, shared_dir):
+    """Redis stops (its append-only file kept) part way through a load: the web answers 503 with a reason, the
+    workers reconnect by themselves once it is back, and every item of the load is accounted for."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    stack = Stack(server.url, tmp_path / "data", pretrained_model, shared_dir / "data", LOOKALIKE_BATCH="8")
+    try:
+        stack.start("index")
+        stack.start("embed")
+        url = stack.start_web(free_port())
+        client = Client(stack.settings)
+        job_id = client.submit_load(shared_dir / "data" / "fashion")
+        stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= 200, "the load to get going", 120)
+        server.stop()
+        status, health = get_json(f"{url}/healthz")
+        assert status == 503 and health["broker"]["reachable"] is False
+        status, job = get_json(f"{url}/api/jobs/{job_id}")
+        assert status == 503 and job["error"]["code"] == "broker_unavailable"
+        time.sleep(3)
+        server = EmbeddedRedis(tmp_path / "redis", port=server.port).start()
+        job = client.wait(job_id, timeout=300)
+        assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
+        assert client.call("index_stats")["items"] == SAMPLE_SIZE
+        stack.wait_for(lambda: get_json(f"{url}/healthz")[0] == 200, "the web to see a healthy service again")
+    finally:
+        stack.stop()
+        server.stop()
+
+
+def test_a_whole_embed_worker_killed_mid_load_is_replaced_and_the_load_finishes(make_stack, shared_dir):
+    """kill -9 of the worker and its pool while it holds messages: a new worker gets them back within a minute
+    (not Redis's visibility timeout of half an hour) and every item is indexed exactly once."""
+    stack, client, job_id = loading(make_stack, shared_dir, done_at=100)
+    freeze_while_holding_a_message(stack, "embed", "embed")
+    stack.kill("embed")
+    stack.start("embed")
+    job = client.wait(job_id, timeout=240)
+    assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
+    assert job["errors_by_code"] == {"missing_file": STYLES_ROWS - SAMPLE_SIZE}
+    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+    assert any("messages that no live worker holds" in log.read_text() for log in stack.logs.glob("*.log"))
+
+
+def test_an_index_it_cannot_write_refuses_changes_and_keeps_answering_searches(make_stack, shared_dir):
+    """Disk full, as the index owner sees it (a file size limit: every write that grows a file fails): a load's
+    items fail with index_unwritable instead of being acknowledged, searches still work, and once there is room
+    again the same load indexes them."""
+    stack = make_stack(LOOKALIKE_API_KEY=API_KEY)
+    stack.start("index")
+    stack.start("embed")
+    client = Client(stack.settings)
+    photos = shared_dir / "data" / "fashion" / "images"
+    for name, ids in (("first", ("10186", "10227")), ("second", ("10230", "10279", "10428"))):
+        folder = stack.settings.uploads_dir / name
+        folder.mkdir(parents=True)
+        for item_id in ids:
+            (folder / f"{item_id}.jpg").write_bytes((photos / f"{item_id}.jpg").read_bytes())
+    assert client.wait(client.submit_load(stack.settings.uploads_dir / "first"), timeout=120)["state"] == "done"
+    owner = stack.processes["index"].pid
+    _, hard = resource.prlimit(owner, resource.RLIMIT_FSIZE)
+    resource.prlimit(owner, resource.RLIMIT_FSIZE, (1, hard))  # the soft limit only: it can be lifted again
+    try:
+        refused = client.wait(client.submit_load(stack.settings.uploads_dir / "second"), timeout=120)
+        assert refused["state"] == "failed" and refused["errors_by_code"] == {"index_unwritable": 3}
+        assert client.call("index_stats")["items"] == 2
+        hits = search(client, (photos / "10227.jpg").read_bytes())["result"]["hits"]
+        assert hits[0]["id"] == "10227"
+    finally:
+        resource.prlimit(owner, resource.RLIMIT_FSIZE, (hard, hard))
+    again = client.wait(client.submit_load(stack.settings.uploads_dir / "second"), timeout=120)
+    assert again["state"] == "done" and client.call("index_stats")["items"] == 5
+    assert stack.processes["index"].poll() is None and stack.processes["index"].pid == owner
+    assert not [log.name for log in stack.logs.glob("*.log") if API_KEY in log.read_text()]  # no secret logged
+
+
+class Planted:
+    """Unpickling this runs a command: what a pickle message in Redis could do to a worker that accepted it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_workers_refuse_pickled_messages(make_stack, tmp_path):
+    stack = make_stack()
+    stack.start("embed")
+    marker = tmp_path / "pickle-ran"
+    client = Client(stack.settings)
+    client.app.send_task("lookalike.embed_batch", args=["job", [Planted(marker)]], serializer="pickle")
+    log = stack.log_paths["embed"]
+    stack.wait_for(lambda: "untrusted content" in log.read_text(), "the worker to refuse the message")
+    assert not marker.exists() and stack.processes["embed"].poll() is None
