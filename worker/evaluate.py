@@ -23,7 +23,7 @@ from worker.catalog import plan_catalog
 from worker.embedding import decode_vector, embed_items
 from worker.index import IndexParams, Item, VectorIndex
 from worker.model import EmbeddingModel
-from worker.projection import Projection
+from worker.projection import Projection, unit_rows
 
 TOP_K = 10
 PRECISION_AT = (1, 5, 10)
@@ -66,15 +66,12 @@ def embed_catalog(
         if progress:
             progress(min(start + settings.batch, len(messages)), len(messages))
     matrix = np.vstack(vectors) if vectors else np.zeros((0, model.contract.dimension), np.float32)
-    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-    return Embeddings(ids, matrix, metadata, errors, time.perf_counter() - started)
+    return Embeddings(ids, unit_rows(matrix), metadata, errors, time.perf_counter() - started)
 
 
 def reduce(embeddings: Embeddings, projection: Projection) -> Embeddings:
     """The embeddings as an index reduced by `projection` holds and queries them (unit length again)."""
-    vectors = projection.apply(embeddings.vectors)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return dataclasses.replace(embeddings, vectors=vectors)
+    return dataclasses.replace(embeddings, vectors=unit_rows(projection.apply(embeddings.vectors)))
 
 
 def exact_neighbours(queries: np.ndarray, catalogue: np.ndarray, k: int, leave_one_out: bool) -> np.ndarray:

@@ -47,7 +47,7 @@ class Projection:
                 f"a PCA to {dimension} dimensions needs vectors of more than {dimension} dimensions and more than "
                 f"{dimension} of them; got {count} x {input_dimension}"
             )
-        unit = _unit(vectors).astype(np.float64)
+        unit = unit_rows(vectors).astype(np.float64)
         mean = unit.mean(axis=0)
         centred = unit - mean
         variances, directions = np.linalg.eigh(centred.T @ centred)  # ascending; D x D, never N x N
@@ -61,7 +61,7 @@ class Projection:
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
         """Rows of the input dimension -> rows of the reduced dimension."""
-        return (_unit(np.asarray(vectors, dtype=np.float32)) - self.mean) @ self.components
+        return (unit_rows(np.asarray(vectors, dtype=np.float32)) - self.mean) @ self.components
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -87,5 +87,6 @@ class Projection:
             return cls(data["mean"], data["components"], int(data["fitted_on"]), float(data["retained_variance"]))
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (a zero row stays zero), as the cosine index sees vectors."""
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
