@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.images import decode_image
+from common.model import load_model
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
 from worker.client import Client
-from worker.decode import decode_image
-from worker.model import load_model
 
 SHARED = Path(os.environ.get("LOOKALIKE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.model import load_model
 from export.exporter import export_resnet50
 from export.images import list_images, load_images
 from export.progress import Progress
 from export.quantize import quantize_int8
-from worker.model import load_model
 
 DEFAULT_IMAGES = Path(os.environ.get("LOOKALIKE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 DEFAULT_IMAGES = DEFAULT_IMAGES / "data" / "fashion" / "images"

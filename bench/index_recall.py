@@ -19,9 +19,9 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from lookalike.files import file_sha256
-from worker.decode import decode_image
-from worker.model import load_model
+from common.files import file_sha256
+from common.images import decode_image
+from common.model import load_model
 
 SHARED = Path(os.environ.get("LOOKALIKE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 QUERIES = 1000

@@ -4,12 +4,13 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml ./
-RUN touch README.md && mkdir -p lookalike export worker web \
+RUN touch README.md && mkdir -p common export worker web lookalike \
     && pip install ".[export]" "onnxruntime>=1.20,<2" && pip uninstall --yes lookalike
-COPY lookalike lookalike
+COPY common common
 COPY export export
 COPY worker worker
 COPY web web
+COPY lookalike lookalike
 RUN pip install --no-deps .
 ENTRYPOINT ["lookalike"]
 CMD ["export", "--out", "/models/resnet50_max.onnx"]

@@ -5,12 +5,13 @@ WORKDIR /app
 # The dependencies first, from pyproject.toml alone (an empty README stands in): a change of code or docs
 # reuses this layer.
 COPY pyproject.toml ./
-RUN touch README.md && mkdir -p lookalike export worker web \
+RUN touch README.md && mkdir -p common export worker web lookalike \
     && pip install . && pip uninstall --yes lookalike
-COPY lookalike lookalike
+COPY common common
 COPY export export
 COPY worker worker
 COPY web web
+COPY lookalike lookalike
 RUN pip install --no-deps .
 EXPOSE 8000
 ENTRYPOINT ["lookalike"]

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lookalike.files import atomic_write_bytes, file_sha256
-from worker.model import ModelContract, card_path
+from common.files import atomic_write_bytes, file_sha256
+from common.model import ModelContract, card_path
 
 CARD_FORMAT = "lookalike-model-card/1"
 # module name -> the name the card records

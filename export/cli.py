@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.files import ensure_writable_file
 from export.errors import ExportError
 from export.keras_model import POOLINGS
 from export.progress import Progress
-from lookalike.files import ensure_writable_file
 
 MODELS_DIR = Path("models")
 CALIBRATION_IMAGES = 200

@@ -10,8 +10,8 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
+from common.files import atomic_write_bytes
 from export.keras_model import INPUT_NAME, OUTPUT_NAME
-from lookalike.files import atomic_write_bytes
 
 OPSET = 17
 BATCH_DIM = "batch"

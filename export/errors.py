@@ -1,4 +1,4 @@
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
 
 
 class ExportError(LookalikeError):

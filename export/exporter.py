@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.files import atomic_replace, ensure_writable_file
+from common.model import load_model
 from export.card import contract_fields, write_card
 from export.keras_model import build_embedding_model, check_pooling
 from export.parity import PARITY_BOUND, check_parity, parity_images
 from export.progress import Progress
 from export.weights import WeightsSource, resolve_weights
-from lookalike.files import atomic_replace, ensure_writable_file
-from worker.model import load_model
 
 if TYPE_CHECKING:
     import keras

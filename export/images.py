@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.images import IMAGE_SUFFIXES, ImageError, ResizePolicy, decode_image
 from export.errors import ExportError
-from worker.decode import IMAGE_SUFFIXES, ImageError, ResizePolicy, decode_image
 
 
 def list_images(folder: Path) -> list[Path]:

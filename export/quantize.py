@@ -23,12 +23,12 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from common.files import atomic_replace, ensure_writable_file
+from common.model import EmbeddingModel, load_model
 from export.card import contract_fields, write_card
 from export.errors import ExportError
 from export.images import list_images, load_images
 from export.progress import Progress
-from lookalike.files import atomic_replace, ensure_writable_file
-from worker.model import EmbeddingModel, load_model
 
 CALIBRATION_BATCH = 16
 NEIGHBOURS = 10

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from common.files import file_sha256
 from export.errors import ExportError
-from lookalike.files import file_sha256
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 WEIGHTS_SUFFIXES = (".h5", ".hdf5")

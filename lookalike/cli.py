@@ -10,10 +10,10 @@ from typing import NoReturn
 
 import redis
 
+from common.errors import LookalikeError
 from lookalike import __version__
-from lookalike.errors import LookalikeError
 
-OWN_PACKAGES = ("lookalike", "export", "worker", "web")
+OWN_PACKAGES = ("common", "export", "worker", "web", "lookalike")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
 
 
 def free_port() -> int:

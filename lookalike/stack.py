@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
-from lookalike.errors import LookalikeError
-from lookalike.settings import Settings
+from common.errors import LookalikeError
+from common.settings import Settings
 from worker.heartbeats import heartbeats
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))

@@ -12,9 +12,9 @@ from types import FrameType
 
 import redis
 
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
+from common.settings import DEFAULTS, Settings
 from lookalike.redis_server import EmbeddedRedis
-from lookalike.settings import DEFAULTS, Settings
 from lookalike.stack import Stack
 from worker.heartbeats import alive
 
@@ -41,7 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.model import load_model
+    from common.model import load_model
 
     environ = dict(os.environ)
     if args.model:

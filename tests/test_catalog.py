@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.settings import Settings
-from worker.areas import CatalogError, resolve_reference
+from common.areas import CatalogError, resolve_reference
+from common.settings import Settings
 from worker.catalog import plan_catalog
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.images import ImageError, ResizePolicy, decode_image
 from tests.images import BAD_IMAGES, ODD_IMAGES, encode
-from worker.decode import ImageError, ResizePolicy, decode_image
 
 SIZE = (32, 32)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.settings import SETTINGS, Settings
 from lookalike.cli import build_parser
-from lookalike.settings import SETTINGS, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

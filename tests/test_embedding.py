@@ -8,10 +8,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from lookalike.settings import Settings
+from common.model import load_model
+from common.settings import Settings
 from tests.onnx_models import pooling_model
 from worker.embedding import decode_vector, embed_items, encode_vector, metadata_checksum
-from worker.model import load_model
 
 
 def test_vectors_survive_the_trip_through_json():

@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
+from common.files import file_sha256
+from common.model import card_path, load_model
 from export.errors import ExportError
 from export.exporter import export_resnet50
 from export.keras_model import build_embedding_model
 from export.parity import PARITY_BOUND, max_relative_difference
 from export.progress import Progress
 from export.weights import resolve_weights
-from lookalike.files import file_sha256
-from worker.model import card_path, load_model
 
 pytestmark = pytest.mark.slow
 

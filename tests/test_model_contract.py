@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from lookalike.files import file_sha256
+from common.files import file_sha256
+from common.model import ContractError, ModelError, card_path, load_model, resolve_providers
 from tests.onnx_models import pooling_model
-from worker.model import ContractError, ModelError, card_path, load_model, resolve_providers
 
 
 def test_a_contract_model_loads_and_embeds(tmp_path):

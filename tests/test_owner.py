@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import redis
 
-from lookalike.settings import Settings
+from common.model import load_model
+from common.settings import Settings
 from tests.onnx_models import pooling_model
 from worker.embedding import encode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs
-from worker.model import load_model
 from worker.owner import IndexOwner
 from worker.store import DurableIndex, ModelIdentity
 

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 # package -> modules it must never import (see DESIGN.md): the web only enqueues and polls, the worker never
 # needs TensorFlow, the exporter never serves.
 FORBIDDEN_IMPORTS = {
+    "common": {"flask", "celery", "redis", "hnswlib", "tensorflow", "tf2onnx", "keras"},
     "web": {"onnxruntime", "hnswlib", "tensorflow", "tf2onnx", "keras"},
     "worker": {"tensorflow", "tf2onnx", "keras", "flask"},
     "export": {"flask", "celery"},
@@ -61,7 +62,7 @@ def test_ruff_is_clean():
 WEB_REQUESTS = """
 import io, sys
 from PIL import Image
-from lookalike.settings import Settings
+from common.settings import Settings
 from web.app import create_app
 root = sys.argv[1]
 Image.new("RGB", (40, 40), "red").save(f"{root}/red.jpg")

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lookalike.settings import Settings
+from common.areas import CatalogError
+from common.images import ImageError, decode_image, thumbnail_jpeg
+from common.settings import Settings
 from tests.images import encode
 from web.errors import ApiError
 from web.params import MAX_K, check_item_id, parse_filters, parse_k
-from worker.areas import CatalogError
 from worker.catalog import plan_catalog
-from worker.decode import ImageError, decode_image, thumbnail_jpeg
 
 # -- request parameters ---------------------------------------------------------------------------------------
 

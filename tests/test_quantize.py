@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
+from common.files import file_sha256
+from common.model import card_path, load_model
 from export.errors import ExportError
 from export.images import list_images
 from export.progress import Progress
 from export.quantize import quantize_int8
-from lookalike.files import file_sha256
-from worker.model import card_path, load_model
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.settings import SETTINGS
 from lookalike.cli import build_parser
-from lookalike.settings import SETTINGS
 from tests.test_project import REPO, readme_commands
 
 README = (REPO / "README.md").read_text()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.errors import LookalikeError
-from lookalike.settings import CORES, SETTINGS, Settings
+from common.errors import LookalikeError
+from common.settings import CORES, SETTINGS, Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

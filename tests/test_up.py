@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
+from common.settings import Settings
 from lookalike.redis_server import free_port
-from lookalike.settings import Settings
 from lookalike.stack import LOOKALIKE, Stack
 from lookalike.up import catalog_root
 from tests.test_project import REPO, readme_commands

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from common.settings import Settings
 from lookalike.redis_server import free_port
-from lookalike.settings import Settings
 from tests.images import BAD_IMAGES, encode
 from web.app import create_app
 from worker.jobs import FINISHED

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
+from common.files import file_sha256
 from export.errors import ExportError
 from export.weights import check_weights_file, hdf5_end_of_file, resolve_weights
-from lookalike.files import file_sha256
 
 
 def _hdf5_file(path: Path, **options) -> Path:

@@ -6,7 +6,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from lookalike.settings import Settings
+from common.settings import Settings
 from web.api import api
 from web.csrf import form_token, set_nonce_cookie
 from web.errors import register_error_handlers

@@ -19,7 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from waitress import serve
 
-    from lookalike.settings import Settings
+    from common.settings import Settings
     from web.app import create_app
 
     settings = Settings.from_env()

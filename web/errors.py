@@ -10,7 +10,7 @@ from flask import Flask, Response, g, jsonify, make_response, render_template, r
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from worker.decode import ImageError
+from common.images import ImageError
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ import redis
 from flask import current_app
 from kombu.exceptions import OperationalError
 
-from lookalike.settings import Settings
+from common.areas import CatalogError, locate, resolve_reference
+from common.images import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
+from common.settings import Settings
 from web.errors import ApiError, bad_parameter, not_found, unavailable
-from worker.areas import CatalogError, locate, resolve_reference
 from worker.celery_app import SEARCH_QUEUE, queue_depths
 from worker.client import Client
-from worker.decode import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
 from worker.heartbeats import alive
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)

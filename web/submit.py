@@ -10,10 +10,10 @@ from pathlib import Path
 from flask import request
 from werkzeug.datastructures import FileStorage
 
+from common.areas import ARCHIVE_SUFFIXES
 from web.errors import ApiError, bad_parameter
 from web.params import parse_filters, parse_k
 from web.service import current_service as service
-from worker.areas import ARCHIVE_SUFFIXES
 
 
 def search_from_request() -> str:

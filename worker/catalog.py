@@ -1,6 +1,6 @@
 """Catalogue sources -> items to load: a CSV, a folder of images, a tar archive, or the Fashion dataset layout.
 
-Items carry references to their images (see `worker.areas`), never the image bytes.
+Items carry references to their images (see `common.areas`), never the image bytes.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from lookalike.files import file_sha256
-from lookalike.settings import Settings
-from worker.areas import ARCHIVE_SUFFIXES, CatalogError, locate
-from worker.decode import IMAGE_SUFFIXES
+from common.areas import ARCHIVE_SUFFIXES, CatalogError, locate
+from common.files import file_sha256
+from common.images import IMAGE_SUFFIXES
+from common.settings import Settings
 from worker.jobs import item_error
 
 DATASET_CSV = "styles.csv"

@@ -6,7 +6,7 @@ import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
-from lookalike.settings import Settings
+from common.settings import Settings
 
 EMBED_QUEUE = "embed"  # bulk catalogue embedding: any number of processes on any number of machines
 INDEX_QUEUE = "index"  # changes to the index: only the index owner consumes it

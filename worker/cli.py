@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
 
 if TYPE_CHECKING:
     from worker.client import Client
@@ -149,8 +149,8 @@ def follow_load(client: Client, job_id: str, check: Callable[[], None] | None = 
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from common.images import ImageError
     from worker.client import Client
-    from worker.decode import ImageError
     from worker.runtime import settings
 
     filters = dict(_field_value(text) for text in args.filter)
@@ -198,10 +198,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from lookalike.settings import CORES, Settings
+    from common.model import load_model
+    from common.settings import CORES, Settings
     from worker.evaluate import embed_catalog, evaluate, markdown, reduce
     from worker.index import IndexParams
-    from worker.model import load_model
     from worker.projection import Projection
 
     # The files named here are read where they are: the catalogue root is the whole file system unless set.

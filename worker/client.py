@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lookalike.errors import LookalikeError
-from lookalike.settings import Settings
+from common.errors import LookalikeError
+from common.images import check_size
+from common.settings import Settings
 from worker.celery_app import make_celery
-from worker.decode import check_size
 from worker.jobs import FINISHED, Jobs, item_error, redis_client
 
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.settings import Settings
-from worker.areas import CatalogError, resolve_reference
-from worker.decode import ImageError, decode_image
+from common.areas import CatalogError, resolve_reference
+from common.images import ImageError, decode_image
+from common.model import EmbeddingModel
+from common.settings import Settings
 from worker.jobs import item_error
-from worker.model import EmbeddingModel
 
 
 def encode_vector(vector: np.ndarray) -> str:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.settings import Settings
+from common.model import EmbeddingModel
+from common.settings import Settings
 from worker.catalog import plan_catalog
 from worker.embedding import decode_vector, embed_items
 from worker.index import IndexParams, Item, VectorIndex
-from worker.model import EmbeddingModel
 from worker.projection import Projection, unit_rows
 
 TOP_K = 10

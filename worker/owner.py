@@ -12,14 +12,14 @@ from typing import Any
 import redis
 from celery import Celery
 
-from lookalike.errors import LookalikeError
-from lookalike.settings import CORES, Settings
+from common.errors import LookalikeError
+from common.images import check_size, decode_image
+from common.model import EmbeddingModel, load_model
+from common.settings import CORES, Settings
 from worker.celery_app import INDEX_QUEUE, SEARCH_QUEUE
-from worker.decode import check_size, decode_image
 from worker.embedding import decode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs, item_error
-from worker.model import EmbeddingModel, load_model
 from worker.projection import Reduction
 from worker.recovery import give_back
 from worker.store import DurableIndex, ModelIdentity, ModelMismatch

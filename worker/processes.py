@@ -9,11 +9,11 @@ from multiprocessing import get_context
 
 from celery import Celery, signals
 
-from lookalike.settings import Settings
+from common.model import ModelError, load_model
+from common.settings import Settings
 from worker import runtime
 from worker.celery_app import EMBED_QUEUE, INDEX_QUEUE, SEARCH_QUEUE
 from worker.heartbeats import start_heartbeat
-from worker.model import ModelError, load_model
 from worker.owner import IndexOwner
 
 log = logging.getLogger(__name__)

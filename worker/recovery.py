@@ -22,7 +22,7 @@ import redis
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
-from lookalike.settings import Settings
+from common.settings import Settings
 from worker.heartbeats import ALIVE_SECONDS, HEARTBEAT_SECONDS, alive, forget_heartbeat, start_heartbeat
 from worker.jobs import redis_client
 

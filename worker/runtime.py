@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from lookalike.settings import Settings
+from common.model import EmbeddingModel, load_model
+from common.settings import Settings
 from worker.jobs import Jobs, redis_client
-from worker.model import EmbeddingModel, load_model
 
 REDIS_PATIENCE = 60  # seconds a worker's Redis calls keep trying while Redis restarts
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.errors import LookalikeError
-from lookalike.files import atomic_write_bytes, file_sha256, fsync_path
+from common.errors import LookalikeError
+from common.files import atomic_write_bytes, file_sha256, fsync_path
 from worker.index import IndexParams, Item, VectorIndex
 from worker.projection import Projection, Reduction
 from worker.wal import Change, WriteAheadLog

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from common.areas import CatalogError
+from common.images import ImageError
 from worker import runtime
-from worker.areas import CatalogError
 from worker.catalog import plan_catalog
 from worker.celery_app import app
-from worker.decode import ImageError
 from worker.embedding import embed_items
 from worker.jobs import item_error
 from worker.owner import CHECKSUMS_KEY, IndexOwner, decode_upload

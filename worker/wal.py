@@ -14,8 +14,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from lookalike.errors import LookalikeError
-from lookalike.files import fsync_path
+from common.errors import LookalikeError
+from common.files import fsync_path
 
 # Each record: payload length, CRC-32 of the payload, sequence number; then the payload:
 # JSON length, JSON (operation, id, metadata, checksums), and the raw float32 vector if there is one.

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from lookalike.errors import LookalikeError
-from lookalike.files import file_sha256
+from common.errors import LookalikeError
+from common.files import file_sha256
 
 log = logging.getLogger(__name__)
 

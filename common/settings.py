@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
 
 CORES = os.cpu_count() or 1
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from lookalike.errors import LookalikeError
-from lookalike.settings import Settings
+from common.errors import LookalikeError
+from common.settings import Settings
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # catalogue archives, unpacked into the "archives" area
 

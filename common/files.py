@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lookalike.errors import LookalikeError
+from common.errors import LookalikeError
 
 
 def file_sha256(path: str | Path) -> str:
