@@ -25,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
+    from lookalike.settings_command import register as register_settings
     from lookalike.up import register as register_up
     from web.cli import register as register_web
     from worker.cli import register as register_worker
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_evaluate(commands)
     register_duplicates(commands)
     register_up(commands)
+    register_settings(commands)
     return parser
 
 

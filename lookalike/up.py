@@ -13,7 +13,7 @@ from types import FrameType
 import redis
 
 from common.errors import LookalikeError
-from common.settings import DEFAULTS, Settings
+from common.settings import Settings, defaults
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
 from worker.heartbeats import alive
@@ -32,7 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--port", type=int, default=8000, help="port of the web pages and API (default 8000)")
     up.add_argument("--host", default="127.0.0.1", help="address the web listens on (default 127.0.0.1)")
     up.add_argument(
-        "--model", type=Path, help=f"an ONNX model with the contract (default: {DEFAULTS['LOOKALIKE_MODEL']})"
+        "--model", type=Path, help=f"an ONNX model with the contract (default: {defaults()['LOOKALIKE_MODEL']})"
     )
     up.add_argument(
         "--catalog", type=Path, help="load this catalogue on start: a CSV, folder, tar archive or styles.csv+images/"

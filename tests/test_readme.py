@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.settings import SETTINGS
+from common.settings import defaults
 from lookalike.cli import build_parser
 from tests.test_project import REPO, readme_commands
 
@@ -48,13 +48,13 @@ def test_every_readme_command_is_run_by_a_test_or_ci(command):
         return  # run below, for real
     assignments = re.match(r"((?:[A-Z_]+=\S+ )*)(.*)", command)
     if assignments.group(1) and assignments.group(2):  # settings for one command: they must be settings
-        assert set(re.findall(r"([A-Z_]+)=", assignments.group(1))) <= {s.variable for s in SETTINGS}
+        assert set(re.findall(r"([A-Z_]+)=", assignments.group(1))) <= set(defaults())
         command = assignments.group(2)
     if command.startswith("export LOOKALIKE_"):
         # settings: each variable is one the code reads, or one docker-compose.yml reads from the host
         compose = (REPO / "docker-compose.yml").read_text()
         names = re.findall(r"\b(LOOKALIKE_[A-Z_]+)=", command)
-        assert all(name in {s.variable for s in SETTINGS} or f"${{{name}" in compose for name in names), names
+        assert all(name in set(defaults()) or f"${{{name}" in compose for name in names), names
         return
     if command.startswith("docker compose "):
         # no Docker engine here: tests/test_docker.py checks the file and builds the images' environments;
