@@ -25,6 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from common.files import atomic_replace, ensure_writable_file
 from common.model import EmbeddingModel, load_model
+from common.vectors import unit_rows
 from export.card import contract_fields, write_card
 from export.errors import ExportError
 from export.images import list_images, load_images
@@ -153,7 +154,7 @@ def _split(paths: list[Path], calibration_images: int, holdout_images: int) -> t
 
 def _quality(fp32: EmbeddingModel, int8: EmbeddingModel, images: np.ndarray) -> dict[str, Any]:
     """Mean and minimum cosine between fp32 and INT8 embeddings, and how many top-10 neighbours agree."""
-    reference, candidate = _normalise(fp32.embed(images)), _normalise(int8.embed(images))
+    reference, candidate = unit_rows(fp32.embed(images)), unit_rows(int8.embed(images))
     cosine = np.sum(reference * candidate, axis=1)
     neighbours = min(NEIGHBOURS, len(images) - 1)
     agreement = None
@@ -166,10 +167,6 @@ def _quality(fp32: EmbeddingModel, int8: EmbeddingModel, images: np.ndarray) -> 
         "neighbours": neighbours,
         "top_k_agreement": None if agreement is None else round(agreement, 4),
     }
-
-
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _top_k(unit_vectors: np.ndarray, k: int) -> np.ndarray:

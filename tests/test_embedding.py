@@ -10,8 +10,9 @@ from PIL import Image
 
 from common.model import load_model
 from common.settings import Settings
+from common.vectors import decode_vector, encode_vector
 from tests.onnx_models import pooling_model
-from worker.embedding import decode_vector, embed_items, encode_vector, metadata_checksum
+from worker.embedding import embed_items, metadata_checksum
 
 
 def test_vectors_survive_the_trip_through_json():

@@ -8,8 +8,8 @@ import redis
 
 from common.model import load_model
 from common.settings import Settings
+from common.vectors import encode_vector
 from tests.onnx_models import pooling_model
-from worker.embedding import encode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs
 from worker.owner import IndexOwner

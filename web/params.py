@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from common import filters
+from common.filters import MAX_FIELD_LENGTH
 from web.errors import bad_parameter, not_found
 
 DEFAULT_K = 5
 MAX_K = 100
-MAX_FILTERS = 20
-MAX_FIELD_LENGTH = 200
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
@@ -30,23 +30,11 @@ def parse_k(value: str | None) -> int:
 
 
 def parse_filters(values: Iterable[str]) -> dict[str, str]:
-    """`FIELD=VALUE` pairs (metadata must equal each); empty values, as an unset form select sends, are ignored."""
-    filters: dict[str, str] = {}
-    for text in values:
-        if not text:
-            continue
-        field, separator, value = text.partition("=")
-        field = field.strip()
-        if not separator or not field:
-            raise bad_parameter(f"filter {text[:60]!r}: expected FIELD=VALUE")
-        if len(field) > MAX_FIELD_LENGTH or len(value) > MAX_FIELD_LENGTH:
-            raise bad_parameter(f"filter {text[:60]!r}: fields and values are at most {MAX_FIELD_LENGTH} characters")
-        if field in filters and filters[field] != value:
-            raise bad_parameter(f"filter field {field!r} is given twice with different values")
-        filters[field] = value
-    if len(filters) > MAX_FILTERS:
-        raise bad_parameter(f"at most {MAX_FILTERS} filters")
-    return filters
+    """The request's `filter` values (see `common.filters`), a 400 when one breaks the rules."""
+    try:
+        return filters.parse_filters(values)
+    except filters.FilterError as error:
+        raise bad_parameter(str(error)) from None
 
 
 def check_item_id(item_id: str) -> str:

@@ -149,11 +149,12 @@ def follow_load(client: Client, job_id: str, check: Callable[[], None] | None = 
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from common.filters import parse_filters
     from common.images import ImageError
     from worker.client import Client
     from worker.runtime import settings
 
-    filters = dict(_field_value(text) for text in args.filter)
+    filters = parse_filters(args.filter)
     try:
         image = args.image.read_bytes()
     except OSError as error:
@@ -173,13 +174,6 @@ def run_search(args: argparse.Namespace) -> int:
             name = hit["metadata"].get("productDisplayName", "")
             print(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}  {name}")
     return 0
-
-
-def _field_value(text: str) -> tuple[str, str]:
-    field, separator, value = text.partition("=")
-    if not separator or not field:
-        raise LookalikeError(f"--filter {text!r}: expected FIELD=VALUE")
-    return field, value
 
 
 def _progress_bar(job: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Mapping
@@ -15,16 +14,8 @@ from common.areas import CatalogError, resolve_reference
 from common.images import ImageError, decode_image
 from common.model import EmbeddingModel
 from common.settings import Settings
+from common.vectors import encode_vector
 from worker.jobs import item_error
-
-
-def encode_vector(vector: np.ndarray) -> str:
-    """float32 little-endian, base64: how vectors travel between tasks (JSON only on the broker)."""
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-
-
-def decode_vector(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype="<f4").copy()
 
 
 @dataclass

@@ -20,10 +20,11 @@ import numpy as np
 
 from common.model import EmbeddingModel
 from common.settings import Settings
+from common.vectors import decode_vector, unit_rows
 from worker.catalog import plan_catalog
-from worker.embedding import decode_vector, embed_items
+from worker.embedding import embed_items
 from worker.index import IndexParams, Item, VectorIndex
-from worker.projection import Projection, unit_rows
+from worker.projection import Projection
 
 TOP_K = 10
 PRECISION_AT = (1, 5, 10)

@@ -16,8 +16,8 @@ from common.errors import LookalikeError
 from common.images import check_size, decode_image
 from common.model import EmbeddingModel, load_model
 from common.settings import CORES, Settings
+from common.vectors import decode_vector
 from worker.celery_app import INDEX_QUEUE, SEARCH_QUEUE
-from worker.embedding import decode_vector
 from worker.index import IndexParams
 from worker.jobs import Jobs, item_error
 from worker.projection import Reduction

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from common.vectors import unit_rows
+
 
 @dataclass(frozen=True)
 class Reduction:
@@ -85,8 +87,3 @@ class Projection:
     def load(cls, path: Path) -> Projection:
         with np.load(path, allow_pickle=False) as data:
             return cls(data["mean"], data["components"], int(data["fitted_on"]), float(data["retained_variance"]))
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Each row scaled to length 1 (a zero row stays zero), as the cosine index sees vectors."""
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
