@@ -26,7 +26,7 @@ from common.images import decode_image
 from common.model import load_model
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
-from worker.client import Client
+from protocol.client import Client
 
 SHARED = Path(os.environ.get("LOOKALIKE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -53,7 +53,7 @@ def search_latencies(client: Client, photos: list[Path], until: float) -> list[f
     while time.monotonic() < until:
         data = photos[len(latencies) % len(photos)].read_bytes()
         started = time.perf_counter()
-        job = client.wait(client.submit_search(data, 10), timeout=120)
+        job = client.follow(client.search(data, 10), timeout=120)
         latencies.append(time.perf_counter() - started)
         assert job["state"] == "done", job
         time.sleep(0.1)
@@ -83,13 +83,13 @@ def main() -> None:
         # 1. The whole catalogue, nothing else running: end-to-end throughput.
         with running_stack(redis_server.url, work / "quiet", args) as client:
             started = time.perf_counter()
-            job = client.wait(client.submit_load(args.archive, args.metadata), timeout=7200)
+            job = client.follow(client.start_load(args.archive, args.metadata), timeout=7200)
             elapsed = time.perf_counter() - started
-            indexed = client.call("index_stats")["items"]
+            indexed = client.stats()["items"]
         # 2. A fresh index: searches one after another, idle, then while the same catalogue loads.
         with running_stack(redis_server.url.rsplit("/", 1)[0] + "/1", work / "busy", args) as client:
             idle = search_latencies(client, photos, time.monotonic() + 30)
-            client.submit_load(args.archive, args.metadata)
+            client.start_load(args.archive, args.metadata)
             time.sleep(5)  # past the unpacking, into embedding
             busy = search_latencies(client, photos, time.monotonic() + args.busy_seconds)
             busy_progress = client.jobs.list_loads(1)[0]["progress"]

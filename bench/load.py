@@ -28,7 +28,7 @@ from search_latency import FAILED, run_clients
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
-from worker.client import Client
+from protocol.client import Client
 
 MODEL = SHARED / "models" / "efficientnet_lite0_max.onnx"
 PHOTOS = SHARED / "data" / "fashion" / "images"
@@ -45,7 +45,7 @@ def own_stack() -> Iterator[str]:
             stack.start("embed")
             url = stack.start_web(free_port())
             client = Client(stack.settings)
-            client.wait(client.submit_load(SHARED / "data" / "fashion"), timeout=600)
+            client.follow(client.start_load(SHARED / "data" / "fashion"), timeout=600)
             yield url
         finally:
             stack.stop()

@@ -25,7 +25,7 @@ from catalog_load import SHARED, percentiles
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
-from worker.client import Client
+from protocol.client import Client
 
 CONCURRENCY = (1, 8, 32)
 FIRST_POLL, BACKOFF, LONGEST_POLL = 0.05, 1.5, 2.0  # as web/static/app.js polls
@@ -165,10 +165,10 @@ def main() -> None:
             port = free_port()
             stack.start_web(port)
             client = Client(stack.settings)
-            client.wait(client.submit_load(SHARED / "data" / "fashion"), timeout=600)
+            client.follow(client.start_load(SHARED / "data" / "fashion"), timeout=600)
             for clients in CONCURRENCY:
                 rows.append(("idle", clients, *run_clients(port, photos, clients, args.seconds)[:2]))
-            load_id = client.submit_load(args.archive, args.metadata)
+            load_id = client.start_load(args.archive, args.metadata)
             time.sleep(5)  # past the unpacking, into embedding
             for clients in CONCURRENCY:
                 rows.append(("during a catalogue load", clients, *run_clients(port, photos, clients, args.seconds)[:2]))

@@ -10,6 +10,8 @@ from enum import StrEnum
 import numpy as np
 from PIL import Image, ImageOps
 
+from common.errors import ErrorCode
+
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 # File names taken for images when a folder is scanned (the formats above, by their usual suffixes).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -31,7 +33,7 @@ class ResizePolicy(StrEnum):
 class ImageError(ValueError):
     """An image that can't be used, with a stable machine-readable code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -43,7 +45,7 @@ class ImageError(ValueError):
 def check_size(data: bytes, max_bytes: int) -> bytes:
     """Refuse an upload over the byte cap before anything decodes it."""
     if len(data) > max_bytes:
-        raise ImageError("too_large", f"the upload is {len(data):,} bytes, over the cap of {max_bytes:,}")
+        raise ImageError(ErrorCode.TOO_LARGE, f"the upload is {len(data):,} bytes, over the cap of {max_bytes:,}")
     return data
 
 
@@ -83,7 +85,7 @@ def load_rgb(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
         image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)
     except MemoryError as error:
-        raise ImageError("too_large", "the image needs more memory to decode than there is") from error
+        raise ImageError(ErrorCode.TOO_LARGE, "the image needs more memory to decode than there is") from error
     except DAMAGED_DATA as error:
         raise unreadable(error) from error
 
@@ -91,25 +93,27 @@ def load_rgb(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Identify an image from its header (no pixels decoded yet), refusing what decoding would refuse up front."""
     if not data:
-        raise ImageError("empty", "the file is empty")
+        raise ImageError(ErrorCode.EMPTY, "the file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError("too_large", f"the image is too large: {error}") from error
+        raise ImageError(ErrorCode.TOO_LARGE, f"the image is too large: {error}") from error
     except Image.UnidentifiedImageError as error:
-        raise ImageError("not_an_image", "the file is not an image in a known format") from error
+        raise ImageError(ErrorCode.NOT_AN_IMAGE, "the file is not an image in a known format") from error
     except DAMAGED_DATA as error:
         raise unreadable(error) from error
     if image.format not in ALLOWED_FORMATS:
         allowed = ", ".join(sorted(ALLOWED_FORMATS - {"MPO"}))
-        raise ImageError("unsupported_format", f"{image.format} images are not accepted (allowed: {allowed})")
+        raise ImageError(ErrorCode.UNSUPPORTED_FORMAT, f"{image.format} images are not accepted (allowed: {allowed})")
     width, height = image.size
     if width < 1 or height < 1:
-        raise ImageError("corrupt", f"the image has no pixels ({width}x{height})")
+        raise ImageError(ErrorCode.CORRUPT, f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError("too_large", f"the image is {width}x{height} pixels, over the cap of {max_pixels:,} pixels")
+        raise ImageError(
+            ErrorCode.TOO_LARGE, f"the image is {width}x{height} pixels, over the cap of {max_pixels:,} pixels"
+        )
     try:
         if getattr(image, "n_frames", 1) > 1:  # counting frames reads every frame's header
             image.seek(0)
@@ -121,8 +125,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 def unreadable(error: Exception) -> ImageError:
     """Pillow says "truncated" in several ways (header or pixel data); everything else is corrupt data."""
     if "truncat" in str(error).lower():
-        return ImageError("truncated", "the image data ends early (truncated file)")
-    return ImageError("corrupt", f"the image data can't be decoded: {error}")
+        return ImageError(ErrorCode.TRUNCATED, "the image data ends early (truncated file)")
+    return ImageError(ErrorCode.CORRUPT, f"the image data can't be decoded: {error}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -4,9 +4,10 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml ./
-RUN touch README.md && mkdir -p common export worker web lookalike \
+RUN touch README.md && mkdir -p common protocol export worker web lookalike \
     && pip install ".[export]" "onnxruntime>=1.20,<2" && pip uninstall --yes lookalike
 COPY common common
+COPY protocol protocol
 COPY export export
 COPY worker worker
 COPY web web

@@ -5,9 +5,10 @@ WORKDIR /app
 # The dependencies first, from pyproject.toml alone (an empty README stands in): a change of code or docs
 # reuses this layer.
 COPY pyproject.toml ./
-RUN touch README.md && mkdir -p common export worker web lookalike \
+RUN touch README.md && mkdir -p common protocol export worker web lookalike \
     && pip install . && pip uninstall --yes lookalike
 COPY common common
+COPY protocol protocol
 COPY export export
 COPY worker worker
 COPY web web

@@ -10,9 +10,10 @@ WORKDIR /app
 # hnswlib's build needs goes again in the same layer.
 COPY pyproject.toml ./
 RUN apt-get update && apt-get install --yes --no-install-recommends g++ \
-    && touch README.md && mkdir -p common export worker web lookalike && pip install ".[$EXTRA]" && pip uninstall --yes lookalike \
+    && touch README.md && mkdir -p common protocol export worker web lookalike && pip install ".[$EXTRA]" && pip uninstall --yes lookalike \
     && apt-get purge --yes g++ && apt-get autoremove --yes && rm -rf /var/lib/apt/lists/*
 COPY common common
+COPY protocol protocol
 COPY export export
 COPY worker worker
 COPY web web

@@ -17,7 +17,7 @@ import redis
 
 from common.errors import LookalikeError
 from common.settings import Settings
-from worker.heartbeats import heartbeats
+from protocol.heartbeats import heartbeats
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 

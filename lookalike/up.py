@@ -16,7 +16,7 @@ from common.errors import LookalikeError
 from common.settings import Settings, defaults
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
-from worker.heartbeats import alive
+from protocol.heartbeats import alive
 
 WATCH_SECONDS = 1.0
 ROOT_FILE = "catalog-root"  # in DATA_DIR: the catalogue root `up` chose; item references are relative to it
@@ -127,13 +127,13 @@ def refuse_a_second_index_owner(redis_url: str) -> None:
 
 
 def load(stack: Stack, catalog: Path) -> None:
+    from protocol.client import Client
     from worker.cli import follow_load
-    from worker.client import Client
 
     client = Client(stack.settings)
     print(f"loading {catalog} (items the index already holds unchanged are not embedded again)", file=sys.stderr)
     try:
-        follow_load(client, client.submit_load(catalog), check=lambda: check_processes(stack))
+        follow_load(client, client.start_load(catalog), check=lambda: check_processes(stack))
     except ProcessExited:
         raise
     except LookalikeError as error:  # the service still runs: a better catalogue can be loaded from the web

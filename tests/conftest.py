@@ -14,8 +14,8 @@ from hypothesis import settings as hypothesis_settings
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from protocol.client import Client
 from web.app import create_app
-from worker.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -122,7 +122,7 @@ def sample_service(redis_url: str, data_dir: Path, model: Path, shared_dir: Path
         stack.start("embed")
         url = stack.start_web(free_port()) if web else ""
         client = Client(stack.settings)
-        job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+        job = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)
         yield Served(stack, url, client, job)
     finally:
         stack.stop()

@@ -20,11 +20,11 @@ import pytest
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from protocol.client import Client
 from tests.conftest import BENCH
 from tests.images import BAD_IMAGES, ODD_IMAGES
 from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_while_holding_a_message, loading, search
 from web.app import create_app
-from worker.client import Client
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +60,13 @@ def test_hostile_files_in_a_load_are_per_item_errors_and_no_worker_dies(make_sta
     workers = {stack.processes["index"].pid, stack.processes["embed"].pid, *stack.pool_children("embed")}
     expected = write_corpus(stack.settings.uploads_dir / "hostile")
     client = Client(stack.settings)
-    job = client.wait(client.submit_load(stack.settings.uploads_dir / "hostile" / "catalog.csv"), timeout=300)
+    job = client.follow(client.start_load(stack.settings.uploads_dir / "hostile" / "catalog.csv"), timeout=300)
 
     refused = {error["id"]: error["code"] for error in job["errors"]}
     assert refused == {item_id: code for item_id, code in expected.items() if code}
     assert job["progress"] == {"total": len(expected), "done": len(ODD_IMAGES), "failed": len(BAD_IMAGES)}
     assert job["errors_by_code"] == dict(sorted(Counter(code for code in expected.values() if code).items()))
-    assert client.call("index_stats")["items"] == len(ODD_IMAGES)
+    assert client.stats()["items"] == len(ODD_IMAGES)
     # no worker died or was replaced, and none held a decoded bomb in memory
     assert workers <= {stack.processes["index"].pid, stack.processes["embed"].pid, *stack.pool_children("embed")}
     assert not [log.name for log in stack.logs.glob("*.log") if "WorkerLostError" in log.read_text()]
@@ -78,7 +78,7 @@ def test_hostile_files_in_a_load_are_per_item_errors_and_no_worker_dies(make_sta
 def test_odd_but_genuine_images_are_searched_through_the_api(live, served, data):
     response = live.post("/api/search", data={"image": (io.BytesIO(data), "odd.jpg"), "k": "3"})
     assert response.status_code == 202, response.get_json()
-    job = served.client.wait(response.get_json()["job_id"], timeout=60)
+    job = served.client.follow(response.get_json()["job_id"], timeout=60)
     assert job["state"] == "done" and len(job["result"]["hits"]) == 3
     preview = live.get(f"/jobs/{job['id']}/preview.jpg")
     assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
@@ -117,7 +117,7 @@ def test_a_full_search_queue_answers_503_and_stalled_searches_fail(make_stack, s
     try:
         answers = [search() for _ in range(6)]
         accepted = [answer.get_json()["job_id"] for answer in answers if answer.status_code == 202]
-        stalled = [client.wait(job_id, timeout=30) for job_id in accepted]
+        stalled = [client.follow(job_id, timeout=30) for job_id in accepted]
     finally:
         os.killpg(stack.processes["index"].pid, signal.SIGCONT)
     busy = [answer for answer in answers if answer.status_code == 503]
@@ -128,7 +128,7 @@ def test_a_full_search_queue_answers_503_and_stalled_searches_fail(make_stack, s
     stack.wait_for(lambda: stack.redis.llen("search") == 0, "the search queue to drain")
     fresh = search()
     assert fresh.status_code == 202, fresh.get_json()
-    assert client.wait(fresh.get_json()["job_id"], timeout=60)["state"] == "done"
+    assert client.follow(fresh.get_json()["job_id"], timeout=60)["state"] == "done"
     assert all(client.jobs.get(job_id)["error"]["code"] == "timed_out" for job_id in accepted)
 
 
@@ -150,7 +150,7 @@ def test_a_redis_restart_during_a_load_is_a_503_then_the_load_finishes(tmp_path,
         stack.start("embed")
         url = stack.start_web(free_port())
         client = Client(stack.settings)
-        job_id = client.submit_load(shared_dir / "data" / "fashion")
+        job_id = client.start_load(shared_dir / "data" / "fashion")
         stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= 200, "the load to get going", 120)
         server.stop()
         status, health = get_json(f"{url}/healthz")
@@ -159,9 +159,9 @@ def test_a_redis_restart_during_a_load_is_a_503_then_the_load_finishes(tmp_path,
         assert status == 503 and job["error"]["code"] == "broker_unavailable"
         time.sleep(3)
         server = EmbeddedRedis(tmp_path / "redis", port=server.port).start()
-        job = client.wait(job_id, timeout=300)
+        job = client.follow(job_id, timeout=300)
         assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
-        assert client.call("index_stats")["items"] == SAMPLE_SIZE
+        assert client.stats()["items"] == SAMPLE_SIZE
         stack.wait_for(lambda: get_json(f"{url}/healthz")[0] == 200, "the web to see a healthy service again")
     finally:
         stack.stop()
@@ -175,10 +175,10 @@ def test_a_whole_embed_worker_killed_mid_load_is_replaced_and_the_load_finishes(
     freeze_while_holding_a_message(stack, "embed", "embed")
     stack.kill("embed")
     stack.start("embed")
-    job = client.wait(job_id, timeout=240)
+    job = client.follow(job_id, timeout=240)
     assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
     assert job["errors_by_code"] == {"missing_file": STYLES_ROWS - SAMPLE_SIZE}
-    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+    assert client.stats()["items"] == SAMPLE_SIZE
     assert any("messages that no live worker holds" in log.read_text() for log in stack.logs.glob("*.log"))
 
 
@@ -196,20 +196,20 @@ def test_an_index_it_cannot_write_refuses_changes_and_keeps_answering_searches(m
         folder.mkdir(parents=True)
         for item_id in ids:
             (folder / f"{item_id}.jpg").write_bytes((photos / f"{item_id}.jpg").read_bytes())
-    assert client.wait(client.submit_load(stack.settings.uploads_dir / "first"), timeout=120)["state"] == "done"
+    assert client.follow(client.start_load(stack.settings.uploads_dir / "first"), timeout=120)["state"] == "done"
     owner = stack.processes["index"].pid
     _, hard = resource.prlimit(owner, resource.RLIMIT_FSIZE)
     resource.prlimit(owner, resource.RLIMIT_FSIZE, (1, hard))  # the soft limit only: it can be lifted again
     try:
-        refused = client.wait(client.submit_load(stack.settings.uploads_dir / "second"), timeout=120)
+        refused = client.follow(client.start_load(stack.settings.uploads_dir / "second"), timeout=120)
         assert refused["state"] == "failed" and refused["errors_by_code"] == {"index_unwritable": 3}
-        assert client.call("index_stats")["items"] == 2
+        assert client.stats()["items"] == 2
         hits = search(client, (photos / "10227.jpg").read_bytes())["result"]["hits"]
         assert hits[0]["id"] == "10227"
     finally:
         resource.prlimit(owner, resource.RLIMIT_FSIZE, (hard, hard))
-    again = client.wait(client.submit_load(stack.settings.uploads_dir / "second"), timeout=120)
-    assert again["state"] == "done" and client.call("index_stats")["items"] == 5
+    again = client.follow(client.start_load(stack.settings.uploads_dir / "second"), timeout=120)
+    assert again["state"] == "done" and client.stats()["items"] == 5
     assert stack.processes["index"].poll() is None and stack.processes["index"].pid == owner
     assert not [log.name for log in stack.logs.glob("*.log") if API_KEY in log.read_text()]  # no secret logged
 
@@ -229,7 +229,7 @@ def test_workers_refuse_pickled_messages(make_stack, tmp_path):
     stack.start("embed")
     marker = tmp_path / "pickle-ran"
     client = Client(stack.settings)
-    client.app.send_task("lookalike.embed_batch", args=["job", [Planted(marker)]], serializer="pickle")
+    client.celery.send_task("lookalike.embed_batch", args=["job", [Planted(marker)]], serializer="pickle")
     log = stack.log_paths["embed"]
     stack.wait_for(lambda: "untrusted content" in log.read_text(), "the worker to refuse the message")
     assert not marker.exists() and stack.processes["embed"].poll() is None

@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from worker.jobs import Jobs, item_error
+from protocol.jobs import Jobs, item_error
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import redis
 from common.model import load_model
 from common.settings import Settings
 from common.vectors import encode_vector
+from protocol.jobs import Jobs
 from tests.onnx_models import pooling_model
 from worker.index import IndexParams
-from worker.jobs import Jobs
 from worker.owner import IndexOwner
 from worker.store import DurableIndex, ModelIdentity
 

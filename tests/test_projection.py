@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
+from protocol.client import Client
 from tests.test_worker import SAMPLE_SIZE, image_bytes, search
-from worker.client import Client
 from worker.index import IndexParams
 from worker.projection import Projection, Reduction
 from worker.store import DurableIndex, IndexStoreError, ModelIdentity
@@ -130,17 +130,17 @@ def test_a_service_with_pca_fits_at_load_searches_and_survives_a_kill(make_stack
     stack.start("index")
     stack.start("embed")
     client = Client(stack.settings)
-    job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+    job = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)
     assert job["progress"]["done"] == SAMPLE_SIZE
-    stats = client.call("index_stats")
+    stats = client.stats()
     assert stats["dimension"] == 64 and 300 <= stats["pca"]["fitted_on"] < SAMPLE_SIZE
     assert stats["pca"]["input_dimension"] == 1280 and stack.heartbeat("index")[0]["pca"] == stats["pca"]
     hits = search(client, image_bytes(shared_dir, "10186"))["result"]["hits"]
     assert hits[0]["id"] == "10186" and hits[0]["score"] > 0.99
-    similar = client.call("similar_items", "10186", 5)["hits"]
+    similar = client.similar("10186", 5)
     assert "10186" not in [hit["id"] for hit in similar] and len(similar) == 5
 
     stack.kill("index")
     stack.start("index")
-    assert client.call("index_stats")["pca"] == stats["pca"] and client.call("index_stats")["items"] == SAMPLE_SIZE
+    assert client.stats()["pca"] == stats["pca"] and client.stats()["items"] == SAMPLE_SIZE
     assert search(client, image_bytes(shared_dir, "10186"))["result"]["hits"] == hits

@@ -97,8 +97,8 @@ def test_the_api_examples_work_against_the_running_service(served, shared_dir, t
     assert result.returncode == 0, result.stderr
     assert '"deleted":"11013"' in result.stdout and '"status":"ok"' in result.stdout
     # put the sample back as the other tests know it
-    served.client.wait(served.client.submit_load(shared_dir / "data" / "fashion"), timeout=300)
-    assert served.client.call("get_item", "11013") is not None
+    served.client.follow(served.client.start_load(shared_dir / "data" / "fashion"), timeout=300)
+    assert served.client.get_item("11013") is not None
 
 
 @pytest.mark.slow

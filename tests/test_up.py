@@ -19,8 +19,8 @@ from common.settings import Settings
 from lookalike.redis_server import free_port
 from lookalike.stack import LOOKALIKE, Stack
 from lookalike.up import catalog_root
+from protocol.client import Client
 from tests.test_project import REPO, readme_commands
-from worker.client import Client
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
         assert health.getresponse().status == 200
         job = search(port, catalog / "images" / "10186.jpg")
         assert job["result"]["hits"][0]["id"] == "10186"
-        index = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": demo.redis_url()})).call("index_stats")
+        index = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": demo.redis_url()})).stats()
         processes = descendants(demo.process.pid)
         assert len(processes) >= 6, "lookalike up, redis-server, the index worker, the embed worker and pool, the web"
     finally:
@@ -117,7 +117,7 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
     again = Up(tmp_path, [LOOKALIKE, "up", *args])
     try:
         again.wait_for_output(r"load partial: 1,002 indexed")
-        after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": again.redis_url()})).call("index_stats")
+        after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": again.redis_url()})).stats()
         assert (after["items"], after["seq"]) == (1002, index["seq"]), "a restart embedded nothing again"
         processes = descendants(again.process.pid)
     finally:

@@ -15,9 +15,9 @@ from PIL import Image
 
 from common.settings import Settings
 from lookalike.redis_server import free_port
+from protocol.jobs import FINISHED
 from tests.images import BAD_IMAGES, encode
 from web.app import create_app
-from worker.jobs import FINISHED
 
 MAX_UPLOAD = 200_000
 NOT_LOOPBACK = {"REMOTE_ADDR": "203.0.113.9"}

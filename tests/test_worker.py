@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from lookalike.stack import LOOKALIKE, Stack
+from protocol.client import Client
 from tests.conftest import sample_service
 from tests.images import encode
-from worker.client import Client
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def image_bytes(shared_dir, item_id: str) -> bytes:
 
 
 def search(client: Client, data: bytes, k: int = 5, **filters: str) -> dict:
-    return client.wait(client.submit_search(data, k, filters), timeout=60)
+    return client.follow(client.search(data, k, filters), timeout=60)
 
 
 def test_the_fashion_layout_loads_as_it_is(loaded):
@@ -45,7 +45,7 @@ def test_the_fashion_layout_loads_as_it_is(loaded):
     assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
     assert job["errors_by_code"] == {"missing_file": STYLES_ROWS - SAMPLE_SIZE}
     assert job["errors"][0]["message"].startswith("image images/")
-    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+    assert client.stats()["items"] == SAMPLE_SIZE
 
 
 def test_a_product_photo_finds_itself_first_with_its_metadata(loaded, shared_dir):
@@ -63,13 +63,13 @@ def test_a_product_photo_finds_itself_first_with_its_metadata(loaded, shared_dir
 
 def test_more_like_this_and_filters(loaded):
     _, client, _ = loaded
-    similar = client.call("similar_items", "10186", 4)["hits"]
+    similar = client.similar("10186", 4)
     assert len(similar) == 4 and "10186" not in [hit["id"] for hit in similar]
-    women = client.call("similar_items", "10186", 6, {"gender": "Women", "masterCategory": "Apparel"})["hits"]
+    women = client.similar("10186", 6, {"gender": "Women", "masterCategory": "Apparel"})
     assert len(women) == 6
     assert all((h["metadata"]["gender"], h["metadata"]["masterCategory"]) == ("Women", "Apparel") for h in women)
-    assert client.call("similar_items", "no-such-id", 3)["error"]["code"] == "not_found"
-    assert client.call("get_item", "10186")["metadata"]["gender"] == "Men"
+    assert client.similar("no-such-id", 3) is None
+    assert client.get_item("10186")["metadata"]["gender"] == "Men"
 
 
 def test_hostile_uploads_fail_with_a_code_and_odd_but_valid_ones_work(loaded, shared_dir):
@@ -103,7 +103,7 @@ def test_hostile_files_in_a_load_are_per_item_errors(loaded, shared_dir):
     Image.new("1", (20000, 20000)).save(folder / "bomb.png")
     (folder / "fine.jpg").write_bytes(image_bytes(shared_dir, "10227"))
     (folder / "escape.jpg").symlink_to("/etc/hostname")
-    job = client.wait(client.submit_load(folder), timeout=120)
+    job = client.follow(client.start_load(folder), timeout=120)
     assert job["state"] == "partial"
     codes = {error["id"]: error["code"] for error in job["errors"]}
     assert codes == {
@@ -113,22 +113,22 @@ def test_hostile_files_in_a_load_are_per_item_errors(loaded, shared_dir):
         "bomb": "too_large",
         "escape": "outside_root",
     }
-    assert client.call("get_item", "fine")["metadata"]["image"] == "uploads/hostile/fine.jpg"
+    assert client.get_item("fine")["metadata"]["image"] == "uploads/hostile/fine.jpg"
 
 
 def test_reloading_changes_nothing_and_a_deleted_item_comes_back(loaded, shared_dir):
     _, client, _ = loaded
-    before = client.call("index_stats")
-    assert client.call("delete_items", ["10186", "not-there"]) == {"deleted": 1}
-    assert client.call("get_item", "10186") is None
+    before = client.stats()
+    assert client.delete(["10186", "not-there"]) == 1
+    assert client.get_item("10186") is None
     top = search(client, image_bytes(shared_dir, "10186"), k=3)["result"]["hits"]
     assert "10186" not in [hit["id"] for hit in top]
 
     started = time.monotonic()
-    job = client.wait(client.submit_load(shared_dir / "data" / "fashion"), timeout=600)
+    job = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)
     elapsed = time.monotonic() - started
     assert job["progress"]["done"] == SAMPLE_SIZE
-    after = client.call("index_stats")
+    after = client.stats()
     assert after["items"] == before["items"]
     # only the deleted item went through the index again: one delete + one upsert since `before`
     assert after["seq"] == before["seq"] + 2, (before, after)
@@ -142,7 +142,7 @@ def loading(make_stack, shared_dir, done_at: int) -> tuple[Stack, Client, str]:
     stack.start("index")
     stack.start("embed")
     client = Client(stack.settings)
-    job_id = client.submit_load(shared_dir / "data" / "fashion")
+    job_id = client.start_load(shared_dir / "data" / "fashion")
     stack.wait_for(lambda: client.jobs.get(job_id)["progress"]["done"] >= done_at, "the load to get going", 120)
     return stack, client, job_id
 
@@ -165,9 +165,9 @@ def test_embed_processes_killed_mid_load_lose_nothing(make_stack, shared_dir):
     for pid in stack.pool_children("embed"):
         os.kill(pid, signal.SIGKILL)  # embed processes die mid-batch (OOM killer): their batches come back
     os.killpg(stack.processes["embed"].pid, signal.SIGCONT)
-    job = client.wait(job_id, timeout=600)
+    job = client.follow(job_id, timeout=600)
     assert job["progress"] == {"total": STYLES_ROWS, "done": SAMPLE_SIZE, "failed": STYLES_ROWS - SAMPLE_SIZE}
-    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+    assert client.stats()["items"] == SAMPLE_SIZE
 
 
 def test_the_index_owner_killed_mid_load_keeps_every_acknowledged_change(make_stack, shared_dir):
@@ -175,14 +175,14 @@ def test_the_index_owner_killed_mid_load_keeps_every_acknowledged_change(make_st
     freeze_while_holding_a_message(stack, "index", "index")
     stack.kill("index")  # with a batch of changes in hand, not acknowledged
     acknowledged = client.jobs.redis.smembers(f"lookalike:job:{job_id}:done")
-    pending_search = client.submit_search(b"\xff\xd8 not really a jpeg")  # waits for the owner to come back
+    pending_search = client.search(b"\xff\xd8 not really a jpeg")  # waits for the owner to come back
     stack.start("index")
-    job = client.wait(job_id, timeout=600)
+    job = client.follow(job_id, timeout=600)
     assert job["progress"]["done"] == SAMPLE_SIZE
-    assert client.call("index_stats")["items"] == SAMPLE_SIZE
+    assert client.stats()["items"] == SAMPLE_SIZE
     for item_id in list(acknowledged)[:50]:
-        assert client.call("get_item", item_id.decode()) is not None
-    assert client.wait(pending_search, timeout=60)["state"] == "failed"
+        assert client.get_item(item_id.decode()) is not None
+    assert client.follow(pending_search, timeout=60)["state"] == "failed"
     assert "messages a previous index owner had not acknowledged" in stack.log_paths["index"].read_text()
 
 
@@ -222,13 +222,13 @@ def test_near_duplicates_are_found_through_the_index_in_chunks(loaded, shared_di
     folder = stack.settings.uploads_dir / "again"
     folder.mkdir(parents=True)
     (folder / "copy-of-10230.jpg").write_bytes(image_bytes(shared_dir, "10230"))  # the same photo, a new product id
-    client.wait(client.submit_load(folder), timeout=120)
+    client.follow(client.start_load(folder), timeout=120)
 
     result = subprocess.run([LOOKALIKE, "duplicates", "--threshold", "0.99", "--json"], env=stack.env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout)
-    items = client.call("index_stats")["items"]
+    items = client.stats()["items"]
     assert job["state"] == "done" and job["progress"]["done"] == job["progress"]["total"] == items  # several chunks
     pairs = {(pair["a"], pair["b"]): pair["score"] for pair in job["result"]["pairs"]}
     assert pairs[("10230", "copy-of-10230")] > 0.999

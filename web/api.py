@@ -7,12 +7,12 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
+from protocol.jobs import ERROR_PAGE
 from web.auth import require_writer
 from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_whole
 from web.service import LOADS_SHOWN
 from web.service import current_service as service
 from web.submit import load_from_request, search_from_request
-from worker.jobs import ERROR_PAGE
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 MAX_ERROR_PAGE = 500

@@ -7,6 +7,8 @@ import time
 from flask import Flask, Response, g, request
 
 from common.settings import Settings
+from protocol.celery_app import create_celery
+from protocol.client import Client
 from web.api import api
 from web.csrf import form_token, set_nonce_cookie
 from web.errors import register_error_handlers
@@ -30,7 +32,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.url_map.merge_slashes = False  # "/api/items//similar" is a 404 in JSON, not a redirect to an HTML page
     app.config["LOOKALIKE"] = settings
-    app.extensions["lookalike"] = Service(settings)
+    # The one Celery app of this process, as Flask's own Celery example makes it: built here, kept in extensions.
+    app.extensions["celery"] = celery = create_celery(settings)
+    app.extensions["lookalike"] = Service(settings, Client(settings, celery, timeout=settings.call_timeout))
     app.extensions["lookalike.metrics"] = metrics = RequestMetrics()
     app.register_blueprint(pages)
     app.register_blueprint(api)

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from flask import current_app, request
 
+from common.errors import ErrorCode
 from web.errors import ApiError
 
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
@@ -24,13 +25,15 @@ def require_writer(form_key: bool = False) -> None:
         # compare_digest: the time taken says nothing about how much of the key was right
         if not given or not hmac.compare_digest(given.encode(), key.encode()):
             raise ApiError(
-                401, "unauthorized", "this needs the API key: Authorization: Bearer <LOOKALIKE_API_KEY>",
+                401, ErrorCode.UNAUTHORIZED, "this needs the API key: Authorization: Bearer <LOOKALIKE_API_KEY>",
                 {"WWW-Authenticate": 'Bearer realm="lookalike"'},
             )  # fmt: skip
     elif not is_direct_loopback() or urlsplit(f"//{request.host}").hostname not in LOOPBACK_NAMES:
         # The host name too: a page whose DNS name was re-pointed at 127.0.0.1 would otherwise pass as local.
         raise ApiError(
-            403, "forbidden", "LOOKALIKE_API_KEY is not set, so only clients on this machine may change the catalogue"
+            403,
+            ErrorCode.FORBIDDEN,
+            "LOOKALIKE_API_KEY is not set, so only clients on this machine may change the catalogue",
         )
 
 
@@ -39,7 +42,7 @@ def refuse_cross_site() -> None:
     fetch_site = request.headers.get("Sec-Fetch-Site")
     origin = request.headers.get("Origin")
     if (fetch_site and fetch_site not in SAME_SITE) or (origin and urlsplit(origin).netloc != request.host):
-        raise ApiError(403, "cross_site", "changes to the catalogue can't come from another site's page")
+        raise ApiError(403, ErrorCode.CROSS_SITE, "changes to the catalogue can't come from another site's page")
 
 
 def is_direct_loopback() -> bool:

@@ -15,6 +15,7 @@ import secrets
 import redis
 from flask import Response, g, request
 
+from common.errors import ErrorCode
 from web.errors import ApiError
 from web.service import current_service as service
 
@@ -48,7 +49,9 @@ def require_form_token() -> None:
     )
     if not valid:
         raise ApiError(
-            403, "csrf", "this form is out of date or was sent from another site's page: reload the page and try again"
+            403,
+            ErrorCode.CSRF,
+            "this form is out of date or was sent from another site's page: reload the page and try again",
         )
 
 

@@ -10,19 +10,20 @@ from flask import Flask, Response, g, jsonify, make_response, render_template, r
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from common.errors import ErrorCode
 from common.images import ImageError
 
 log = logging.getLogger(__name__)
 
 # Image problems found before queueing: an empty upload is a bad request, the rest are about the content.
-IMAGE_ERROR_STATUS = {"empty": 400, "too_large": 413}
+IMAGE_ERROR_STATUS = {ErrorCode.EMPTY: 400, ErrorCode.TOO_LARGE: 413}
 UNSUPPORTED_MEDIA = 415
 
 
 class ApiError(Exception):
     """A request we answer with `{error: {code, message}}` and `status`."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -38,14 +39,14 @@ class ApiError(Exception):
 
 
 def bad_parameter(message: str) -> ApiError:
-    return ApiError(400, "bad_parameter", message)
+    return ApiError(400, ErrorCode.BAD_PARAMETER, message)
 
 
 def not_found(message: str) -> ApiError:
-    return ApiError(404, "not_found", message)
+    return ApiError(404, ErrorCode.NOT_FOUND, message)
 
 
-def unavailable(code: str, message: str) -> ApiError:
+def unavailable(code: ErrorCode, message: str) -> ApiError:
     """503: the broker or a worker is missing; clients may retry."""
     return ApiError(503, code, message, {"Retry-After": "5"})
 
@@ -62,29 +63,36 @@ def register_error_handlers(app: Flask) -> None:
         status = error.code or 500
         if status == 413:
             return _respond(
-                ApiError(413, "too_large", f"the upload is over the cap of {g.get('upload_cap', 0):,} bytes")
+                ApiError(413, ErrorCode.TOO_LARGE, f"the upload is over the cap of {g.get('upload_cap', 0):,} bytes")
             )
-        code = HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+        code = HTTP_CODES.get(status, ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL_ERROR)
         return _respond(ApiError(status, code, error.description or error.name))
 
     @app.errorhandler(redis.RedisError)
     @app.errorhandler(OperationalError)
     def broker_down(error: Exception) -> Response:
         log.warning("Redis is unreachable: %s", error)
-        return _respond(unavailable("broker_unavailable", f"the queue (Redis) can't be reached: {error}"))
+        return _respond(unavailable(ErrorCode.BROKER_UNAVAILABLE, f"the queue (Redis) can't be reached: {error}"))
 
     @app.errorhandler(OSError)
     def storage_error(error: OSError) -> Response:
         log.error("file system error on %s %s: %s", request.method, request.path, error)
-        return _respond(unavailable("storage_error", f"the server can't read or write its files: {error.strerror}"))
+        return _respond(
+            unavailable(ErrorCode.STORAGE_ERROR, f"the server can't read or write its files: {error.strerror}")
+        )
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return _respond(ApiError(500, "internal_error", "something went wrong on our side; it has been logged"))
+        return _respond(ApiError(500, ErrorCode.INTERNAL_ERROR, "something went wrong on our side; it has been logged"))
 
 
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+HTTP_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.TOO_LARGE,
+}
 JSON_PREFIXES = ("/api/", "/healthz", "/metrics")
 
 

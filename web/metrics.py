@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import redis
 
-from worker.celery_app import queue_depths
-from worker.heartbeats import alive
-from worker.jobs import SEARCH_SECONDS_BUCKETS, Jobs
+from protocol.heartbeats import alive
+from protocol.jobs import SEARCH_SECONDS_BUCKETS, Jobs
+from protocol.queues import queue_depths
 
 REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

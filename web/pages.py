@@ -6,6 +6,8 @@ from typing import Any
 
 from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
 
+from common.errors import ErrorCode
+from protocol.jobs import FINISHED
 from web.api import present_item, present_job
 from web.auth import require_writer
 from web.csrf import require_form_token
@@ -14,7 +16,6 @@ from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id, parse_whol
 from web.service import PREVIEW_SIDE
 from web.service import current_service as service
 from web.submit import load_from_request, search_from_request
-from worker.jobs import FINISHED
 
 THUMBNAIL_SIDES = (PREVIEW_SIDE, 640)  # gallery cards, an item's own page
 THUMBNAIL_MAX_AGE = 24 * 3600
@@ -22,15 +23,16 @@ SIMILAR_SHOWN = 12
 
 # What a person reads for each error code; anything else shows the error's own message.
 SENTENCES = {
-    "empty": "The file is empty.",
-    "not_an_image": "That file is not an image. Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
-    "unsupported_format": "That kind of image is not accepted. Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
-    "truncated": "The image file is incomplete (it ends early). Save it again and retry.",
-    "corrupt": "The image data is damaged and can't be read.",
-    "too_large": "That image is too large.",
-    "missing_image": "Choose an image first.",
-    "no_worker": "No index worker is running, so searches can't be answered right now.",
-    "broker_unavailable": "The queue (Redis) can't be reached right now. Try again in a moment.",
+    ErrorCode.EMPTY: "The file is empty.",
+    ErrorCode.NOT_AN_IMAGE: "That file is not an image. Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+    ErrorCode.UNSUPPORTED_FORMAT: "That kind of image is not accepted. Choose a JPEG, PNG, WebP, GIF, BMP or TIFF "
+    "photo.",
+    ErrorCode.TRUNCATED: "The image file is incomplete (it ends early). Save it again and retry.",
+    ErrorCode.CORRUPT: "The image data is damaged and can't be read.",
+    ErrorCode.TOO_LARGE: "That image is too large.",
+    ErrorCode.MISSING_IMAGE: "Choose an image first.",
+    ErrorCode.NO_WORKER: "No index worker is running, so searches can't be answered right now.",
+    ErrorCode.BROKER_UNAVAILABLE: "The queue (Redis) can't be reached right now. Try again in a moment.",
 }
 
 pages = Blueprint("pages", __name__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,16 @@ from flask import current_app
 from kombu.exceptions import OperationalError
 
 from common.areas import CatalogError, locate, resolve_reference
+from common.errors import ErrorCode
 from common.images import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
 from common.settings import Settings
+from protocol import keys
+from protocol.client import Client
+from protocol.heartbeats import alive
+from protocol.queues import Queue, queue_depths
 from web.errors import ApiError, bad_parameter, not_found, unavailable
-from worker.celery_app import SEARCH_QUEUE, queue_depths
-from worker.client import Client
-from worker.heartbeats import alive
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
-FORM_SECRET_KEY = "lookalike:web:form-secret"  # the HMAC key of the forms' CSRF tokens, shared by web processes
 PREVIEW_SIDE = 320  # query previews and gallery thumbnails, CSS pixels (served at this size, shown smaller)
 LOADS_SHOWN = 20
 
@@ -31,9 +33,9 @@ def current_service() -> Service:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: Client) -> None:
         self.settings = settings
-        self.client = Client(settings, redis_timeout=settings.call_timeout)
+        self.client = client
         self.jobs = self.client.jobs
         self.redis = self.jobs.redis
         self._form_secret: bytes | None = None
@@ -43,8 +45,8 @@ class Service:
         again (another process may have made a new one after Redis lost it)."""
         if self._form_secret is None or refresh:
             mine = secrets.token_bytes(32)
-            self.redis.set(FORM_SECRET_KEY, mine, nx=True)
-            self._form_secret = self.redis.get(FORM_SECRET_KEY) or mine
+            self.redis.set(keys.FORM_SECRET, mine, nx=True)
+            self._form_secret = self.redis.get(keys.FORM_SECRET) or mine
         return self._form_secret
 
     # searches ------------------------------------------------------------------------------------------------
@@ -59,15 +61,15 @@ class Service:
         except ImageError as error:
             raise ApiError.from_image_error(error) from error
         self.index_owner()
-        return self.client.submit_search(image, k, filters, preview)
+        return self.client.search(image, k, filters, preview)
 
     def refuse_when_busy(self) -> None:
         """Back-pressure: a search behind a queue this long would be answered after its shopper gave up."""
-        waiting = self.redis.llen(SEARCH_QUEUE)
+        waiting = self.redis.llen(Queue.SEARCH)
         if waiting >= self.settings.max_queued_searches:
             raise ApiError(
                 503,
-                "busy",
+                ErrorCode.BUSY,
                 f"{waiting} searches are waiting already; try again in a few seconds",
                 {"Retry-After": str(BUSY_RETRY_SECONDS)},
             )
@@ -87,7 +89,7 @@ class Service:
     # catalogue -----------------------------------------------------------------------------------------------
 
     def submit_load(self, source: Path, metadata: Path | None) -> str:
-        return self.client.submit_load(source, metadata)
+        return self.client.start_load(source, metadata)
 
     def catalog_path(self, relative: str) -> Path:
         """A file or folder named relative to the catalogue root (a leading / is the root); nothing outside it."""
@@ -134,42 +136,44 @@ class Service:
     # items (answered by the index owner) ---------------------------------------------------------------------
 
     def item(self, item_id: str) -> dict[str, Any]:
-        item = self._ask("get_item", item_id)
+        item = self._ask(self.client.get_item, item_id)
         if item is None:
             raise not_found(f"no item with id {item_id!r}")
         return item
 
     def similar(self, item_id: str, k: int, filters: dict[str, str]) -> list[dict[str, Any]]:
-        answer = self._ask("similar_items", item_id, k, filters)
-        if "error" in answer:
-            raise not_found(answer["error"]["message"])
-        return answer["hits"]
+        hits = self._ask(self.client.similar, item_id, k, filters)
+        if hits is None:
+            raise not_found(f"no item with id {item_id!r}")
+        return hits
 
     def delete(self, item_id: str) -> bool:
         """True when deleted; False when the owner did not answer in time (the delete stays queued: no expiry)."""
         try:
-            deleted = self._ask("delete_items", [item_id], expires=False)["deleted"]
+            deleted = self._ask(self.client.delete, [item_id])
         except celery.exceptions.TimeoutError:
             return False
         if not deleted:
             raise not_found(f"no item with id {item_id!r}")
         return True
 
-    def _ask(self, task: str, *args: Any, expires: bool = True) -> Any:
-        """A question for the index owner; celery's TimeoutError only for a question that doesn't expire."""
+    def _ask(self, question: Callable[..., Any], *args: Any) -> Any:
+        """A question for the index owner, its failures as 503s; a delete's time-out stays celery's TimeoutError
+        (the delete doesn't expire: it is still queued)."""
         self.index_owner()
         try:
-            return self.client.call(task, *args, timeout=self.settings.call_timeout, expires=expires)
+            return question(*args)
         except celery.exceptions.TimeoutError:
-            if not expires:
+            if question == self.client.delete:
                 raise
             raise unavailable(
-                "no_worker", f"the index worker did not answer within {self.settings.call_timeout} s (busy or stopped)"
+                ErrorCode.NO_WORKER,
+                f"the index worker did not answer within {self.settings.call_timeout} s (busy or stopped)",
             ) from None
         except (redis.RedisError, OperationalError):
             raise  # the broker: answered as broker_unavailable
         except Exception as error:  # the owner raised (an unusable index): its reason, not a 500
-            raise unavailable("index_unavailable", f"the index can't answer: {error}") from error
+            raise unavailable(ErrorCode.INDEX_UNAVAILABLE, f"the index can't answer: {error}") from error
 
     # health --------------------------------------------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class Service:
         """The live index owner's heartbeat; 503 when none reported in lately."""
         owners = alive(self.redis, "index")
         if not owners:
-            raise unavailable("no_worker", "no index worker is running (start `lookalike worker index`)")
+            raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
         return owners[0]
 
     def facets(self) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ from flask import request
 from werkzeug.datastructures import FileStorage
 
 from common.areas import ARCHIVE_SUFFIXES
+from common.errors import ErrorCode
 from web.errors import ApiError, bad_parameter
 from web.params import parse_filters, parse_k
 from web.service import current_service as service
@@ -22,7 +23,7 @@ def search_from_request() -> str:
     filters = parse_filters(request.form.getlist("filter"))
     upload = request.files.get("image")
     if upload is None or not upload.filename:
-        raise ApiError(400, "missing_image", "send the image as the multipart file field `image`")
+        raise ApiError(400, ErrorCode.MISSING_IMAGE, "send the image as the multipart file field `image`")
     # One byte past the cap is enough to know the upload is over it.
     data = upload.read(service().settings.max_upload + 1)
     return service().submit_search(data, k, filters)

@@ -17,10 +17,11 @@ from typing import Any
 import pandas as pd
 
 from common.areas import ARCHIVE_SUFFIXES, CatalogError, locate
+from common.errors import ErrorCode
 from common.files import file_sha256
 from common.images import IMAGE_SUFFIXES
 from common.settings import Settings
-from worker.jobs import item_error
+from protocol.jobs import item_error
 
 DATASET_CSV = "styles.csv"
 ID_COLUMN, IMAGE_COLUMN = "id", "image"
@@ -80,11 +81,11 @@ def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
         item_id = str(row.pop(ID_COLUMN, "")).strip()
         image = str(row.pop(IMAGE_COLUMN, "") or f"images/{item_id}.jpg").strip()
         if not item_id:
-            plan.errors[f"row {row_number}"] = item_error("invalid_row", f"row {row_number} has no id")
+            plan.errors[f"row {row_number}"] = item_error(ErrorCode.INVALID_ROW, f"row {row_number} has no id")
             continue
         if item_id in seen:
             plan.errors[f"{item_id} (row {row_number})"] = item_error(
-                "duplicate_id", f"id {item_id} appears again on row {row_number}; the first row was loaded"
+                ErrorCode.DUPLICATE_ID, f"id {item_id} appears again on row {row_number}; the first row was loaded"
             )
             continue
         seen.add(item_id)
@@ -100,7 +101,7 @@ def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str,
         item_id = path.stem
         if item_id in seen:
             plan.errors[str(path.relative_to(folder))] = item_error(
-                "duplicate_id", f"id {item_id} is also {seen[item_id].relative_to(folder)}; that one was loaded"
+                ErrorCode.DUPLICATE_ID, f"id {item_id} is also {seen[item_id].relative_to(folder)}; that one was loaded"
             )
             continue
         seen[item_id] = path
@@ -112,10 +113,10 @@ def _add(settings: Settings, plan: CatalogPlan, item_id: str, path: Path, shown:
     try:
         area, relative = locate(settings, path)
     except CatalogError:
-        plan.errors[item_id] = item_error("outside_root", f"image {shown} is outside the catalogue root")
+        plan.errors[item_id] = item_error(ErrorCode.OUTSIDE_ROOT, f"image {shown} is outside the catalogue root")
         return
     if not path.is_file():
-        plan.errors[item_id] = item_error("missing_file", f"image {shown} does not exist")
+        plan.errors[item_id] = item_error(ErrorCode.MISSING_FILE, f"image {shown} does not exist")
         return
     plan.items.append(CatalogItem(item_id, area, relative.as_posix(), metadata))
 

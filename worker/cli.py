@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from common.errors import LookalikeError
 
 if TYPE_CHECKING:
-    from worker.client import Client
+    from protocol.client import Client
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -89,11 +89,13 @@ def register_evaluate(commands: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    import worker.tasks  # noqa: F401 - registers the tasks with the app below
+    from protocol.celery_app import create_celery
     from worker import runtime
-    from worker.celery_app import app
     from worker.recovery import watch_for_orphans
 
     config = runtime.settings()
+    app = create_celery(config)
     watch_for_orphans(app, config)
     if args.kind == "embed":
         from worker.processes import check_model_elsewhere, embed_worker_argv, prepare_embed_processes
@@ -102,7 +104,7 @@ def run_worker(args: argparse.Namespace) -> int:
         prepare_embed_processes()
         app.worker_main(embed_worker_argv(config, args.loglevel))
         return 0
-    from worker.heartbeats import forget_heartbeat
+    from protocol.heartbeats import forget_heartbeat
     from worker.processes import index_worker_argv, open_index_owner
 
     owner = open_index_owner(app)
@@ -115,11 +117,11 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from worker.client import Client
+    from protocol.client import Client
     from worker.runtime import settings
 
     client = Client(settings())
-    job_id = client.submit_load(args.catalog.resolve(), args.metadata.resolve() if args.metadata else None)
+    job_id = client.start_load(args.catalog.resolve(), args.metadata.resolve() if args.metadata else None)
     print(f"load {job_id} queued", file=sys.stderr)
     if args.no_wait:
         print(job_id)
@@ -137,7 +139,7 @@ def follow_load(client: Client, job_id: str, check: Callable[[], None] | None = 
         if check is not None:
             check()
 
-    job = client.wait(job_id, on_update=update)
+    job = client.follow(job_id, on_update=update)
     print(file=sys.stderr)
     progress = job["progress"]
     print(f"load {job['state']}: {progress['done']:,} indexed, {progress['failed']:,} failed of {progress['total']:,}")
@@ -151,7 +153,7 @@ def follow_load(client: Client, job_id: str, check: Callable[[], None] | None = 
 def run_search(args: argparse.Namespace) -> int:
     from common.filters import parse_filters
     from common.images import ImageError
-    from worker.client import Client
+    from protocol.client import Client
     from worker.runtime import settings
 
     filters = parse_filters(args.filter)
@@ -161,10 +163,10 @@ def run_search(args: argparse.Namespace) -> int:
         raise LookalikeError(f"can't read {args.image}: {error.strerror}") from error
     client = Client(settings())
     try:
-        job_id = client.submit_search(image, args.k, filters)
+        job_id = client.search(image, args.k, filters)
     except ImageError as error:
         raise LookalikeError(f"{error.message} ({error.code})") from error
-    job = client.wait(job_id, timeout=60)
+    job = client.follow(job_id, timeout=60)
     if args.json:
         print(json.dumps(job, indent=2))
     if job["state"] != "done":
@@ -241,13 +243,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_duplicates(args: argparse.Namespace) -> int:
-    from worker.client import Client
+    from protocol.client import Client
     from worker.runtime import settings
 
     if not 0 < args.threshold <= 1 or args.k < 1:
         raise LookalikeError("--threshold must be in (0, 1] and -k at least 1")
     client = Client(settings())
-    job = client.wait(client.submit_duplicates(args.threshold, args.k), on_update=_progress_bar)
+    job = client.follow(client.find_duplicates(args.threshold, args.k), on_update=_progress_bar)
     print(file=sys.stderr)
     if "error" in job:
         raise LookalikeError(job["error"]["message"])

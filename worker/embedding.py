@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 
 from common.areas import CatalogError, resolve_reference
+from common.errors import ErrorCode
 from common.images import ImageError, decode_image
 from common.model import EmbeddingModel
 from common.settings import Settings
 from common.vectors import encode_vector
-from worker.jobs import item_error
+from protocol.jobs import item_error
 
 
 @dataclass
@@ -39,11 +40,11 @@ def embed_items(
         try:
             data = resolve_reference(settings, item["area"], item["path"]).read_bytes()
         except CatalogError as error:
-            outcome.errors[item_id] = item_error("outside_root", str(error))
+            outcome.errors[item_id] = item_error(ErrorCode.OUTSIDE_ROOT, str(error))
             continue
         except OSError as error:
             reason = f"image {item['path']} can't be read: {error.strerror}"
-            outcome.errors[item_id] = item_error("missing_file", reason)
+            outcome.errors[item_id] = item_error(ErrorCode.MISSING_FILE, reason)
             continue
         image_sha256 = hashlib.sha256(data).hexdigest()
         metadata_sha256 = metadata_checksum(metadata)

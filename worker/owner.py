@@ -12,14 +12,15 @@ from typing import Any
 import redis
 from celery import Celery
 
-from common.errors import LookalikeError
+from common.errors import ErrorCode, LookalikeError
 from common.images import check_size, decode_image
 from common.model import EmbeddingModel, load_model
 from common.settings import CORES, Settings
 from common.vectors import decode_vector
-from worker.celery_app import INDEX_QUEUE, SEARCH_QUEUE
+from protocol import keys
+from protocol.jobs import Jobs, item_error
+from protocol.queues import Queue
 from worker.index import IndexParams
-from worker.jobs import Jobs, item_error
 from worker.projection import Reduction
 from worker.recovery import give_back
 from worker.store import DurableIndex, ModelIdentity, ModelMismatch
@@ -27,7 +28,6 @@ from worker.wal import Change
 
 log = logging.getLogger(__name__)
 
-CHECKSUMS_KEY = "lookalike:index:checksums"  # id -> "image sha256:metadata sha256", rebuilt by the owner at start
 FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
 FACET_SECONDS = 30  # a count of facets walks every item; most changes barely move them
 
@@ -69,15 +69,15 @@ class IndexOwner:
     def publish_checksums(self) -> None:
         """Tell embed workers what the index holds, so a re-run load skips unchanged items."""
         with self.redis.pipeline() as pipe:
-            pipe.delete(CHECKSUMS_KEY)
+            pipe.delete(keys.CHECKSUMS)
             pending = {}
             for item_id, item in self.store.index.items.items():
                 pending[item_id] = f"{item.image_sha256}:{item.metadata_sha256}"
                 if len(pending) == 5000:
-                    pipe.hset(CHECKSUMS_KEY, mapping=pending)
+                    pipe.hset(keys.CHECKSUMS, mapping=pending)
                     pending = {}
             if pending:
-                pipe.hset(CHECKSUMS_KEY, mapping=pending)
+                pipe.hset(keys.CHECKSUMS, mapping=pending)
             pipe.execute()
 
     def restore_orphaned_messages(self, app: Celery) -> int:
@@ -86,7 +86,7 @@ class IndexOwner:
         Redis would re-deliver them only after the visibility timeout; holding the index lock proves that no
         other owner is alive, so everything unacknowledged on the owner's queues is orphaned.
         """
-        restored = len(give_back(app, lambda _tag, routing_key, *_: routing_key in (INDEX_QUEUE, SEARCH_QUEUE)))
+        restored = len(give_back(app, lambda _tag, routing_key, *_: routing_key in (Queue.INDEX, Queue.SEARCH)))
         if restored:
             log.warning("gave back %d messages a previous index owner had not acknowledged", restored)
         return restored
@@ -96,7 +96,7 @@ class IndexOwner:
         identity = self.store.identity
         foreign = {
             message["id"]: item_error(
-                "model_mismatch",
+                ErrorCode.MODEL_MISMATCH,
                 f"embedded with model {str(message.get('model_sha256'))[:12]} / resize {message.get('resize')}; "
                 f"the index holds model {identity.sha256[:12]} / resize {identity.resize}",
             )
@@ -134,9 +134,9 @@ class IndexOwner:
         with self.redis.pipeline() as pipe:
             for change in changes:
                 if change.op == "delete":
-                    pipe.hdel(CHECKSUMS_KEY, change.id)
+                    pipe.hdel(keys.CHECKSUMS, change.id)
                 else:
-                    pipe.hset(CHECKSUMS_KEY, change.id, f"{change.image_sha256}:{change.metadata_sha256}")
+                    pipe.hset(keys.CHECKSUMS, change.id, f"{change.image_sha256}:{change.metadata_sha256}")
             pipe.execute()
 
     def search_image(self, image: bytes, k: int, filters: dict[str, str]) -> list[dict[str, Any]]:
@@ -215,12 +215,12 @@ def _change(message: dict[str, Any]) -> Change:
     )
 
 
-def _refusal_code(error: Exception) -> str:
+def _refusal_code(error: Exception) -> ErrorCode:
     if isinstance(error, ModelMismatch):
-        return "model_mismatch"
+        return ErrorCode.MODEL_MISMATCH
     if isinstance(error, OSError):
-        return "index_unwritable"  # disk full, read-only folder: nothing was logged, nothing acknowledged
-    return "index_error"
+        return ErrorCode.INDEX_UNWRITABLE  # disk full, read-only folder: nothing was logged, nothing acknowledged
+    return ErrorCode.INDEX_ERROR
 
 
 def decode_upload(text: str, max_upload: int) -> bytes:

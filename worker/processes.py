@@ -11,9 +11,9 @@ from celery import Celery, signals
 
 from common.model import ModelError, load_model
 from common.settings import Settings
+from protocol.heartbeats import start_heartbeat
+from protocol.queues import Queue
 from worker import runtime
-from worker.celery_app import EMBED_QUEUE, INDEX_QUEUE, SEARCH_QUEUE
-from worker.heartbeats import start_heartbeat
 from worker.owner import IndexOwner
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 
 def embed_worker_argv(settings: Settings, loglevel: str) -> list[str]:
     # -O fair: a task goes to an idle child, not to one that already has a batch waiting.
-    return ["worker", "-Q", EMBED_QUEUE, "-P", "prefork", "-c", str(settings.embed_processes), "-O", "fair",
+    return ["worker", "-Q", Queue.EMBED, "-P", "prefork", "-c", str(settings.embed_processes), "-O", "fair",
             "-n", "embed@%h", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
 
 
 def index_worker_argv(loglevel: str) -> list[str]:
     # Solo pool: tasks run in this very process, the one that holds the index (hnswlib is not safe to share).
-    return ["worker", "-Q", f"{SEARCH_QUEUE},{INDEX_QUEUE}", "-P", "solo", "-n", "index@%h",
+    return ["worker", "-Q", f"{Queue.SEARCH},{Queue.INDEX}", "-P", "solo", "-n", "index@%h",
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
 
 

@@ -23,8 +23,8 @@ from celery import Celery, signals
 from celery.worker import state as worker_state
 
 from common.settings import Settings
-from worker.heartbeats import ALIVE_SECONDS, HEARTBEAT_SECONDS, alive, forget_heartbeat, start_heartbeat
-from worker.jobs import redis_client
+from protocol.connection import redis_client
+from protocol.heartbeats import ALIVE_SECONDS, HEARTBEAT_SECONDS, alive, forget_heartbeat, start_heartbeat
 
 log = logging.getLogger(__name__)
 

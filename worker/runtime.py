@@ -11,7 +11,8 @@ import redis
 
 from common.model import EmbeddingModel, load_model
 from common.settings import Settings
-from worker.jobs import Jobs, redis_client
+from protocol.connection import redis_client
+from protocol.jobs import Jobs
 
 REDIS_PATIENCE = 60  # seconds a worker's Redis calls keep trying while Redis restarts
 

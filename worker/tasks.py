@@ -1,18 +1,26 @@
-"""Celery tasks: thin wrappers that turn messages into calls on the catalogue, embedding and index code."""
+"""Celery tasks: thin wrappers that turn messages into calls on the catalogue, embedding and index code.
+
+Shared tasks, named as `protocol.queues.Task` names them: they belong to whichever app the worker's entry point
+created (`protocol.celery_app.create_celery`), and this module builds no app of its own.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from celery import shared_task
+
 from common.areas import CatalogError
+from common.errors import ErrorCode
 from common.images import ImageError
+from protocol import keys
+from protocol.jobs import item_error
+from protocol.queues import Task
 from worker import runtime
 from worker.catalog import plan_catalog
-from worker.celery_app import app
 from worker.embedding import embed_items
-from worker.jobs import item_error
-from worker.owner import CHECKSUMS_KEY, IndexOwner, decode_upload
+from worker.owner import IndexOwner, decode_upload
 from worker.store import ModelMismatch
 
 log = logging.getLogger(__name__)
@@ -25,7 +33,7 @@ def owner() -> IndexOwner:
     return current
 
 
-@app.task(name="lookalike.plan_load")
+@shared_task(name=Task.PLAN_LOAD)
 def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict[str, int]:
     """Read the catalogue, refuse bad rows up front, and queue its items in batches of references."""
     jobs, settings = runtime.jobs(), runtime.settings()
@@ -34,11 +42,11 @@ def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict
     try:
         plan = plan_catalog(settings, source, metadata_csv)
     except CatalogError as error:
-        jobs.fail(job_id, item_error("bad_catalog", str(error)))
+        jobs.fail(job_id, item_error(ErrorCode.BAD_CATALOG, str(error)))
         return {"total": 0}
     except Exception as error:
         log.exception("load %s: the catalogue could not be planned", job_id)
-        jobs.fail(job_id, item_error("plan_failed", f"the catalogue could not be read: {error}"))
+        jobs.fail(job_id, item_error(ErrorCode.PLAN_FAILED, f"the catalogue could not be read: {error}"))
         return {"total": 0}
     jobs.record(job_id, errors=plan.errors)
     for start in range(0, len(plan.items), settings.batch):
@@ -49,20 +57,20 @@ def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict
     return {"total": plan.total, "queued": len(plan.items), "refused": len(plan.errors)}
 
 
-@app.task(name="lookalike.embed_batch")
+@shared_task(name=Task.EMBED_BATCH)
 def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
     jobs, state = runtime.jobs(), runtime.state()
     ids = [item["id"] for item in items]
     known = {
         item_id: tuple(value.decode().split(":"))
-        for item_id, value in zip(ids, state.redis.hmget(CHECKSUMS_KEY, ids), strict=True)
+        for item_id, value in zip(ids, state.redis.hmget(keys.CHECKSUMS, ids), strict=True)
         if value is not None
     }
     try:
         outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
     except Exception as error:  # every item must end up counted, or the load would never finish
         log.exception("load %s: a batch of %d could not be embedded", job_id, len(items))
-        jobs.record(job_id, errors={item_id: item_error("embed_failed", str(error)) for item_id in ids})
+        jobs.record(job_id, errors={item_id: item_error(ErrorCode.EMBED_FAILED, str(error)) for item_id in ids})
         return {"changes": 0, "unchanged": 0, "failed": len(ids)}
     jobs.record(job_id, done=outcome.unchanged, errors=outcome.errors)
     if outcome.changes:
@@ -70,17 +78,17 @@ def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
     return {"changes": len(outcome.changes), "unchanged": len(outcome.unchanged), "failed": len(outcome.errors)}
 
 
-@app.task(name="lookalike.apply_changes")
+@shared_task(name=Task.APPLY_CHANGES)
 def apply_changes(job_id: str | None, changes: list[dict[str, Any]]) -> dict[str, int]:
     return owner().apply(job_id, changes)
 
 
-@app.task(name="lookalike.delete_items")
+@shared_task(name=Task.DELETE_ITEMS)
 def delete_items(ids: list[str]) -> dict[str, int]:
     return {"deleted": owner().delete(ids)}
 
 
-@app.task(name="lookalike.search_image")
+@shared_task(name=Task.SEARCH_IMAGE)
 def search_image(job_id: str, image: str, k: int, filters: dict[str, str] | None = None) -> None:
     jobs = runtime.jobs()
     if not jobs.start(job_id):
@@ -90,28 +98,28 @@ def search_image(job_id: str, image: str, k: int, filters: dict[str, str] | None
     except ImageError as error:
         jobs.fail(job_id, error.as_dict())
     except ModelMismatch as error:
-        jobs.fail(job_id, item_error("model_mismatch", str(error)))
+        jobs.fail(job_id, item_error(ErrorCode.MODEL_MISMATCH, str(error)))
     except Exception as error:  # a search job must never stay "running"
         log.exception("search %s failed", job_id)
-        jobs.fail(job_id, item_error("search_failed", f"the search failed: {error}"))
+        jobs.fail(job_id, item_error(ErrorCode.SEARCH_FAILED, f"the search failed: {error}"))
     else:
         jobs.finish(job_id, {"hits": hits})
 
 
-@app.task(name="lookalike.similar_items")
+@shared_task(name=Task.SIMILAR_ITEMS)
 def similar_items(item_id: str, k: int, filters: dict[str, str] | None = None) -> dict[str, Any]:
     hits = owner().similar(item_id, k, filters or {})
     if hits is None:
-        return {"error": item_error("not_found", f"no item with id {item_id!r}")}
+        return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
     return {"hits": hits}
 
 
-@app.task(name="lookalike.get_item")
+@shared_task(name=Task.GET_ITEM)
 def get_item(item_id: str) -> dict[str, Any] | None:
     return owner().get(item_id)
 
 
-@app.task(name="lookalike.index_stats")
+@shared_task(name=Task.INDEX_STATS)
 def index_stats() -> dict[str, Any]:
     return owner().stats()
 
@@ -120,7 +128,7 @@ DUPLICATES_CHUNK = 500  # items per task: searches queued meanwhile wait for one
 MOST_PAIRS = 10_000
 
 
-@app.task(name="lookalike.find_duplicates")
+@shared_task(name=Task.FIND_DUPLICATES)
 def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = None) -> None:
     """Walk the index in chunks of DUPLICATES_CHUNK items, each chunk a task of its own on the search queue."""
     jobs = runtime.jobs()
@@ -133,7 +141,7 @@ def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = N
         pairs, looked_at = owner().duplicate_pairs(after, DUPLICATES_CHUNK, threshold, k)
     except Exception as error:  # a job must never stay "running"
         log.exception("duplicates %s failed", job_id)
-        jobs.fail(job_id, item_error("duplicates_failed", f"the near-duplicate search failed: {error}"))
+        jobs.fail(job_id, item_error(ErrorCode.DUPLICATES_FAILED, f"the near-duplicate search failed: {error}"))
         return
     jobs.add_rows(job_id, pairs)
     if len(looked_at) == DUPLICATES_CHUNK:
@@ -147,6 +155,4 @@ def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = N
     for pair in jobs.rows(job_id):
         best[pair["a"], pair["b"]] = pair
     found = sorted(best.values(), key=lambda pair: (-pair["score"], pair["a"], pair["b"]))
-    # The result first, then the last chunk's items: the job is never seen finished without its result.
-    jobs.finish(job_id, {"threshold": threshold, "pairs": found[:MOST_PAIRS], "total_pairs": len(found)})
-    jobs.record(job_id, done=looked_at)
+    jobs.finish(job_id, {"threshold": threshold, "pairs": found[:MOST_PAIRS], "total_pairs": len(found)}, looked_at)

@@ -13,12 +13,13 @@ from typing import Any
 
 import redis
 
+from protocol import keys
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10
 SOONEST_SECONDS = 1  # a woken heartbeat still waits this long after the previous one
 ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # a process that missed this many seconds of beats counts as gone
-WORKERS_KEY = "lookalike:workers"  # hash: "<role>:<host>:<pid>" -> JSON status, refreshed by each process
 
 
 def _field(role: str) -> str:
@@ -34,7 +35,7 @@ def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[st
         while True:
             try:
                 payload = {"role": role, "pid": os.getpid(), "host": socket.gethostname(), **status()}
-                client.hset(WORKERS_KEY, name, json.dumps({**payload, "seen": time.time()}))
+                client.hset(keys.WORKERS, name, json.dumps({**payload, "seen": time.time()}))
             except redis.RedisError as error:
                 log.warning("heartbeat to Redis failed: %s", error)
             except Exception:  # a status callback must never stop the heartbeat
@@ -49,12 +50,12 @@ def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[st
 
 def forget_heartbeat(client: redis.Redis, role: str) -> None:
     """A clean stop: this process is gone now, not in ALIVE_SECONDS."""
-    client.hdel(WORKERS_KEY, _field(role))
+    client.hdel(keys.WORKERS, _field(role))
 
 
 def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
     """The latest status of each worker process (of one role), newest first, seen at or after `since`."""
-    beats = [json.loads(value) for value in client.hvals(WORKERS_KEY)]
+    beats = [json.loads(value) for value in client.hvals(keys.WORKERS)]
     chosen = [beat for beat in beats if (role is None or beat["role"] == role) and beat["seen"] >= since]
     return sorted(chosen, key=lambda beat: beat["seen"], reverse=True)
 

@@ -1,0 +1,52 @@
+"""The Celery app factory: JSON only, late acks, a queue of its own for bulk embedding, index writes and searches.
+
+Nothing is built at import time: each entry point (a worker, the web, a command) creates the one app it uses.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange
+from kombu import Queue as KombuQueue
+
+from common.settings import Settings
+from protocol.queues import ROUTES, Queue
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("lookalike", set_as_current=True)
+    app.conf.update(
+        broker_url=settings.redis_url,
+        result_backend=settings.redis_url,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,  # a task's message stays on the broker until its work is durable
+        task_reject_on_worker_lost=True,  # a killed worker process gives its task back instead of losing it
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=settings.task_time_limit - 5,
+        # Redis re-delivers an unacknowledged message after this long: longer than any task may run.
+        broker_transport_options={"visibility_timeout": settings.task_time_limit * 3},
+        result_expires=settings.search_ttl,
+        # Each queue its own direct exchange and routing key: a message's routing key then names its queue,
+        # which is how a restarted index owner finds the messages its killed predecessor had taken.
+        task_queues=[_queue(str(queue)) for queue in Queue],
+        # Every task has its route; a name outside protocol.queues.Task can't be sent (see protocol.client).
+        task_routes={str(task): {"queue": str(queue)} for task, queue in ROUTES.items()},
+        task_create_missing_queues=False,
+        # A publish that can't reach Redis fails within seconds (the web answers 503) instead of hanging.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        redis_socket_timeout=10,
+        redis_socket_connect_timeout=5,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def _queue(name: str) -> KombuQueue:
+    return KombuQueue(name, Exchange(name, type="direct"), routing_key=name)

@@ -1,0 +1,48 @@
+"""Queues and the tasks each carries: the only names a message may have."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import redis
+
+
+class Queue(StrEnum):
+    EMBED = "embed"  # bulk catalogue embedding: any number of processes on any number of machines
+    INDEX = "index"  # changes to the index: only the index owner consumes it
+    SEARCH = "search"  # searches and reads: the index owner again, so they never queue behind bulk embedding
+
+
+class Task(StrEnum):
+    """Every task a worker registers, by the name its messages carry."""
+
+    PLAN_LOAD = "lookalike.plan_load"
+    EMBED_BATCH = "lookalike.embed_batch"
+    APPLY_CHANGES = "lookalike.apply_changes"
+    DELETE_ITEMS = "lookalike.delete_items"
+    SEARCH_IMAGE = "lookalike.search_image"
+    SIMILAR_ITEMS = "lookalike.similar_items"
+    GET_ITEM = "lookalike.get_item"
+    INDEX_STATS = "lookalike.index_stats"
+    FIND_DUPLICATES = "lookalike.find_duplicates"
+
+
+ROUTES: dict[Task, Queue] = {
+    Task.PLAN_LOAD: Queue.EMBED,
+    Task.EMBED_BATCH: Queue.EMBED,
+    Task.APPLY_CHANGES: Queue.INDEX,
+    Task.DELETE_ITEMS: Queue.INDEX,
+    Task.SEARCH_IMAGE: Queue.SEARCH,
+    Task.SIMILAR_ITEMS: Queue.SEARCH,
+    Task.GET_ITEM: Queue.SEARCH,
+    Task.INDEX_STATS: Queue.SEARCH,
+    Task.FIND_DUPLICATES: Queue.SEARCH,
+}
+
+
+def queue_depths(client: redis.Redis) -> dict[str, int]:
+    """Messages waiting in each queue (kombu's Redis transport keeps a queue as a list under its name)."""
+    with client.pipeline() as pipe:
+        for queue in Queue:
+            pipe.llen(queue)
+        return {str(queue): depth for queue, depth in zip(Queue, pipe.execute(), strict=True)}
