@@ -25,15 +25,13 @@ examples:
 """
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "export",
-        help="export ResNet50 + pooling to ONNX (once), or quantise a model to INT8",
-        description="Export ResNet50 + global pooling to ONNX with a model card and a Keras-vs-ONNX parity check; "
-        "optionally quantise it (or any model with the contract) to static INT8.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Export ResNet50 + global pooling to ONNX with a model card and a Keras-vs-ONNX parity check; "
+        "optionally quantise it (or any model with the contract) to static INT8."
     )
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--out",
         type=Path,

@@ -24,23 +24,30 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.cli import register as register_export
-    from lookalike.settings_command import register as register_settings
-    from lookalike.up import register as register_up
-    from web.cli import register as register_web
-    from worker.cli import register as register_worker
-    from worker.cli import register_duplicates, register_evaluate
+    from export.cli import configure as export
+    from lookalike.client_commands import configure_duplicates, configure_ingest, configure_search
+    from lookalike.settings_command import configure as settings
+    from lookalike.up import configure as up
+    from web.cli import configure as web
+    from worker.cli import configure_evaluate, configure_worker
 
+    # Every command: its name, the line `lookalike --help` shows, and what adds its arguments and handler.
+    commands = [
+        ("export", "export ResNet50 + pooling to ONNX (once), or quantise a model to INT8", export),
+        ("worker", "run a Celery worker: embed (any number) or index (exactly one)", configure_worker),
+        ("web", "serve the search pages and the JSON API (waitress)", web),
+        ("up", "run everything on this machine (Redis included) until Ctrl-C", up),
+        ("ingest", "load a catalogue through the queue, with a progress bar", configure_ingest),
+        ("search", "find the catalogue items most like an image", configure_search),
+        ("duplicates", "list catalogue items that look the same (near-duplicates)", configure_duplicates),
+        ("evaluate", "measure retrieval quality on a labelled catalogue", configure_evaluate),
+        ("settings", "print every LOOKALIKE_* setting as this environment gives it", settings),
+    ]
     parser = OneLineParser(prog="lookalike", description="Self-hosted visual similarity search for products.")
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register_export(commands)
-    register_worker(commands)
-    register_web(commands)
-    register_evaluate(commands)
-    register_duplicates(commands)
-    register_up(commands)
-    register_settings(commands)
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, configure in commands:
+        configure(subcommands.add_parser(name, help=help_text))
     return parser
 
 

@@ -9,8 +9,7 @@ import os
 from common.settings import Settings, declared, env_name, markdown_table
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    show = commands.add_parser("settings", help="print every LOOKALIKE_* setting as this environment gives it")
+def configure(show: argparse.ArgumentParser) -> None:
     show.add_argument("--markdown", action="store_true", help="print the table of every variable (the docs' table)")
     show.set_defaults(handler=run)
 

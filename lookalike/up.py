@@ -27,8 +27,7 @@ class ProcessExited(LookalikeError):
     """A process of ours ended on its own: everything stops."""
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    up = commands.add_parser("up", help="run everything on this machine (Redis included) until Ctrl-C")
+def configure(up: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=int, default=8000, help="port of the web pages and API (default 8000)")
     up.add_argument("--host", default="127.0.0.1", help="address the web listens on (default 127.0.0.1)")
     up.add_argument(
@@ -127,8 +126,8 @@ def refuse_a_second_index_owner(redis_url: str) -> None:
 
 
 def load(stack: Stack, catalog: Path) -> None:
+    from lookalike.client_commands import follow_load
     from protocol.client import Client
-    from worker.cli import follow_load
 
     client = Client(stack.settings)
     print(f"loading {catalog} (items the index already holds unchanged are not embedded again)", file=sys.stderr)

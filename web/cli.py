@@ -9,8 +9,7 @@ log = logging.getLogger(__name__)
 CONNECTION_LIMIT = 1000
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    web = commands.add_parser("web", help="serve the search pages and the JSON API (waitress)")
+def configure(web: argparse.ArgumentParser) -> None:
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     web.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     web.set_defaults(handler=run)
