@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lookalike.stack import LOOKALIKE
-from worker.evaluate import Embeddings, evaluate, exact_neighbours, label_quality
+from worker.evaluation.metrics import exact_neighbours, label_quality
+from worker.evaluation.run import Embeddings, evaluate
 from worker.index import IndexParams
 
 

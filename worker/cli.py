@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from common.errors import LookalikeError
 
 
 def configure_worker(worker: argparse.ArgumentParser) -> None:
@@ -90,52 +86,31 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import dataclasses
     import os
 
-    from common.model import load_model
-    from common.settings import CORES, Settings
-    from worker.evaluate import embed_catalog, evaluate, markdown, reduce
-    from worker.index import IndexParams
-    from worker.projection import Projection
+    from common.settings import Settings
+    from worker.evaluation.report import as_json, markdown, unused_labels, weakest_values
+    from worker.evaluation.run import Plan, run_plan
 
     # The files named here are read where they are: the catalogue root is the whole file system unless set.
     settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": "/", **os.environ})
-    evaluations = []
-    for model_path in args.model:
-        model = load_model(model_path, settings.providers, intra_op_threads=CORES)
-        for resize in args.resize or [settings.resize]:
-            configured = dataclasses.replace(settings, resize=resize)
-            print(f"{model_path.name}, resize {resize}: embedding {args.catalog} ...", file=sys.stderr)
-            catalogue = embed_catalog(configured, model, args.catalog.resolve(), args.metadata)
-            if not catalogue.ids:
-                raise LookalikeError(f"no image of {args.catalog} could be embedded")
-            queries = embed_catalog(configured, model, args.queries.resolve()) if args.queries else None
-            for dimension in args.pca or [settings.pca_dim]:
-                setting: dict[str, Any] = {"model": model_path.name, "resize": resize}
-                indexed, asked = catalogue, queries
-                if dimension:
-                    try:
-                        projection = Projection.fit(catalogue.vectors, dimension)
-                    except ValueError as error:
-                        raise LookalikeError(f"--pca {dimension}: {error}") from None
-                    indexed = reduce(catalogue, projection)
-                    asked = reduce(queries, projection) if queries else None
-                    setting["pca"] = f"{dimension} ({projection.retained_variance:.0%} of variance)"
-                index_params = [
-                    IndexParams(indexed.vectors.shape[1], m, settings.hnsw_ef_construction, ef)
-                    for m in args.m or [settings.hnsw_m]
-                    for ef in args.ef or [settings.hnsw_ef]
-                ]
-                evaluations.append(evaluate(indexed, args.label, asked, index_params, setting))
+    plan = Plan(
+        models=args.model,
+        catalog=args.catalog.resolve(),
+        labels=args.label,
+        metadata=args.metadata,
+        queries=args.queries.resolve() if args.queries else None,
+        resizes=args.resize or (),
+        pca_dims=args.pca or (),
+        ms=args.m or (),
+        efs=args.ef or (),
+    )
+    evaluations = list(run_plan(settings, plan, say=lambda line: print(line, file=sys.stderr)))
     print(markdown(evaluations))
-    for evaluation in evaluations:
-        for quality in evaluation.labels:
-            if not quality.queries:
-                print(f"no query has a {quality.label!r} another item shares: is it a column of the catalogue's "
-                      "CSV (or --metadata)?", file=sys.stderr)  # fmt: skip
-            worst = ", ".join(f"{entry['value']} {entry['precision@5']:.2f}" for entry in quality.worst)
-            print(f"{evaluation.name} / {quality.label}, lowest precision@5: {worst}")
+    for warning in unused_labels(evaluations):
+        print(warning, file=sys.stderr)
+    for line in weakest_values(evaluations):
+        print(line)
     if args.json:
-        args.json.write_text(json.dumps([evaluation.as_dict() for evaluation in evaluations], indent=2) + "\n")
+        args.json.write_text(as_json(evaluations))
     return 0

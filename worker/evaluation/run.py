@@ -1,0 +1,218 @@
+"""An evaluation run, through the service's own code: read, embed and index a labelled catalogue, then measure.
+
+The catalogue is read as a load reads it (`plan_catalog`), embedded as the embed workers embed (`embed_items`:
+same decoding, resize policy and model) and searched in the same `VectorIndex`; a neighbour is right when it
+shares the query's label (articleType, subCategory, ...). Kept apart from serving: nothing here runs in a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import LookalikeError
+from common.model import EmbeddingModel, load_model
+from common.settings import CORES, Settings
+from common.vectors import decode_vector, unit_rows
+from worker.catalog import plan_catalog
+from worker.embedding import embed_items
+from worker.evaluation.metrics import TOP_K, LabelQuality, exact_neighbours, label_quality, recall
+from worker.index import IndexParams, Item, VectorIndex
+from worker.projection import Projection
+
+
+@dataclass
+class Embeddings:
+    """A catalogue's items as the index would hold them: ids, unit vectors, metadata; and what failed."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    metadata: list[dict[str, Any]]
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    """One setting's result: its quality per label, and the index's agreement with exact search."""
+
+    setting: dict[str, Any]
+    items: int
+    failed: int
+    embed_seconds: float
+    labels: list[LabelQuality]
+    ann: list[dict[str, Any]]  # per index: recall@10 against exact search, queries per second, size
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{key} {value}" for key, value in self.setting.items())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "setting": self.setting,
+            "items": self.items,
+            "failed": self.failed,
+            "embed_seconds": round(self.embed_seconds, 1),
+            "labels": [quality.as_dict() for quality in self.labels],
+            "ann": self.ann,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `lookalike evaluate` compares: every model x resize policy x PCA, each index at every M x ef."""
+
+    models: Sequence[Path]
+    catalog: Path
+    labels: Sequence[str]
+    metadata: Path | None = None
+    queries: Path | None = None
+    resizes: Sequence[str] = ()  # empty: the configured one (and likewise below)
+    pca_dims: Sequence[int] = ()
+    ms: Sequence[int] = ()
+    efs: Sequence[int] = ()
+
+
+def run_plan(settings: Settings, plan: Plan, say: Callable[[str], None] = print) -> Iterator[Evaluation]:
+    """Each setting of `plan`, embedded once per model and resize policy and evaluated at each PCA dimension."""
+    for model_path in plan.models:
+        model = load_model(model_path, settings.providers, intra_op_threads=CORES)
+        for resize in plan.resizes or [settings.resize]:
+            configured = dataclasses.replace(settings, resize=resize)
+            say(f"{model_path.name}, resize {resize}: embedding {plan.catalog} ...")
+            catalogue = embed_catalog(configured, model, plan.catalog, plan.metadata)
+            if not catalogue.ids:
+                raise LookalikeError(f"no image of {plan.catalog} could be embedded")
+            queries = embed_catalog(configured, model, plan.queries) if plan.queries else None
+            for dimension in plan.pca_dims or [settings.pca_dim]:
+                setting: dict[str, Any] = {"model": model_path.name, "resize": resize}
+                indexed, asked = catalogue, queries
+                if dimension:
+                    try:
+                        projection = Projection.fit(catalogue.vectors, dimension)
+                    except ValueError as error:
+                        raise LookalikeError(f"--pca {dimension}: {error}") from None
+                    indexed = reduce(catalogue, projection)
+                    asked = reduce(queries, projection) if queries else None
+                    setting["pca"] = f"{dimension} ({projection.retained_variance:.0%} of variance)"
+                index_params = [
+                    IndexParams(indexed.vectors.shape[1], m, settings.hnsw_ef_construction, ef)
+                    for m in plan.ms or [settings.hnsw_m]
+                    for ef in plan.efs or [settings.hnsw_ef]
+                ]
+                yield evaluate(indexed, plan.labels, asked, index_params, setting)
+
+
+def embed_catalog(
+    settings: Settings,
+    model: EmbeddingModel,
+    source: str | Path,
+    metadata_csv: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Embeddings:
+    """Plan and embed a catalogue in batches of `settings.batch`, exactly as a load does."""
+    started = time.perf_counter()
+    plan = plan_catalog(settings, str(source), str(metadata_csv) if metadata_csv else None)
+    ids, vectors, metadata = [], [], []
+    errors = dict(plan.errors)
+    messages = [item.as_message() for item in plan.items]
+    for start in range(0, len(messages), settings.batch):
+        outcome = embed_items(messages[start : start + settings.batch], model, settings, known={})
+        errors |= outcome.errors
+        for change in outcome.changes:
+            ids.append(change["id"])
+            vectors.append(decode_vector(change["vector"]))
+            metadata.append(change["metadata"])
+        if progress:
+            progress(min(start + settings.batch, len(messages)), len(messages))
+    matrix = np.vstack(vectors) if vectors else np.zeros((0, model.contract.dimension), np.float32)
+    return Embeddings(ids, unit_rows(matrix), metadata, errors, time.perf_counter() - started)
+
+
+def reduce(embeddings: Embeddings, projection: Projection) -> Embeddings:
+    """The embeddings as an index reduced by `projection` holds and queries them (unit length again)."""
+    return dataclasses.replace(embeddings, vectors=unit_rows(projection.apply(embeddings.vectors)))
+
+
+def build_index(embeddings: Embeddings, params: IndexParams) -> VectorIndex:
+    """One item at a time, as a load builds the service's index."""
+    index = VectorIndex(params)
+    for item_id, vector, metadata in zip(embeddings.ids, embeddings.vectors, embeddings.metadata, strict=True):
+        index.upsert(item_id, vector, Item(label=-1, metadata=metadata))
+    return index
+
+
+def index_mebibytes(index: VectorIndex) -> float:
+    """What the index takes on disk, which is what it takes in memory (hnswlib saves its arrays as they are)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "vectors.hnsw"
+        index.save_vectors(path)
+        return path.stat().st_size / 2**20
+
+
+def ann_neighbours(
+    index: VectorIndex, queries: np.ndarray, query_ids: Sequence[str] | None, positions: dict[str, int], k: int
+) -> np.ndarray:
+    """The index's top-`k` for each query as catalogue positions (a query with an id leaves itself out)."""
+    rows = []
+    for number, vector in enumerate(queries):
+        exclude = query_ids[number] if query_ids is not None else None
+        rows.append([positions[hit.id] for hit in index.search(vector, k, exclude=exclude)])
+    width = min(len(row) for row in rows) if rows else 0
+    return np.array([row[:width] for row in rows], dtype=np.int64)
+
+
+def evaluate(
+    catalogue: Embeddings,
+    labels: Sequence[str],
+    queries: Embeddings | None = None,
+    index_params: Sequence[IndexParams] = (),
+    setting: dict[str, Any] | None = None,
+) -> Evaluation:
+    """Leave-one-out over the catalogue (or `queries` against it): quality per label, then each index against exact."""
+    leave_one_out = queries is None
+    asking = catalogue if queries is None else queries
+    exact_started = time.perf_counter()
+    exact = exact_neighbours(asking.vectors, catalogue.vectors, TOP_K, leave_one_out)
+    exact_rate = len(asking.ids) / max(time.perf_counter() - exact_started, 1e-9)
+    qualities = [
+        label_quality(
+            label,
+            [metadata.get(label) for metadata in asking.metadata],
+            [metadata.get(label) for metadata in catalogue.metadata],
+            exact,
+            leave_one_out,
+        )
+        for label in labels
+    ]
+    positions = {item_id: number for number, item_id in enumerate(catalogue.ids)}
+    vectors_mib = catalogue.vectors.nbytes / 2**20
+    ann = [{"index": "exact (numpy)", "recall@10": 1.0, "queries/s": round(exact_rate), "MiB": round(vectors_mib, 1)}]
+    built: dict[tuple[int, int], VectorIndex] = {}
+    for params in index_params:
+        # one graph per (M, ef_construction); ef is a query-time setting of the same graph
+        graph = (params.m, params.ef_construction)
+        if graph not in built:
+            built[graph] = build_index(catalogue, params)
+        index = built[graph]
+        index.params = params
+        started = time.perf_counter()
+        found = ann_neighbours(index, asking.vectors, asking.ids if leave_one_out else None, positions, TOP_K)
+        rate = len(asking.ids) / max(time.perf_counter() - started, 1e-9)
+        name = f"hnswlib M={params.m} ef_construction={params.ef_construction} ef={params.ef}"
+        ann.append(
+            {
+                "index": name,
+                "recall@10": round(recall(found, exact), 4),
+                "queries/s": round(rate),
+                "MiB": round(index_mebibytes(index), 1),
+            }
+        )
+    return Evaluation(setting or {}, len(catalogue.ids), len(catalogue.errors), catalogue.seconds, qualities, ann)
