@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry
 
 from common.settings import Settings
 from protocol.celery_app import create_celery
@@ -12,7 +13,7 @@ from protocol.client import Client
 from web.api import api
 from web.csrf import form_token, set_nonce_cookie
 from web.errors import register_error_handlers
-from web.metrics import RequestMetrics
+from web.metrics import RequestMetrics, SharedFigures
 from web.ops import ops
 from web.pages import pages
 from web.service import Service
@@ -35,7 +36,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     # The one Celery app of this process, as Flask's own Celery example makes it: built here, kept in extensions.
     app.extensions["celery"] = celery = create_celery(settings)
     app.extensions["lookalike"] = Service(settings, Client(settings, celery, timeout=settings.call_timeout))
-    app.extensions["lookalike.metrics"] = metrics = RequestMetrics()
+    # Each app its own registry: this process's request figures, and the shared ones read from Redis per scrape.
+    app.extensions["lookalike.metrics"] = registry = CollectorRegistry(auto_describe=True)
+    metrics = RequestMetrics(registry)
+    registry.register(SharedFigures(app.extensions["lookalike"].jobs))
     app.register_blueprint(pages)
     app.register_blueprint(api)
     app.register_blueprint(ops)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from web.metrics import CONTENT_TYPE, exposition
 from web.service import current_service as service
 
 ops = Blueprint("ops", __name__)
@@ -18,4 +18,4 @@ def healthz() -> tuple[Response, int]:
 
 @ops.get("/metrics")
 def metrics() -> Response:
-    return Response(exposition(current_app.extensions["lookalike.metrics"], service().jobs), content_type=CONTENT_TYPE)
+    return Response(generate_latest(current_app.extensions["lookalike.metrics"]), content_type=CONTENT_TYPE_LATEST)
