@@ -24,12 +24,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.cli import configure as export
-    from lookalike.client_commands import configure_duplicates, configure_ingest, configure_search
-    from lookalike.settings_command import configure as settings
+    from lookalike.client_cli import configure_duplicates, configure_ingest, configure_search
+    from lookalike.export_cli import configure as export
+    from lookalike.settings_cli import configure as settings
     from lookalike.up import configure as up
-    from web.cli import configure as web
-    from worker.cli import configure_evaluate, configure_worker
+    from lookalike.web_cli import configure as web
+    from lookalike.worker_cli import configure_evaluate, configure_worker
 
     # Every command: its name, the line `lookalike --help` shows, and what adds its arguments and handler.
     commands = [

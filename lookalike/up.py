@@ -126,7 +126,7 @@ def refuse_a_second_index_owner(redis_url: str) -> None:
 
 
 def load(stack: Stack, catalog: Path) -> None:
-    from lookalike.client_commands import follow_load
+    from lookalike.client_cli import follow_load
     from protocol.client import Client
 
     client = Client(stack.settings)

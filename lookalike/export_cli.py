@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.files import ensure_writable_file
-from export.errors import ExportError
-from export.keras_model import POOLINGS
-from export.progress import Progress
+from export.keras_model import POOLINGS  # light: the exporter's TensorFlow is imported only when it runs
+
+if TYPE_CHECKING:
+    from export.progress import Progress
 
 MODELS_DIR = Path("models")
 CALIBRATION_IMAGES = 200
@@ -71,8 +72,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: TensorFlow and onnxruntime take seconds to load, and `--help` needs neither.
+    from common.files import ensure_writable_file
+    from export.errors import ExportError
     from export.exporter import export_resnet50
     from export.images import list_images
+    from export.progress import Progress
 
     if args.model and not args.quantize:
         raise ExportError("--model names the model to quantise: add --quantize int8 --calibration DIR")
