@@ -1,4 +1,4 @@
-"""Every benchmark in one run, and one Markdown report with the machine it ran on (the README's tables).
+"""Every benchmark in one run, and one Markdown report with the machine it ran on (docs/benchmarks.md's tables).
 
     .venv/bin/python bench/run_all.py [--out bench/output/report.md] [--with-million]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import count
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import redis
 from hypothesis import settings as hypothesis_settings
 
 from lookalike.redis_server import EmbeddedRedis, free_port
@@ -75,17 +75,34 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
         yield server.url
 
 
+class Databases:
+    """Hands each user (a stack, a module's tests) a Redis database of its own, so that two never share queues, and
+    takes it back, emptied, when its user is done: a Redis server has 16 of them unless configured otherwise."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.base = redis_url.rsplit("/", 1)[0]
+        self.free = list(range(1, 16))  # database 0 is for a developer's own use of LOOKALIKE_REDIS_URL
+
+    def take(self) -> str:
+        assert self.free, "every Redis database is in use: give one back"
+        return f"{self.base}/{self.free.pop(0)}"
+
+    def give_back(self, url: str) -> None:
+        redis.Redis.from_url(url).flushdb()
+        self.free.insert(0, int(url.rsplit("/", 1)[1]))
+
+
 @pytest.fixture(scope="session")
-def redis_databases(redis_url):
-    """Hands each stack a Redis database of its own, so that two stacks never share queues."""
-    base = redis_url.rsplit("/", 1)[0]
-    return (f"{base}/{number}" for number in count(1))
+def redis_databases(redis_url) -> Databases:
+    return Databases(redis_url)
 
 
 @pytest.fixture(scope="module")
-def module_redis(redis_databases) -> str:
+def module_redis(redis_databases):
     """A Redis database for the tests of one module (each test flushes it as it needs)."""
-    return next(redis_databases)
+    url = redis_databases.take()
+    yield url
+    redis_databases.give_back(url)
 
 
 @pytest.fixture
@@ -95,7 +112,7 @@ def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
 
     def make(**env: str):
         data = tmp_path / f"data{len(stacks)}"
-        stack = Stack(next(redis_databases), data, pretrained_model, shared_dir / "data", **env)
+        stack = Stack(redis_databases.take(), data, pretrained_model, shared_dir / "data", **env)
         stack.redis.flushdb()
         stacks.append(stack)
         return stack
@@ -103,6 +120,7 @@ def make_stack(redis_databases, tmp_path, pretrained_model, shared_dir):
     yield make
     for stack in stacks:
         stack.stop()
+        redis_databases.give_back(stack.env["LOOKALIKE_REDIS_URL"])
 
 
 class Served(NamedTuple):
@@ -132,7 +150,7 @@ def sample_service(redis_url: str, data_dir: Path, model: Path, shared_dir: Path
 def served(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
     """The whole service on loopback: index and embed workers and `lookalike web`, the 1,002 shared images loaded."""
     data_dir = tmp_path_factory.mktemp("served")
-    with sample_service(next(redis_databases), data_dir, pretrained_model, shared_dir, web=True) as service:
+    with sample_service(redis_databases.take(), data_dir, pretrained_model, shared_dir, web=True) as service:
         assert service.load["progress"]["done"] == 1002, service.load
         stack = service.stack
         stack.wait_for(lambda: stack.heartbeat("index")[0]["items"] == 1002, "the index owner to report 1,002 items")

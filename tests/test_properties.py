@@ -73,12 +73,12 @@ def test_item_ids_are_printable_and_bounded_or_a_400(item_id):
 
 
 @pytest.fixture(scope="module")
-def web(redis_databases, tmp_path_factory):
+def web(module_redis, tmp_path_factory):
     """The web app on a real Redis with no worker: every valid search ends in 503, every invalid one in 400."""
     from web.app import create_app
 
     folder = tmp_path_factory.mktemp("properties")
-    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": next(redis_databases), "LOOKALIKE_DATA_DIR": str(folder)})
+    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_DATA_DIR": str(folder)})
     return create_app(settings).test_client()
 
 

@@ -12,7 +12,7 @@ from common.errors import LookalikeError
 from common.settings import CORES, Settings, declared, defaults, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGURATION_DOC = REPO / "README.md"
+CONFIGURATION_DOC = REPO / "docs" / "configuration.md"
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 
 

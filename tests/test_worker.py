@@ -27,8 +27,12 @@ STYLES_ROWS = 44446
 def loaded(redis_databases, tmp_path_factory, pretrained_model, shared_dir):
     """A stack with the 1,002 shared images loaded as they are (styles.csv + images/)."""
     data_dir = tmp_path_factory.mktemp("worker")
-    with sample_service(next(redis_databases), data_dir, pretrained_model, shared_dir, web=False) as service:
-        yield service.stack, service.client, service.load
+    url = redis_databases.take()
+    try:
+        with sample_service(url, data_dir, pretrained_model, shared_dir, web=False) as service:
+            yield service.stack, service.client, service.load
+    finally:
+        redis_databases.give_back(url)
 
 
 def image_bytes(shared_dir, item_id: str) -> bytes:

@@ -1,4 +1,5 @@
-"""Every command in the README runs somewhere: here, in the test named for it, or in .ci/run."""
+"""The README and docs/ are true: every command in them runs somewhere (here, in the test named for it, or in
+.ci/run), every relative link resolves inside the repository, and the README links every page of docs/."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from common.settings import defaults
 from lookalike.cli import build_parser
 from tests.test_project import REPO, readme_commands
 
-README = (REPO / "README.md").read_text()
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+API_DOC = REPO / "docs" / "api.md"
 
 # Commands run elsewhere: their first words -> the file that runs them (and must contain what proves it).
 RUN_ELSEWHERE = {
@@ -23,27 +25,29 @@ RUN_ELSEWHERE = {
     "make test": (".ci/run", "make test"),
     ".venv/bin/python bench/": ("bench", ""),  # benchmarks print tables; a run takes minutes (see below)
 }
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def commands() -> list[str]:
-    """Each command of every ```sh block (continuation lines joined, comments dropped)."""
+    """Each command of every ```sh block of every page (continuation lines joined, comments dropped)."""
     found = []
-    for block in re.findall(r"```sh\n(.*?)```", README, re.DOTALL):
-        for command in block.replace("\\\n", " ").splitlines():
-            command = command.split("  #", 1)[0].strip()
-            if command and not command.startswith("#"):
-                found.append(command)
+    for page in DOCS:
+        for block in re.findall(r"```sh\n(.*?)```", page.read_text(), re.DOTALL):
+            for command in block.replace("\\\n", " ").splitlines():
+                command = command.split("  #", 1)[0].strip()
+                if command and not command.startswith("#"):
+                    found.append(command)
     return found
 
 
 def api_examples() -> str:
-    match = re.search(r"<!-- api-examples -->\s*```sh\n(.*?)```", README, re.DOTALL)
-    assert match, "README.md has no API examples block"
+    match = re.search(r"<!-- api-examples -->\s*```sh\n(.*?)```", API_DOC.read_text(), re.DOTALL)
+    assert match, f"{API_DOC} has no API examples block"
     return match.group(1)
 
 
 @pytest.mark.parametrize("command", commands())
-def test_every_readme_command_is_run_by_a_test_or_ci(command):
+def test_every_documented_command_is_run_by_a_test_or_ci(command):
     if command in api_examples().replace("\\\n", " "):
         return  # run below, for real
     assignments = re.match(r"((?:[A-Z_]+=\S+ )*)(.*)", command)
@@ -70,7 +74,7 @@ def test_every_readme_command_is_run_by_a_test_or_ci(command):
         build_parser().parse_args(shlex.split(command.rstrip("&").strip())[1:])
         return
     place = next((where for prefix, where in RUN_ELSEWHERE.items() if command.startswith(prefix)), None)
-    assert place, f"README command {command!r} is run by no test: run it in one, or add it to RUN_ELSEWHERE"
+    assert place, f"documented command {command!r} is run by no test: run it in one, or add it to RUN_ELSEWHERE"
     path, proof = place
     if command.startswith(".venv/bin/python bench/"):
         script = REPO / shlex.split(command)[1]
@@ -80,8 +84,24 @@ def test_every_readme_command_is_run_by_a_test_or_ci(command):
         assert proof in (REPO / path).read_text()
 
 
-def test_the_readme_commands_are_its_two_commands():
+def test_the_readmes_commands_are_its_two_commands():
     assert readme_commands("run-command") == ["make demo"] and readme_commands("test-command") == ["make test"]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda page: str(page.relative_to(REPO)))
+def test_every_relative_link_resolves_inside_the_repository(page):
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a web address, or a heading of the same page
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        assert path.is_relative_to(REPO), f"{page.name} links {target}, outside the repository"
+        assert path.exists(), f"{page.name} links {target}, which does not exist"
+
+
+def test_the_readme_is_the_landing_page_that_links_every_doc():
+    links = set(LINK.findall((REPO / "README.md").read_text()))
+    assert {f"docs/{page.name}" for page in DOCS[1:]} <= links
+    assert len((REPO / "README.md").read_text().splitlines()) < 150, "reference material belongs in docs/"
 
 
 @pytest.mark.slow
@@ -106,7 +126,7 @@ def test_the_api_examples_work_against_the_running_service(served, shared_dir, t
     "command", [command for command in commands() if command.startswith(".venv/bin/lookalike export")]
 )
 def test_the_export_examples_run(command, shared_dir, tmp_path):
-    """As written, with the README's folders moved: models/ to a temporary folder, ../shared to the shared data."""
+    """As written, with the docs' folders moved: models/ to a temporary folder, ../shared to the shared data."""
     moved = {"../shared/": f"{shared_dir}/", "models/": f"{tmp_path}/"}
     argv = [next((new + word[len(old):] for old, new in moved.items() if word.startswith(old)), word)
             for word in shlex.split(command)]  # fmt: skip
