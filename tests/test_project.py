@@ -22,7 +22,7 @@ def readme_commands(marker: str) -> list[str]:
 def test_ci_runs_the_readmes_test_command():
     (test_command,) = readme_commands("test-command")
     assert test_command in (REPO / ".ci" / "run").read_text().splitlines()
-    # the run command is run by tests/test_up.py; every other README command by a test of its own part
+    # the run command is run by tests/test_up.py; every other documented command: tests/test_docs.py
 
 
 def test_ruff_is_clean():

@@ -1,4 +1,5 @@
-"""The engine: model loading and the contract check, image decoding, and (later) the Celery tasks and index.
+"""The workers: Celery tasks, embedding, the durable hnswlib index and its one owner, catalogue loads, the recovery
+of orphaned messages, and the evaluation of retrieval quality.
 
-Kept import-light: nothing here imports Celery or onnxruntime until a module that needs it is imported.
+Kept import-light: nothing here imports Celery, onnxruntime or hnswlib until a module that needs it is imported.
 """
