@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from protocol.client import Client
 from protocol.queues import ROUTES, Queue, Task
 from worker.processes import embed_worker_argv, index_worker_argv
 
+REPO = Path(__file__).resolve().parent.parent
 CANNED_ANSWERS = {Task.SIMILAR_ITEMS: {"hits": []}, Task.DELETE_ITEMS: {"deleted": 0}, Task.INDEX_STATS: {}}
 
 
@@ -89,3 +92,19 @@ def test_a_name_outside_the_protocol_can_be_neither_sent_nor_routed(worker_app, 
 
 def test_the_index_owner_reads_searches_and_changes_and_embedders_only_bulk_work():
     assert consumed_queues() == {"embed": {Queue.EMBED}, "index": {Queue.SEARCH, Queue.INDEX}}
+
+
+CODE_ARGUMENT = {"item_error": 0, "ImageError": 0, "unavailable": 0, "ApiError": 1}  # where each call takes its code
+
+
+def test_every_error_code_is_made_from_the_one_enum():
+    """No code is spelt as a string where an error is made: each comes from `common.errors.ErrorCode`."""
+    spelt = []
+    for package in ("common", "protocol", "export", "worker", "web", "lookalike"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) in CODE_ARGUMENT:
+                    position = CODE_ARGUMENT[node.func.id]
+                    if len(node.args) > position and isinstance(node.args[position], ast.Constant):
+                        spelt.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert spelt == []

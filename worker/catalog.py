@@ -125,7 +125,7 @@ def _read_rows(csv_path: Path, plan: CatalogPlan) -> pd.DataFrame:
     def bad_line(fields: list[str]) -> None:
         row_id = fields[0] if fields else "?"
         plan.errors[f"{row_id} (malformed)"] = item_error(
-            "invalid_row", f"the row of id {row_id} has {len(fields)} fields, more than the header"
+            ErrorCode.INVALID_ROW, f"the row of id {row_id} has {len(fields)} fields, more than the header"
         )
 
     try:
