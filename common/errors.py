@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
     CROSS_SITE = "cross_site"
     CSRF = "csrf"
     BUSY = "busy"
+    BEHIND = "behind"
     NO_WORKER = "no_worker"
     INDEX_UNAVAILABLE = "index_unavailable"
     BROKER_UNAVAILABLE = "broker_unavailable"

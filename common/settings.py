@@ -59,8 +59,28 @@ class Settings:
     pca_dim: int = variable("0", "reduce the index's vectors to this many dimensions by PCA; 0: off", minimum=0)
     pca_fit_items: int = variable("10000", "items the index must hold before the PCA is fitted on them", minimum=2)
     snapshot_every: int = variable("20000", "changes between index snapshots (the log is cut after each)", minimum=1)
+    query_processes: int = variable(
+        "1", "query processes `lookalike up` starts; each query process runs on cores / this many threads", minimum=1
+    )
+    query_batch: int = variable(
+        "16", "searches a query process embeds together in one onnxruntime run, at most", minimum=1
+    )
+    query_wait_ms: int = variable(
+        "5", "milliseconds a query process waits for more searches before it embeds what it has", minimum=0
+    )
+    replicas: int = variable(
+        "1", "index replicas `lookalike up` starts (0: the index owner answers every read)", minimum=0
+    )
+    max_lag: int = variable(
+        "5", "seconds a replica may fall behind the index owner before it stops taking reads", minimum=1
+    )
+    read_timeout: int = variable(
+        "2", "seconds a search waits for an index reader's answer before it asks another", minimum=1
+    )
     search_ttl: int = variable("3600", "seconds a search job's record is kept", minimum=1)
-    search_timeout: int = variable("60", "seconds a search may wait for the index worker before it fails", minimum=1)
+    search_timeout: int = variable(
+        "60", "seconds a search may wait for a query worker and an index reader before it fails", minimum=1
+    )
     max_queued_searches: int = variable(
         "100", "searches that may wait at once; another gets 503 + Retry-After", minimum=1
     )
@@ -76,6 +96,11 @@ class Settings:
     def archives_dir(self) -> Path:
         """Where tar archives from the catalogue are unpacked once, by content hash."""
         return self.data_dir / "archives"
+
+    @property
+    def query_threads(self) -> int:
+        """onnxruntime intra-op threads of each query process: this machine's cores shared among them."""
+        return max(1, CORES // self.query_processes)
 
     @property
     def uploads_dir(self) -> Path:

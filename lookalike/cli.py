@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Every command: its name, the line `lookalike --help` shows, and what adds its arguments and handler.
     commands = [
         ("export", "export ResNet50 + pooling to ONNX (once), or quantise a model to INT8", export),
-        ("worker", "run a Celery worker: embed (any number) or index (exactly one)", configure_worker),
+        ("worker", "run a worker: embed, index (exactly one), query or replica", configure_worker),
         ("web", "serve the search pages and the JSON API (waitress)", web),
         ("up", "run everything on this machine (Redis included) until Ctrl-C", up),
         ("ingest", "load a catalogue through the queue, with a progress bar", configure_ingest),

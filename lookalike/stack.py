@@ -51,15 +51,17 @@ class Stack:
         self.logs = data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, kind: str) -> subprocess.Popen:
-        """Start `lookalike worker <kind>` and wait until it (or a pool process of its) reports in."""
-        process = self._spawn(kind, "worker", kind)
+    def start(self, kind: str, name: str = "") -> subprocess.Popen:
+        """Start `lookalike worker <kind>` and wait until it (or a pool process of its) reports in; `name` tells
+        several workers of a kind apart (default: the kind)."""
+        name = name or kind
+        process = self._spawn(name, "worker", kind)
 
         def reported() -> bool:
-            ours = {process.pid, *self.pool_children(kind)}
+            ours = {process.pid, *self.pool_children(name)}
             return any(beat["pid"] in ours for beat in self.heartbeat(kind))
 
-        self.wait_for(reported, f"the {kind} worker to report in", process=process)
+        self.wait_for(reported, f"the {name} worker to report in", process=process)
         return process
 
     def start_web(self, port: int, host: str = "127.0.0.1") -> str:

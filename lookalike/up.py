@@ -16,7 +16,7 @@ from common.errors import LookalikeError
 from common.settings import Settings, defaults
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
-from protocol.heartbeats import alive
+from protocol.heartbeats import Role, alive
 
 WATCH_SECONDS = 1.0
 ROOT_FILE = "catalog-root"  # in DATA_DIR: the catalogue root `up` chose; item references are relative to it
@@ -36,6 +36,18 @@ def configure(up: argparse.ArgumentParser) -> None:
     up.add_argument(
         "--catalog", type=Path, help="load this catalogue on start: a CSV, folder, tar archive or styles.csv+images/"
     )
+    up.add_argument(
+        "--replicas",
+        type=int,
+        help="index replicas, read-only copies that answer searches (default LOOKALIKE_REPLICAS, "
+        f"{defaults()['LOOKALIKE_REPLICAS']}; 0: the owner answers)",
+    )
+    up.add_argument(
+        "--query-processes",
+        type=int,
+        help="processes that embed searches, sharing the cores (default LOOKALIKE_QUERY_PROCESSES, "
+        f"{defaults()['LOOKALIKE_QUERY_PROCESSES']})",
+    )
     up.set_defaults(handler=run)
 
 
@@ -43,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from common.model import load_model
 
     environ = dict(os.environ)
+    for variable, value in (("LOOKALIKE_REPLICAS", args.replicas), ("LOOKALIKE_QUERY_PROCESSES", args.query_processes)):
+        if value is not None:
+            environ[variable] = str(value)  # checked with the other settings, below
     if args.model:
         environ["LOOKALIKE_MODEL"] = str(args.model.expanduser().resolve())
     catalog = args.catalog.expanduser().resolve() if args.catalog else None
@@ -73,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
         extra["LOOKALIKE_REDIS_URL"] = redis_url
         stack = Stack(redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
         print(f"workers: starting (logs in {stack.logs})", file=sys.stderr)
-        stack.start("index")
-        stack.start("embed")
+        start_workers(stack, settings)
         url = stack.start_web(args.port, args.host)
         print(f"lookalike is up: {url}/  (Ctrl-C stops it)", flush=True)
         if catalog is not None:
@@ -92,6 +106,16 @@ def run(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def start_workers(stack: Stack, settings: Settings) -> None:
+    """The index owner first (the replicas load its snapshot), then replicas, query processes and embedders."""
+    stack.start("index")
+    for number in range(1, settings.replicas + 1):
+        stack.start("replica", f"replica-{number}")
+    for number in range(1, settings.query_processes + 1):
+        stack.start("query", f"query-{number}")
+    stack.start("embed")
 
 
 def catalog_root(data_dir: Path, catalog: Path | None) -> Path | None:
@@ -116,7 +140,7 @@ def catalog_root(data_dir: Path, catalog: Path | None) -> Path | None:
 
 def refuse_a_second_index_owner(redis_url: str) -> None:
     """One index owner per Redis: another one (a shared external Redis) would take our searches and changes."""
-    owners = alive(redis.Redis.from_url(redis_url, socket_connect_timeout=5), "index")
+    owners = alive(redis.Redis.from_url(redis_url, socket_connect_timeout=5), Role.INDEX)
     if owners:
         owner = owners[0]
         raise LookalikeError(

@@ -8,7 +8,12 @@ from pathlib import Path
 
 
 def configure_worker(worker: argparse.ArgumentParser) -> None:
-    worker.add_argument("kind", choices=["embed", "index"], help="embed: bulk embedding; index: the index owner")
+    worker.add_argument(
+        "kind",
+        choices=["embed", "index", "query", "replica"],
+        help="embed: bulk embedding (any number); index: the index owner (exactly one); query: searches by image "
+        "(any number); replica: a read-only copy of the index (any number)",
+    )
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=run_worker)
 
@@ -58,31 +63,9 @@ def configure_evaluate(evaluate: argparse.ArgumentParser) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    import worker.tasks  # noqa: F401 - registers the tasks with the app below
-    from protocol.celery_app import create_celery
-    from worker import runtime
-    from worker.recovery import watch_for_orphans
+    from worker.processes import run_worker
 
-    config = runtime.settings()
-    app = create_celery(config)
-    watch_for_orphans(app, config)
-    if args.kind == "embed":
-        from worker.processes import check_model_elsewhere, embed_worker_argv, prepare_embed_processes
-
-        check_model_elsewhere(config)
-        prepare_embed_processes()
-        app.worker_main(embed_worker_argv(config, args.loglevel))
-        return 0
-    from protocol.heartbeats import forget_heartbeat
-    from worker.processes import index_worker_argv, open_index_owner
-
-    owner = open_index_owner(app)
-    try:
-        app.worker_main(index_worker_argv(args.loglevel))
-    finally:
-        owner.close()
-        forget_heartbeat(owner.redis, "index")
-    return 0
+    return run_worker(args.kind, args.loglevel)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

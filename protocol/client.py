@@ -17,14 +17,26 @@ from protocol.celery_app import create_celery
 from protocol.connection import redis_client
 from protocol.jobs import FINISHED, Jobs, item_error
 from protocol.queues import Task
+from protocol.readers import ask_reader
 
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
 
 
-class Client:
-    """Jobs (loads, searches, near-duplicate reports) are queued and followed; reads are answered at once.
+class ReadError(LookalikeError):
+    """An index reader refused a read (the index is behind the change asked for, or holds another model's
+    vectors), with the stable code of why."""
 
-    `timeout` bounds every wait on Redis and on an answer from the index owner.
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code)
+
+
+class Client:
+    """Jobs (loads, searches, near-duplicate reports) are queued and followed; reads are answered at once, by a
+    replica or the index owner (`protocol.readers`).
+
+    `timeout` bounds every wait on Redis and on an answer. A read may carry `min_seq`, the sequence number a
+    write answered with: it is then answered by a reader that holds that change ("read your writes").
     """
 
     def __init__(self, settings: Settings, celery: Celery | None = None, timeout: float = 10) -> None:
@@ -43,14 +55,20 @@ class Client:
         return job_id
 
     def search(
-        self, image: bytes, k: int = 5, filters: dict[str, str] | None = None, preview: bytes | None = None
+        self,
+        image: bytes,
+        k: int = 5,
+        filters: dict[str, str] | None = None,
+        preview: bytes | None = None,
+        min_seq: int = 0,
     ) -> str:
         """Queue a search; `preview` (a small JPEG of the query) is kept with the job for pages to show."""
         check_size(image, self.settings.max_upload)
         job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
         # A search no worker took in time is failed by its job record; its message must not run later for no one.
         encoded = base64.b64encode(image).decode()
-        self._enqueue(job_id, Task.SEARCH_IMAGE, encoded, k, filters or {}, expires=self.settings.search_timeout)
+        arguments = (encoded, k, filters or {}, min_seq)
+        self._enqueue(job_id, Task.SEARCH_IMAGE, *arguments, expires=self.settings.search_timeout)
         return job_id
 
     def find_duplicates(self, threshold: float, k: int) -> str:
@@ -78,25 +96,42 @@ class Client:
                 )
             self.jobs.wait_until_finished(job_id, PROGRESS_SECONDS)
 
-    # reads and deletes, answered by the index owner --------------------------------------------------------------
+    # reads, answered by any index reader -----------------------------------------------------------------------
 
-    def get_item(self, item_id: str) -> dict[str, Any] | None:
+    def get_item(self, item_id: str, min_seq: int = 0) -> dict[str, Any] | None:
         """The item and its metadata; None when the index has no such item."""
-        return self._ask(Task.GET_ITEM, item_id)
+        return self._read(Task.GET_ITEM, item_id, min_seq).get("item")
 
-    def similar(self, item_id: str, k: int = 5, filters: dict[str, str] | None = None) -> list[dict[str, Any]] | None:
+    def similar(
+        self, item_id: str, k: int = 5, filters: dict[str, str] | None = None, min_seq: int = 0
+    ) -> list[dict[str, Any]] | None:
         """'More like this': the item's neighbours, the item left out; None when the index has no such item."""
-        answer = self._ask(Task.SIMILAR_ITEMS, item_id, k, filters or {})
-        return None if "error" in answer else answer["hits"]
+        return self._read(Task.SIMILAR_ITEMS, item_id, k, filters or {}, min_seq).get("hits")
 
-    def stats(self) -> dict[str, Any]:
-        """The index owner's figures: items, dimension, model, snapshot, sequence number, provider, ..."""
-        return self._ask(Task.INDEX_STATS)
+    def stats(self, min_seq: int = 0) -> dict[str, Any]:
+        """The reader's figures: items, dimension, model, sequence number, who answered, ..."""
+        return self._read(Task.INDEX_STATS, min_seq)["stats"]
 
-    def delete(self, ids: list[str]) -> int:
-        """Delete items; returns how many the index held. Unlike a read it never expires: when this raises
-        celery's TimeoutError the delete is still queued and will be applied."""
-        return self._ask(Task.DELETE_ITEMS, ids, expires=False)["deleted"]
+    def _read(self, task: Task, *args: Any) -> dict[str, Any]:
+        """A read's answer; an error other than `not_found` is raised as ReadError."""
+        settings = self.settings
+        patience = min(settings.read_timeout, self.timeout)
+        answer = ask_reader(self.celery, self.jobs.redis, task, list(args), self.timeout, settings.max_lag, patience)
+        error = answer.get("error")
+        if error and error["code"] != ErrorCode.NOT_FOUND:
+            raise ReadError(error["code"], error["message"])
+        return answer
+
+    # writes, applied by the index owner -------------------------------------------------------------------------
+
+    def delete(self, ids: list[str]) -> dict[str, int]:
+        """Delete items: how many the index held (`deleted`), and the sequence number a read can wait for (`seq`).
+        Unlike a read it never expires: when this raises celery's TimeoutError the delete is still queued."""
+        result = self.celery.send_task(Task.DELETE_ITEMS, args=[ids])  # no expiry: a write stays queued
+        try:
+            return result.get(timeout=self.timeout)
+        finally:
+            result.forget()
 
     # messages --------------------------------------------------------------------------------------------------
 
@@ -108,12 +143,3 @@ class Client:
             message = f"the job could not be queued: {error}"
             self.jobs.fail(job_id, item_error(ErrorCode.ENQUEUE_FAILED, message))
             raise
-
-    def _ask(self, task: Task, *args: Any, expires: bool = True) -> Any:
-        """Send `task` and wait up to `timeout` for its answer; with `expires`, a question no one answered in time
-        is dropped instead of being answered to no one later."""
-        result = self.celery.send_task(Task(task), args=list(args), expires=self.timeout if expires else None)
-        try:
-            return result.get(timeout=self.timeout)
-        finally:
-            result.forget()

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -16,6 +17,17 @@ import redis
 from protocol import keys
 
 log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    """What a process is, as its heartbeat says."""
+
+    INDEX = "index"  # the index owner
+    REPLICA = "replica"
+    EMBED = "embed"
+    QUERY = "query"
+    HOLDER = "holder"  # a worker's main process: the tasks it has taken and not acknowledged (worker.recovery)
+
 
 HEARTBEAT_SECONDS = 10
 SOONEST_SECONDS = 1  # a woken heartbeat still waits this long after the previous one
@@ -26,8 +38,10 @@ def _field(role: str) -> str:
     return f"{role}:{socket.gethostname()}:{os.getpid()}"
 
 
-def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[str, Any]]) -> threading.Event:
-    """Publish this process's status every few seconds from a daemon thread; set the event to publish sooner."""
+def start_heartbeat(
+    client: redis.Redis, role: str, status: Callable[[], dict[str, Any]], every: float = HEARTBEAT_SECONDS
+) -> threading.Event:
+    """Publish this process's status every `every` seconds from a daemon thread; set the event to publish sooner."""
     name = _field(role)
     wake = threading.Event()
 
@@ -40,8 +54,8 @@ def start_heartbeat(client: redis.Redis, role: str, status: Callable[[], dict[st
                 log.warning("heartbeat to Redis failed: %s", error)
             except Exception:  # a status callback must never stop the heartbeat
                 log.exception("heartbeat status failed")
-            time.sleep(SOONEST_SECONDS)
-            wake.wait(HEARTBEAT_SECONDS - SOONEST_SECONDS)
+            time.sleep(min(SOONEST_SECONDS, every))
+            wake.wait(max(0.0, every - SOONEST_SECONDS))
             wake.clear()
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
@@ -60,6 +74,6 @@ def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0)
     return sorted(chosen, key=lambda beat: beat["seen"], reverse=True)
 
 
-def alive(client: redis.Redis, role: str) -> list[dict[str, Any]]:
-    """Processes of `role` that reported in recently."""
-    return heartbeats(client, role, since=time.time() - ALIVE_SECONDS)
+def alive(client: redis.Redis, role: str, within: float = ALIVE_SECONDS) -> list[dict[str, Any]]:
+    """Processes of `role` that reported in within the last `within` seconds."""
+    return heartbeats(client, role, since=time.time() - within)

@@ -140,6 +140,10 @@ class Jobs:
         done_count, failed_count = self._record(keys=record_keys, args=[now(), len(done), *done, *triples])
         return int(done_count), int(failed_count)
 
+    def note_seq(self, job_id: str, seq: int) -> None:
+        """The index change a load's items reached: a read can wait for it (read your writes)."""
+        self.redis.hset(keys.job_key(job_id), "seq", seq)
+
     def finish(self, job_id: str, result: Any, done: list[str] | tuple[str, ...] = ()) -> bool:
         """Close the job with its result, and mark `done` items done in the same step: a reader never sees the
         job finished without its result or short of its last items."""
@@ -211,6 +215,8 @@ class Jobs:
             "started": raw.get("started"),
             "finished": raw.get("finished"),
         }
+        if "seq" in raw:
+            job["seq"] = int(raw["seq"])
         if "result" in raw:
             job["result"] = json.loads(raw["result"])
         if "error" in raw:

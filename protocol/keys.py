@@ -8,6 +8,7 @@ LOADS = f"{PREFIX}:loads"  # sorted set: load job id -> created (seconds); the c
 METRICS = f"{PREFIX}:metrics"  # hash of counters across all processes: jobs created/finished, search times
 WORKERS = f"{PREFIX}:workers"  # hash: "<role>:<host>:<pid>" -> JSON status, refreshed by each process
 CHECKSUMS = f"{PREFIX}:index:checksums"  # id -> "image sha256:metadata sha256", rebuilt by the index owner at start
+CHANGES = f"{PREFIX}:index:changes"  # stream: the owner's change feed, followed by the replicas (worker.feed)
 FORM_SECRET = f"{PREFIX}:web:form-secret"  # the HMAC key of the forms' CSRF tokens, shared by web processes
 
 # The parts of a job beside its record (a hash at job_key(id)):

@@ -10,7 +10,9 @@ import redis
 class Queue(StrEnum):
     EMBED = "embed"  # bulk catalogue embedding: any number of processes on any number of machines
     INDEX = "index"  # changes to the index: only the index owner consumes it
-    SEARCH = "search"  # searches and reads: the index owner again, so they never queue behind bulk embedding
+    QUERY = "query"  # searches by image: query processes (any number), which embed them in micro-batches
+    READ = "read"  # reads by vector or id: the replicas that keep up with the owner (any number)
+    SEARCH = "search"  # reads the owner answers itself (when no replica keeps up), and the near-duplicate walk
 
 
 class Task(StrEnum):
@@ -20,7 +22,9 @@ class Task(StrEnum):
     EMBED_BATCH = "lookalike.embed_batch"
     APPLY_CHANGES = "lookalike.apply_changes"
     DELETE_ITEMS = "lookalike.delete_items"
+    WRITE_SNAPSHOT = "lookalike.write_snapshot"
     SEARCH_IMAGE = "lookalike.search_image"
+    NEAREST = "lookalike.nearest"
     SIMILAR_ITEMS = "lookalike.similar_items"
     GET_ITEM = "lookalike.get_item"
     INDEX_STATS = "lookalike.index_stats"
@@ -32,12 +36,16 @@ ROUTES: dict[Task, Queue] = {
     Task.EMBED_BATCH: Queue.EMBED,
     Task.APPLY_CHANGES: Queue.INDEX,
     Task.DELETE_ITEMS: Queue.INDEX,
-    Task.SEARCH_IMAGE: Queue.SEARCH,
-    Task.SIMILAR_ITEMS: Queue.SEARCH,
-    Task.GET_ITEM: Queue.SEARCH,
-    Task.INDEX_STATS: Queue.SEARCH,
+    Task.WRITE_SNAPSHOT: Queue.INDEX,
+    Task.SEARCH_IMAGE: Queue.QUERY,
+    # Reads: to the replicas; `protocol.readers` sends them to the owner's SEARCH queue when none keeps up.
+    Task.NEAREST: Queue.READ,
+    Task.SIMILAR_ITEMS: Queue.READ,
+    Task.GET_ITEM: Queue.READ,
+    Task.INDEX_STATS: Queue.READ,
     Task.FIND_DUPLICATES: Queue.SEARCH,
 }
+READS = frozenset(task for task, queue in ROUTES.items() if queue is Queue.READ)
 
 
 def queue_depths(client: redis.Redis) -> dict[str, int]:

@@ -14,6 +14,7 @@ from hypothesis import settings as hypothesis_settings
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from lookalike.up import start_workers
 from protocol.client import Client
 from web.app import create_app
 
@@ -136,8 +137,7 @@ def sample_service(redis_url: str, data_dir: Path, model: Path, shared_dir: Path
     stack = Stack(redis_url, data_dir, model, shared_dir / "data")
     stack.redis.flushdb()
     try:
-        stack.start("index")
-        stack.start("embed")
+        start_workers(stack, stack.settings)  # as `lookalike up` does: the owner, a replica, a query process, embedders
         url = stack.start_web(free_port()) if web else ""
         client = Client(stack.settings)
         job = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)

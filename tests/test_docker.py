@@ -20,7 +20,8 @@ from lookalike.cli import build_parser
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-WORKERS = ("worker-index", "worker-embed", "worker-embed-gpu")
+WORKERS = ("worker-index", "worker-replica", "worker-query", "worker-query-gpu", "worker-embed", "worker-embed-gpu")
+SCALED = ("worker-replica", "worker-query", "worker-query-gpu", "worker-embed", "worker-embed-gpu")
 
 
 def mount(volume: str) -> tuple[str, str]:
@@ -36,7 +37,7 @@ def test_the_services_of_a_deployment_are_there():
     assert set(COMPOSE["volumes"]) == {"redis", "models", "data", "index"}
     assert SERVICES["web"]["ports"] == ["8000:8000"]
     assert "/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
-    for name in ("worker-embed", "worker-embed-gpu"):  # scaled with --scale: no fixed name, no published port
+    for name in SCALED:  # scaled with --scale: no fixed name, no published port
         assert "container_name" not in SERVICES[name] and "ports" not in SERVICES[name]
 
 
@@ -52,8 +53,13 @@ def test_each_service_runs_a_real_command_with_settings_the_code_reads(name):
     assert mounts[str(settings.data_dir)] == "data"
     if name == "worker-index":
         assert mounts[str(settings.index_dir)] == "index"  # the index in a volume of its own
+    if name == "worker-replica":  # the owner's snapshots, which a replica reads and never writes
+        assert f"index:{settings.index_dir}:ro" in service["volumes"]
+        assert service["depends_on"]["worker-index"]["condition"] == "service_started"
+    if name not in ("worker-index", "worker-replica"):
+        assert "index" not in mounts.values()  # only the owner writes the index, only replicas read it
     assert str(settings.catalog_root) in mounts
-    if name != "web":
+    if name not in ("web", "worker-replica"):  # a replica answers by vector: it needs no model
         assert mounts[str(settings.model.parent)] == "models"
         assert service["depends_on"]["export"]["condition"] == "service_completed_successfully"
     assert service["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -67,8 +73,9 @@ def test_the_export_writes_the_model_the_workers_read_and_only_once():
     assert "models:/models" in SERVICES["export"]["volumes"]
 
 
-def test_the_gpu_profile_builds_onnxruntime_gpu_and_reserves_nvidia_gpus():
-    gpu = SERVICES["worker-embed-gpu"]
+@pytest.mark.parametrize("name", ["worker-embed-gpu", "worker-query-gpu"])
+def test_the_gpu_profile_builds_onnxruntime_gpu_and_reserves_nvidia_gpus(name):
+    gpu = SERVICES[name]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["args"]["EXTRA"] == "gpu"
     assert gpu["environment"]["LOOKALIKE_PROVIDERS"] == "cuda"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]

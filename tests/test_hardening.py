@@ -102,10 +102,11 @@ def test_200_uploads_from_20_clients_are_all_answered(served, tmp_path):
 
 
 def test_a_full_search_queue_answers_503_and_stalled_searches_fail(make_stack, shared_dir):
-    """Back-pressure: with the index owner frozen, searches queue up to the limit, then 503 busy + Retry-After.
-    Those waiting longer than LOOKALIKE_SEARCH_TIMEOUT are failed (timed_out), and the owner never runs them."""
+    """Back-pressure: with the query process frozen, searches queue up to the limit, then 503 busy + Retry-After.
+    Those waiting longer than LOOKALIKE_SEARCH_TIMEOUT are failed (timed_out), and no query process runs them."""
     stack = make_stack(LOOKALIKE_MAX_QUEUED_SEARCHES="3", LOOKALIKE_SEARCH_TIMEOUT="4")
     stack.start("index")
+    stack.start("query")
     web = create_app(stack.settings).test_client()
     photo = (shared_dir / "data" / "fashion" / "images" / "10186.jpg").read_bytes()
 
@@ -113,19 +114,19 @@ def test_a_full_search_queue_answers_503_and_stalled_searches_fail(make_stack, s
         return web.post("/api/search", data={"image": (io.BytesIO(photo), "photo.jpg")})
 
     client = Client(stack.settings)
-    os.killpg(stack.processes["index"].pid, signal.SIGSTOP)
+    os.killpg(stack.processes["query"].pid, signal.SIGSTOP)
     try:
         answers = [search() for _ in range(6)]
         accepted = [answer.get_json()["job_id"] for answer in answers if answer.status_code == 202]
         stalled = [client.follow(job_id, timeout=30) for job_id in accepted]
     finally:
-        os.killpg(stack.processes["index"].pid, signal.SIGCONT)
+        os.killpg(stack.processes["query"].pid, signal.SIGCONT)
     busy = [answer for answer in answers if answer.status_code == 503]
     assert len(accepted) >= 3 and busy and len(accepted) + len(busy) == 6
     assert busy[0].get_json()["error"]["code"] == "busy" and busy[0].headers["Retry-After"] == "2"
     assert {(job["state"], job["error"]["code"]) for job in stalled} == {("failed", "timed_out")}
-    # the owner is back and the queue drains: the expired searches are dropped, not run
-    stack.wait_for(lambda: stack.redis.llen("search") == 0, "the search queue to drain")
+    # the query process is back and the queue drains: the expired searches are dropped, not run
+    stack.wait_for(lambda: stack.redis.llen("query") == 0, "the query queue to drain")
     fresh = search()
     assert fresh.status_code == 202, fresh.get_json()
     assert client.follow(fresh.get_json()["job_id"], timeout=60)["state"] == "done"
@@ -147,6 +148,7 @@ def test_a_redis_restart_during_a_load_is_a_503_then_the_load_finishes(tmp_path,
     stack = Stack(server.url, tmp_path / "data", pretrained_model, shared_dir / "data", LOOKALIKE_BATCH="8")
     try:
         stack.start("index")
+        stack.start("query")
         stack.start("embed")
         url = stack.start_web(free_port())
         client = Client(stack.settings)
@@ -188,6 +190,7 @@ def test_an_index_it_cannot_write_refuses_changes_and_keeps_answering_searches(m
     again the same load indexes them."""
     stack = make_stack(LOOKALIKE_API_KEY=API_KEY)
     stack.start("index")
+    stack.start("query")
     stack.start("embed")
     client = Client(stack.settings)
     photos = shared_dir / "data" / "fashion" / "images"

@@ -7,7 +7,8 @@ import pytest
 
 import worker.wal
 from worker.index import IndexParams, Item, VectorIndex
-from worker.store import DurableIndex, IndexStoreError, ModelIdentity
+from worker.snapshots import IndexStoreError, ModelIdentity
+from worker.store import DurableIndex
 from worker.wal import Change
 
 DIM = 8
@@ -137,18 +138,18 @@ def test_vectors_of_another_model_are_refused(tmp_path):
 
 
 def test_a_crash_in_the_middle_of_a_snapshot_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    import worker.store
+    import worker.snapshots
 
     store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
     store.apply([upsert(str(seed), seed) for seed in range(3)])
-    real_write = worker.store.atomic_write_bytes
+    real_write = worker.snapshots.atomic_write_bytes
 
     def die_before_switching(path, data):
         if path.name == "CURRENT":
             raise KeyboardInterrupt("killed")  # the process dies between writing the snapshot and switching
         real_write(path, data)
 
-    monkeypatch.setattr(worker.store, "atomic_write_bytes", die_before_switching)
+    monkeypatch.setattr(worker.snapshots, "atomic_write_bytes", die_before_switching)
     with pytest.raises(KeyboardInterrupt):
         store.snapshot()
     monkeypatch.undo()

@@ -13,7 +13,8 @@ from protocol.jobs import Jobs
 from tests.onnx_models import pooling_model
 from worker.index import IndexParams
 from worker.owner import IndexOwner
-from worker.store import DurableIndex, ModelIdentity
+from worker.snapshots import ModelIdentity
+from worker.store import DurableIndex
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_vectors_of_another_model_or_resize_policy_are_per_item_errors(owner):
     assert result == {"applied": 1, "failed": 2}
     job = jobs.get(job_id)
     assert (job["state"], job["errors_by_code"]) == ("partial", {"model_mismatch": 2})
-    assert owner.get("ok") is not None and owner.get("other") is None
+    assert "item" in owner.reader.get("ok", 0) and owner.reader.get("other", 0)["error"]["code"] == "not_found"
 
 
 def test_a_batch_the_index_cannot_take_is_counted_failed_not_lost(owner):
@@ -66,7 +67,7 @@ def test_facets_are_the_few_valued_fields_and_follow_the_catalogue(owner):
                 "model_sha256": owner.model.sha256, "image_sha256": item_id, "metadata_sha256": item_id}  # fmt: skip
 
     owner.apply(None, [upsert(str(n), gender="Women" if n % 3 else "Men", name=f"product {n}") for n in range(30)])
-    assert owner.facets() == {"gender": ["Women", "Men"]}  # every name differs: not a filter
+    assert owner.reader.facets() == {"gender": ["Women", "Men"]}  # every name differs: not a filter
     owner.apply(None, [upsert(str(n), gender="Unisex", name="x") for n in range(30, 41)])
-    assert owner.facets()["gender"] == ["Women", "Unisex", "Men"]  # grew by a third: counted again
+    assert owner.reader.facets()["gender"] == ["Women", "Unisex", "Men"]  # grew by a third: counted again
     assert owner.heartbeat()["items"] == 41

@@ -7,11 +7,13 @@ import logging
 import numpy as np
 import pytest
 
+from lookalike.up import start_workers
 from protocol.client import Client
 from tests.test_worker import SAMPLE_SIZE, image_bytes, search
 from worker.index import IndexParams
 from worker.projection import Projection, Reduction
-from worker.store import DurableIndex, IndexStoreError, ModelIdentity
+from worker.snapshots import IndexStoreError, ModelIdentity
+from worker.store import DurableIndex
 from worker.wal import Change
 
 DIM = 32
@@ -124,15 +126,15 @@ def test_a_damaged_projection_is_refused_at_start(tmp_path):
 
 @pytest.mark.slow
 def test_a_service_with_pca_fits_at_load_searches_and_survives_a_kill(make_stack, shared_dir):
-    """Real workers: the sample loads, the owner reduces at 300 items, searches find the photo; after kill -9 the
-    restarted owner has the same projection and every item."""
+    """Real workers: the sample loads, the owner reduces at 300 items and the replica follows it to the reduced
+    index, searches find the photo; after kill -9 the restarted owner has the same projection and every item."""
     stack = make_stack(LOOKALIKE_PCA_DIM="64", LOOKALIKE_PCA_FIT_ITEMS="300")
-    stack.start("index")
-    stack.start("embed")
+    start_workers(stack, stack.settings)
     client = Client(stack.settings)
     job = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)
     assert job["progress"]["done"] == SAMPLE_SIZE
-    stats = client.stats()
+    stats = client.stats(min_seq=job["seq"])
+    assert stats["role"] == "replica" and stats["items"] == SAMPLE_SIZE
     assert stats["dimension"] == 64 and 300 <= stats["pca"]["fitted_on"] < SAMPLE_SIZE
     assert stats["pca"]["input_dimension"] == 1280 and stack.heartbeat("index")[0]["pca"] == stats["pca"]
     hits = search(client, image_bytes(shared_dir, "10186"))["result"]["hits"]

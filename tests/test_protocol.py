@@ -13,11 +13,17 @@ from celery.exceptions import QueueNotFound
 from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.client import Client
-from protocol.queues import ROUTES, Queue, Task
-from worker.processes import embed_worker_argv, index_worker_argv
+from protocol.queues import READS, ROUTES, Queue, Task
+from worker.processes import embed_worker_argv, index_worker_argv, replica_worker_argv
+from worker.queries import QUEUE, TASK
 
 REPO = Path(__file__).resolve().parent.parent
-CANNED_ANSWERS = {Task.SIMILAR_ITEMS: {"hits": []}, Task.DELETE_ITEMS: {"deleted": 0}, Task.INDEX_STATS: {}}
+CANNED_ANSWERS = {
+    Task.GET_ITEM: {"item": {"id": "10186", "metadata": {}}},
+    Task.SIMILAR_ITEMS: {"hits": []},
+    Task.INDEX_STATS: {"stats": {}},
+    Task.DELETE_ITEMS: {"deleted": 0, "seq": 0},
+}
 
 
 class RecordingCelery:
@@ -27,12 +33,12 @@ class RecordingCelery:
         self.app = app
         self.sent: list[tuple[str, str]] = []
 
-    def send_task(self, name: str, **_: Any) -> RecordingCelery:
-        self.sent.append((name, self.app.amqp.router.route({}, name)["queue"].name))
+    def send_task(self, name: str, queue: str | None = None, **_: Any) -> RecordingCelery:
+        self.sent.append((name, queue or self.app.amqp.router.route({}, name)["queue"].name))
         self.last = name
         return self
 
-    def get(self, timeout: float) -> Any:
+    def get(self, timeout: float, **_: Any) -> Any:
         return CANNED_ANSWERS.get(Task(self.last))
 
     def forget(self) -> None:
@@ -41,8 +47,9 @@ class RecordingCelery:
 
 def consumed_queues() -> dict[str, set[str]]:
     """Which queues each kind of worker process listens on, from the very arguments it starts with."""
-    kinds = {"embed": embed_worker_argv(Settings.from_env({}), "INFO"), "index": index_worker_argv("INFO")}
-    return {kind: set(argv[argv.index("-Q") + 1].split(",")) for kind, argv in kinds.items()}
+    kinds = {"embed": embed_worker_argv(Settings.from_env({}), "INFO"), "index": index_worker_argv("INFO"),
+             "replica": replica_worker_argv("INFO")}  # fmt: skip
+    return {**{kind: set(argv[argv.index("-Q") + 1].split(",")) for kind, argv in kinds.items()}, "query": {QUEUE}}
 
 
 @pytest.fixture
@@ -52,12 +59,16 @@ def worker_app(module_redis):
     return create_celery(Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis}))
 
 
-def test_every_task_name_is_registered_by_the_workers_and_routed_to_a_queue_a_worker_reads(worker_app):
+def test_every_task_name_has_a_consumer_and_is_routed_to_a_queue_it_reads(worker_app):
     registered = {name for name in worker_app.tasks if name.startswith("lookalike.")}
-    assert registered == {str(task) for task in Task}
-    read = set().union(*consumed_queues().values())
+    assert registered | {TASK} == {str(task) for task in Task}  # searches by image: the query processes' own
+    read = consumed_queues()
     for task in Task:
-        assert worker_app.amqp.router.route({}, task)["queue"].name == ROUTES[task] and ROUTES[task] in read
+        queue = worker_app.amqp.router.route({}, task)["queue"].name
+        assert queue == ROUTES[task] and any(queue in queues for queues in read.values())
+    assert ROUTES[TASK] == QUEUE  # the query queue carries only what the query processes read
+    # reads go to the replicas and, when none keeps up, to the owner: both answer every read
+    assert {ROUTES[task] for task in READS} == {Queue.READ} and Queue.SEARCH in read["index"]
 
 
 def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(worker_app, module_redis):
@@ -76,22 +87,29 @@ def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(w
     assert public - {"follow"} == set(calls), "a new client method: add it here"
     for name, arguments in calls.items():
         getattr(client, name)(*arguments)
-    # the workers' own messages (a load's batches and changes) are the only ones no client sends
-    assert {name for name, _ in recording.sent} == set(Task) - {Task.EMBED_BATCH, Task.APPLY_CHANGES}
+    # only the workers send the rest: a load's batches and changes, query processes' reads, replicas' requests
+    workers_own = {Task.EMBED_BATCH, Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT}
+    assert {name for name, _ in recording.sent} == set(Task) - workers_own
     for name, queue in recording.sent:
-        assert name in worker_app.tasks and queue == ROUTES[Task(name)]
+        assert name in worker_app.tasks or name == TASK
+        assert queue == ROUTES[Task(name)] or (Task(name) in READS and queue == Queue.SEARCH)  # the owner reads too
 
 
 def test_a_name_outside_the_protocol_can_be_neither_sent_nor_routed(worker_app, module_redis):
     client = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis}), celery=RecordingCelery(worker_app))
     with pytest.raises(ValueError, match=r"lookalike\.serch_image"):
-        client._ask("lookalike.serch_image")
+        client._read("lookalike.serch_image")
     with pytest.raises(QueueNotFound):  # not silently onto the embed queue
         worker_app.amqp.router.route({}, "lookalike.serch_image")
 
 
-def test_the_index_owner_reads_searches_and_changes_and_embedders_only_bulk_work():
-    assert consumed_queues() == {"embed": {Queue.EMBED}, "index": {Queue.SEARCH, Queue.INDEX}}
+def test_each_kind_of_worker_reads_its_own_queues():
+    assert consumed_queues() == {
+        "embed": {Queue.EMBED},
+        "index": {Queue.SEARCH, Queue.INDEX},
+        "replica": {Queue.READ},
+        "query": {Queue.QUERY},
+    }
 
 
 CODE_ARGUMENT = {"item_error": 0, "ImageError": 0, "unavailable": 0, "ApiError": 1}  # where each call takes its code

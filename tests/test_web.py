@@ -415,17 +415,24 @@ def test_health_and_metrics_of_a_running_service(live):
     health = live.get("/healthz")
     body = health.get_json()
     assert health.status_code == 200 and body["status"] == "ok", body
-    assert body["index"]["items"] == 1002 and body["index"]["provider"] == "CPUExecutionProvider"
+    assert body["index"]["items"] == 1002 and body["query_workers"]["providers"] == ["CPUExecutionProvider"]
     assert len(body["index"]["model_sha256"]) == 64 and body["embed_workers"]["alive"] == 2
+    (replica,) = body["replicas"]
+    assert replica["items"] == 1002 and replica["taking_reads"] and replica["lag_seconds"] <= 5
     samples = metric_samples(live.get("/metrics").get_data(as_text=True))
     assert samples["lookalike_workers_alive", ("role", "embed")] == 2 and samples["lookalike_index_items",] == 1002
+    assert samples["lookalike_workers_alive", ("role", "replica")] == 1
+    assert samples["lookalike_workers_alive", ("role", "query")] == 1
+    replica_name = ("replica", f"{replica['host']}:{replica['pid']}")
+    assert samples["lookalike_replica_lag_changes", replica_name] == replica["lag_changes"]
     assert samples["lookalike_jobs_finished_total", ("kind", "load"), ("state", "partial")] >= 1
 
 
 @pytest.mark.slow
 def test_delete_then_upload_an_archive_that_brings_the_item_back(live, served, shared_dir, tmp_path):
-    assert live.delete("/api/items/10227").get_json() == {"deleted": "10227"}
-    assert live.get("/api/items/10227").status_code == 404
+    deleted = live.delete("/api/items/10227").get_json()
+    assert deleted == {"deleted": "10227", "seq": deleted["seq"]} and deleted["seq"] > 1002
+    assert live.get(f"/api/items/10227?min_seq={deleted['seq']}").status_code == 404  # read your own write
     assert live.delete("/api/items/10227").status_code == 404
 
     with open(shared_dir / "data" / "fashion" / "styles.csv", newline="") as styles:
@@ -443,7 +450,8 @@ def test_delete_then_upload_an_archive_that_brings_the_item_back(live, served, s
     assert response.status_code == 202
     job = follow(live, response.get_json()["status_url"])
     assert (job["state"], job["progress"]) == ("done", {"total": 1, "done": 1, "failed": 0})
-    item = live.get("/api/items/10227").get_json()
+    assert job["seq"] == deleted["seq"] + 1
+    item = live.get(f"/api/items/10227?min_seq={job['seq']}").get_json()
     assert item["metadata"]["productDisplayName"] == row[-1]
     assert item["metadata"]["image"].startswith("archives/")
     assert live.get(item["thumbnail_url"]).status_code == 200

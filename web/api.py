@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from protocol.jobs import ERROR_PAGE
 from web.auth import require_writer
-from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_whole
+from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_min_seq, parse_whole
 from web.service import LOADS_SHOWN
 from web.service import current_service as service
 from web.submit import load_from_request, search_from_request
@@ -48,21 +48,23 @@ def loads() -> Response:
 
 @api.get("/items/<item_id>")
 def item(item_id: str) -> Response:
-    return jsonify(present_item(service().item(check_item_id(item_id))))
+    return jsonify(present_item(service().item(check_item_id(item_id), parse_min_seq(request.args))))
 
 
 @api.get("/items/<item_id>/similar")
 def similar(item_id: str) -> Response:
     k = parse_k(request.args.get("k"))
-    hits = service().similar(check_item_id(item_id), k, parse_filters(request.args.getlist("filter")))
+    filters = parse_filters(request.args.getlist("filter"))
+    hits = service().similar(check_item_id(item_id), k, filters, parse_min_seq(request.args))
     return jsonify({"id": item_id, "hits": [present_item(hit) for hit in hits]})
 
 
 @api.delete("/items/<item_id>")
 def delete(item_id: str) -> tuple[Response, int]:
     require_writer()
-    if service().delete(check_item_id(item_id)):
-        return jsonify({"deleted": item_id}), 200
+    answer = service().delete(check_item_id(item_id))
+    if answer is not None:
+        return jsonify({"deleted": item_id, "seq": answer["seq"]}), 200
     message = "the index worker is busy: the delete is queued and will be applied"
     return jsonify({"queued": item_id, "message": message}), 202
 

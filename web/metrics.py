@@ -10,12 +10,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from protocol.heartbeats import alive
+from protocol.heartbeats import Role, alive
 from protocol.jobs import SEARCH_SECONDS_BUCKETS, Jobs
 from protocol.queues import queue_depths
 
 REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-WORKER_ROLES = ("index", "embed")
+WORKER_ROLES = (Role.INDEX, Role.REPLICA, Role.QUERY, Role.EMBED)
 
 
 class RequestMetrics:
@@ -82,11 +82,13 @@ class SharedFigures(Collector):
         for role, alive_now in beats.items():
             workers.add_metric([role], len(alive_now))
         yield workers
-        owners = beats["index"]
+        owners = beats[Role.INDEX]
         items = owners[0].get("items", 0) if owners else 0
         yield GaugeMetricFamily(
             "lookalike_index_items", "items in the index (from the index worker's heartbeat)", value=items
         )
+        yield from _replica_lag(beats[Role.REPLICA])
+        yield from _query_batches(beats[Role.QUERY])
 
     @staticmethod
     def _search_seconds(counters: dict[str, float]) -> HistogramMetricFamily:
@@ -98,3 +100,37 @@ class SharedFigures(Collector):
         histogram = HistogramMetricFamily("lookalike_search_duration_seconds", "search jobs, from queued to finished")
         histogram.add_metric([], buckets, sum_value=counters.get("search_seconds:sum", 0.0))
         return histogram
+
+
+def _name(beat: dict) -> str:
+    return f"{beat['host']}:{beat['pid']}"
+
+
+def _replica_lag(replicas: list[dict]) -> Iterator[Metric]:
+    """How far each live replica is behind the owner, in changes and in seconds."""
+    changes = GaugeMetricFamily(
+        "lookalike_replica_lag_changes", "changes a replica has yet to apply", labels=["replica"]
+    )
+    seconds = GaugeMetricFamily(
+        "lookalike_replica_lag_seconds",
+        "how long the oldest change a replica has yet to apply waits",
+        labels=["replica"],
+    )
+    for beat in replicas:
+        changes.add_metric([_name(beat)], beat.get("lag_changes", 0))
+        seconds.add_metric([_name(beat)], beat.get("lag_seconds", 0.0))
+    yield changes
+    yield seconds
+
+
+def _query_batches(queriers: list[dict]) -> Iterator[Metric]:
+    """The micro-batches of each live query process: how many, and how many searches they held."""
+    batches = CounterMetricFamily("lookalike_query_batches", "batches a query process embedded", labels=["worker"])
+    searches = CounterMetricFamily(
+        "lookalike_query_searches", "searches a query process embedded in its batches", labels=["worker"]
+    )
+    for beat in queriers:
+        batches.add_metric([_name(beat)], beat.get("batches", 0))
+        searches.add_metric([_name(beat)], beat.get("searches", 0))
+    yield batches
+    yield searches

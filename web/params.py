@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from common import filters
 from common.filters import MAX_FIELD_LENGTH
@@ -12,7 +12,8 @@ from web.errors import bad_parameter, not_found
 DEFAULT_K = 5
 MAX_K = 100
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
+MAX_SEQ = 10**18 - 1
+DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
 
 def parse_whole(name: str, value: str | None, default: int, minimum: int, maximum: int) -> int:
@@ -27,6 +28,11 @@ def parse_whole(name: str, value: str | None, default: int, minimum: int, maximu
 def parse_k(value: str | None) -> int:
     """How many results: 1 to MAX_K, DEFAULT_K when not given."""
     return parse_whole("k", value, DEFAULT_K, 1, MAX_K)
+
+
+def parse_min_seq(fields: Mapping[str, str]) -> int:
+    """`min_seq`: the sequence number a write answered with; the read then sees that write (0: any reader)."""
+    return parse_whole("min_seq", fields.get("min_seq"), 0, 0, MAX_SEQ)
 
 
 def parse_filters(values: Iterable[str]) -> dict[str, str]:

@@ -11,16 +11,16 @@ from typing import Any
 import celery.exceptions
 import redis
 from flask import current_app
-from kombu.exceptions import OperationalError
 
 from common.areas import CatalogError, locate, resolve_reference
 from common.errors import ErrorCode
 from common.images import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
 from common.settings import Settings
 from protocol import keys
-from protocol.client import Client
-from protocol.heartbeats import alive
+from protocol.client import Client, ReadError
+from protocol.heartbeats import Role, alive
 from protocol.queues import Queue, queue_depths
+from protocol.readers import NoReaderAnswered, keeping_up
 from web.errors import ApiError, bad_parameter, not_found, unavailable
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
@@ -51,7 +51,7 @@ class Service:
 
     # searches ------------------------------------------------------------------------------------------------
 
-    def submit_search(self, image: bytes, k: int, filters: dict[str, str]) -> str:
+    def submit_search(self, image: bytes, k: int, filters: dict[str, str], min_seq: int = 0) -> str:
         """Check the upload is an image we can read, then queue it; the preview is made from the same decode."""
         self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
         try:
@@ -60,12 +60,12 @@ class Service:
             )
         except ImageError as error:
             raise ApiError.from_image_error(error) from error
-        self.index_owner()
-        return self.client.search(image, k, filters, preview)
+        self.searchable()
+        return self.client.search(image, k, filters, preview, min_seq)
 
     def refuse_when_busy(self) -> None:
         """Back-pressure: a search behind a queue this long would be answered after its shopper gave up."""
-        waiting = self.redis.llen(Queue.SEARCH)
+        waiting = self.redis.llen(Queue.QUERY)
         if waiting >= self.settings.max_queued_searches:
             raise ApiError(
                 503,
@@ -133,86 +133,112 @@ class Service:
         except OSError as error:  # removed or unreadable since it was found
             raise not_found(f"{path.name} can't be read: {error.strerror}") from error
 
-    # items (answered by the index owner) ---------------------------------------------------------------------
+    # items: read from any index reader, deleted by the owner ----------------------------------------------------
 
-    def item(self, item_id: str) -> dict[str, Any]:
-        item = self._ask(self.client.get_item, item_id)
+    def item(self, item_id: str, min_seq: int = 0) -> dict[str, Any]:
+        item = self._read(self.client.get_item, item_id, min_seq)
         if item is None:
             raise not_found(f"no item with id {item_id!r}")
         return item
 
-    def similar(self, item_id: str, k: int, filters: dict[str, str]) -> list[dict[str, Any]]:
-        hits = self._ask(self.client.similar, item_id, k, filters)
+    def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int = 0) -> list[dict[str, Any]]:
+        hits = self._read(self.client.similar, item_id, k, filters, min_seq)
         if hits is None:
             raise not_found(f"no item with id {item_id!r}")
         return hits
 
-    def delete(self, item_id: str) -> bool:
-        """True when deleted; False when the owner did not answer in time (the delete stays queued: no expiry)."""
-        try:
-            deleted = self._ask(self.client.delete, [item_id])
-        except celery.exceptions.TimeoutError:
-            return False
-        if not deleted:
-            raise not_found(f"no item with id {item_id!r}")
-        return True
-
-    def _ask(self, question: Callable[..., Any], *args: Any) -> Any:
-        """A question for the index owner, its failures as 503s; a delete's time-out stays celery's TimeoutError
-        (the delete doesn't expire: it is still queued)."""
+    def delete(self, item_id: str) -> dict[str, int] | None:
+        """The owner's answer (`deleted`, `seq`); None when it did not answer in time (the delete stays queued: no
+        expiry)."""
         self.index_owner()
         try:
-            return question(*args)
+            answer = self.client.delete([item_id])
         except celery.exceptions.TimeoutError:
-            if question == self.client.delete:
-                raise
-            raise unavailable(
-                ErrorCode.NO_WORKER,
-                f"the index worker did not answer within {self.settings.call_timeout} s (busy or stopped)",
-            ) from None
-        except (redis.RedisError, OperationalError):
-            raise  # the broker: answered as broker_unavailable
-        except Exception as error:  # the owner raised (an unusable index): its reason, not a 500
-            raise unavailable(ErrorCode.INDEX_UNAVAILABLE, f"the index can't answer: {error}") from error
+            return None
+        if not answer["deleted"]:
+            raise not_found(f"no item with id {item_id!r}")
+        return answer
+
+    def _read(self, question: Callable[..., Any], *args: Any) -> Any:
+        """A read, its failures as 503s with the reason."""
+        try:
+            return question(*args)
+        except NoReaderAnswered:
+            message = f"no index reader answered within {self.settings.call_timeout} s (busy or stopped)"
+            raise unavailable(ErrorCode.NO_WORKER, message) from None
+        except ReadError as error:  # behind the change asked for, or an index that can't be used: its reason
+            raise unavailable(error.code, str(error)) from error
 
     # health --------------------------------------------------------------------------------------------------
 
     def index_owner(self) -> dict[str, Any]:
         """The live index owner's heartbeat; 503 when none reported in lately."""
-        owners = alive(self.redis, "index")
+        owners = alive(self.redis, Role.INDEX)
         if not owners:
             raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
         return owners[0]
 
+    def searchable(self) -> None:
+        """503 unless a query process and an index reader (a replica, or the owner) are alive."""
+        if not alive(self.redis, Role.QUERY):
+            raise unavailable(ErrorCode.NO_WORKER, "no query worker is running (start `lookalike worker query`)")
+        if not (alive(self.redis, Role.REPLICA) or alive(self.redis, Role.INDEX)):
+            raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
+
     def facets(self) -> dict[str, list[str]]:
-        """Metadata fields to filter by, with their values, from the index owner's heartbeat ({} without one)."""
+        """Metadata fields to filter by, with their values, from an index reader's heartbeat ({} without one)."""
         try:
-            owners = alive(self.redis, "index")
+            readers = alive(self.redis, Role.INDEX) + alive(self.redis, Role.REPLICA)
         except redis.RedisError:
             return {}
-        return owners[0].get("facets", {}) if owners else {}
+        return readers[0].get("facets", {}) if readers else {}
 
     def health(self) -> dict[str, Any]:
-        """Broker, index owner and embed workers, as /healthz shows them; `ok` only when all are there."""
+        """Every part, as /healthz shows it: `ok` when all are there, `degraded` when searches are answered but
+        something else is missing (the owner: writes wait; embed workers: loads wait), else `unavailable`."""
         try:
             self.redis.ping()
         except redis.RedisError as error:
             return {"status": "unavailable", "broker": {"reachable": False, "error": str(error)}}
-        owners, embedders = alive(self.redis, "index"), alive(self.redis, "embed")
+        owners, replicas = alive(self.redis, Role.INDEX), alive(self.redis, Role.REPLICA)
+        embedders, queriers = alive(self.redis, Role.EMBED), alive(self.redis, Role.QUERY)
         owner = owners[0] if owners else None
         index: dict[str, Any] = {"alive": owner is not None}
         if owner:
-            index |= {key: owner.get(key) for key in ("items", "model", "model_sha256", "provider", "resize", "pca")}
+            fields = ("items", "model", "model_sha256", "resize", "pca", "seq", "snapshot")
+            index |= {key: owner.get(key) for key in fields}
             index["seconds_since_heartbeat"] = round(time.time() - owner["seen"], 1)
             if owner.get("mismatch"):
                 index["problem"] = owner["mismatch"]
-        ok = owner is not None and not owner.get("mismatch") and bool(embedders)
+        readable = bool(keeping_up(self.redis, self.settings.max_lag)) or (
+            owner is not None and not owner.get("mismatch")
+        )
+        if not (readable and queriers):
+            status = "unavailable"
+        else:
+            status = "ok" if owner is not None and not owner.get("mismatch") and embedders else "degraded"
         return {
-            "status": "ok" if ok else "unavailable",
+            "status": status,
             "broker": {"reachable": True, "queues": queue_depths(self.redis)},
             "index": index,
-            "embed_workers": {
-                "alive": len(embedders),
-                "providers": sorted({beat.get("provider", "?") for beat in embedders}),
-            },
+            "replicas": [{key: beat.get(key) for key in REPLICA_FIELDS} for beat in sorted(replicas, key=_worker_name)],
+            "query_workers": {**_workers(queriers), **_batching(queriers)},
+            "embed_workers": _workers(embedders),
         }
+
+
+REPLICA_FIELDS = ("host", "pid", "items", "seq", "lag_changes", "lag_seconds", "taking_reads")
+
+
+def _worker_name(beat: dict[str, Any]) -> str:
+    return f"{beat['host']}:{beat['pid']}"
+
+
+def _workers(beats: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"alive": len(beats), "providers": sorted({beat.get("provider", "?") for beat in beats})}
+
+
+def _batching(beats: list[dict[str, Any]]) -> dict[str, Any]:
+    """How full the query processes' batches have been, since they started."""
+    batches, searches = sum(beat.get("batches", 0) for beat in beats), sum(beat.get("searches", 0) for beat in beats)
+    return {"batches": batches, "searches": searches, "mean_batch": round(searches / batches, 2) if batches else None}

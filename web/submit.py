@@ -13,7 +13,7 @@ from werkzeug.datastructures import FileStorage
 from common.areas import ARCHIVE_SUFFIXES
 from common.errors import ErrorCode
 from web.errors import ApiError, bad_parameter
-from web.params import parse_filters, parse_k
+from web.params import parse_filters, parse_k, parse_min_seq
 from web.service import current_service as service
 
 
@@ -21,12 +21,13 @@ def search_from_request() -> str:
     """multipart `image`, `k` and repeated `filter=FIELD=VALUE` -> a queued search job's id."""
     k = parse_k(request.form.get("k"))
     filters = parse_filters(request.form.getlist("filter"))
+    min_seq = parse_min_seq(request.form)
     upload = request.files.get("image")
     if upload is None or not upload.filename:
         raise ApiError(400, ErrorCode.MISSING_IMAGE, "send the image as the multipart file field `image`")
     # One byte past the cap is enough to know the upload is over it.
     data = upload.read(service().settings.max_upload + 1)
-    return service().submit_search(data, k, filters)
+    return service().submit_search(data, k, filters, min_seq)
 
 
 def load_from_request() -> str:

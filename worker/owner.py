@@ -1,11 +1,10 @@
-"""The index owner: the one process that holds the durable index, applies changes and answers searches."""
+"""The index owner: the one process that writes the durable index, publishes its changes to the replicas, and
+answers reads itself when no replica keeps up."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,23 +12,23 @@ import redis
 from celery import Celery
 
 from common.errors import ErrorCode, LookalikeError
-from common.images import check_size, decode_image
 from common.model import EmbeddingModel, load_model
-from common.settings import CORES, Settings
+from common.settings import Settings
 from common.vectors import decode_vector
 from protocol import keys
+from protocol.heartbeats import Role
 from protocol.jobs import Jobs, item_error
 from protocol.queues import Queue
+from worker.feed import ChangeFeed
 from worker.index import IndexParams
 from worker.projection import Reduction
+from worker.reader import IndexReader
 from worker.recovery import give_back
-from worker.store import DurableIndex, ModelIdentity, ModelMismatch
+from worker.snapshots import ModelIdentity, ModelMismatch
+from worker.store import DurableIndex
 from worker.wal import Change
 
 log = logging.getLogger(__name__)
-
-FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
-FACET_SECONDS = 30  # a count of facets walks every item; most changes barely move them
 
 
 class IndexOwner:
@@ -39,13 +38,16 @@ class IndexOwner:
         self.store = store
         self.redis = client
         self.jobs = Jobs(client, settings.search_ttl, settings.search_timeout)
-        self._facets: tuple[int, float, int, dict[str, list[str]]] = (-1, 0.0, 0, {})  # seq, when, items, facets
+        self.reader = IndexReader(store, usable=lambda: store.mismatch)
+        self.feed = ChangeFeed(client)
+        store.on_logged = lambda changes: self.feed.publish(changes, store.wal, store.snapshot_seq)
+        store.on_snapshot = lambda name: self.feed.mark_snapshot(name, store.seq, _reduced_to(store))
         self.on_change: Callable[[], None] = lambda: None  # tells the heartbeat to publish the new item count
 
     @classmethod
     def open(cls, settings: Settings, client: redis.Redis) -> IndexOwner:
-        # All cores: bulk embedding runs niced, so a search's embedding gets the CPU first.
-        model = load_model(settings.model, settings.providers, intra_op_threads=CORES)
+        # The model only for its identity (sha256, dimension) and its contract: the owner embeds nothing.
+        model = load_model(settings.model, ["cpu"], intra_op_threads=1)
         identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
         params = IndexParams(
             dim=model.contract.dimension,
@@ -64,6 +66,7 @@ class IndexOwner:
         store = DurableIndex.open(settings.index_dir, identity, params, settings.snapshot_every, reduction)
         owner = cls(settings, model, store, client)
         owner.publish_checksums()
+        owner.feed.catch_up(store.wal, store.seq, store.snapshot_seq)
         return owner
 
     def publish_checksums(self) -> None:
@@ -118,17 +121,25 @@ class IndexOwner:
         self._update_checksums(changes)
         self.on_change()
         if job_id:
+            if changes:  # before the items are counted: a finished load always says which change to wait for
+                self.jobs.note_seq(job_id, self.store.seq)
             self.jobs.record(job_id, done=[change.id for change in changes], errors=foreign)
         return {"applied": len(changes), "failed": len(foreign)}
 
-    def delete(self, ids: Iterable[str]) -> int:
+    def delete(self, ids: Iterable[str]) -> dict[str, int]:
+        """Delete the items the index holds; `seq` is the change a read can wait for to see them gone."""
         present = [item_id for item_id in ids if item_id in self.store.index]
         if present:
             changes = [Change(op="delete", id=item_id) for item_id in present]
             self.store.apply(changes)
             self._update_checksums(changes)
             self.on_change()
-        return len(present)
+        return {"deleted": len(present), "seq": self.store.seq}
+
+    def snapshot(self) -> None:
+        """A snapshot now (a replica that found changes missing from the feed asked for one)."""
+        if self.store.mismatch is None and self.store.seq != self.store.snapshot_seq:
+            self.store.snapshot()
 
     def _update_checksums(self, changes: list[Change]) -> None:
         with self.redis.pipeline() as pipe:
@@ -138,21 +149,6 @@ class IndexOwner:
                 else:
                     pipe.hset(keys.CHECKSUMS, change.id, f"{change.image_sha256}:{change.metadata_sha256}")
             pipe.execute()
-
-    def search_image(self, image: bytes, k: int, filters: dict[str, str]) -> list[dict[str, Any]]:
-        """Decode and embed the query here (no queue behind bulk work), then search."""
-        self.store.check_usable()
-        pixels = decode_image(image, self.model.contract.size, self.store.identity.resize, self.settings.max_pixels)
-        vector = self.store.to_index_space(self.model.embed(pixels[None])[0])
-        return [hit.as_dict() for hit in self.store.index.search(vector, k, filters)]
-
-    def similar(self, item_id: str, k: int, filters: dict[str, str]) -> list[dict[str, Any]] | None:
-        """'More like this': the item's own vector as the query, the item itself left out."""
-        self.store.check_usable()
-        if item_id not in self.store.index:
-            return None
-        vector = self.store.index.vector(item_id)
-        return [hit.as_dict() for hit in self.store.index.search(vector, k, filters, exclude=item_id)]
 
     def duplicate_pairs(
         self, after: str | None, count: int, threshold: float, k: int
@@ -170,35 +166,20 @@ class IndexOwner:
                     pairs.append({"a": min(item_id, hit.id), "b": max(item_id, hit.id), "score": round(hit.score, 6)})
         return pairs, ids
 
-    def get(self, item_id: str) -> dict[str, Any] | None:
-        item = self.store.index.items.get(item_id)
-        return None if item is None else {"id": item_id, "metadata": item.metadata}
-
-    def stats(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """The index's figures, as `index_stats` and the heartbeat give them."""
         return {
             **self.store.stats(),
-            "provider": self.model.provider,
+            "role": Role.INDEX,
             "model": self.model.path.name,
             "pid": os.getpid(),
         }
 
-    def facets(self) -> dict[str, list[str]]:
-        """Recounted when the index changed, at most every FACET_SECONDS unless it grew or shrank by a tenth."""
-        seq, counted_at, counted_items, facets = self._facets
-        items = len(self.store.index)
-        grown = abs(items - counted_items) > counted_items / 10
-        if seq != self.store.seq and (grown or time.monotonic() - counted_at > FACET_SECONDS):
-            facets = self.store.index.facets(FACET_VALUES)
-            self._facets = (self.store.seq, time.monotonic(), items, facets)
-        return facets
-
     def heartbeat(self) -> dict[str, Any]:
         """What the web's health check and search form need, without a round trip through the queue."""
-        stats = self.stats()
-        return {
-            **{key: stats[key] for key in ("items", "provider", "model", "model_sha256", "resize", "mismatch", "pca")},
-            "facets": self.facets(),
-        }
+        status = self.status()
+        fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "snapshot")
+        return {**{key: status[key] for key in fields}, "facets": self.reader.facets()}
 
     def close(self) -> None:
         self.store.close()
@@ -223,6 +204,5 @@ def _refusal_code(error: Exception) -> ErrorCode:
     return ErrorCode.INDEX_ERROR
 
 
-def decode_upload(text: str, max_upload: int) -> bytes:
-    """An uploaded image as it travels in a search message (base64), refused when over the cap."""
-    return check_size(base64.b64decode(text), max_upload)
+def _reduced_to(store: DurableIndex) -> int:
+    return store.projection.dimension if store.projection else 0

@@ -1,34 +1,110 @@
-"""How the two kinds of worker start: bulk embedders (prefork, niced) and the index owner (one process)."""
+"""How each kind of worker starts: bulk embedders (prefork, niced), the index owner (one process), query processes
+(micro-batched searches) and replicas (read-only copies of the index)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from celery import Celery, signals
 
+import worker.tasks  # noqa: F401 - registers the tasks with the app each kind creates
 from common.model import ModelError, load_model
 from common.settings import Settings
-from protocol.heartbeats import start_heartbeat
+from protocol.celery_app import create_celery
+from protocol.connection import redis_client
+from protocol.heartbeats import Role, forget_heartbeat, start_heartbeat
 from protocol.queues import Queue
 from worker import runtime
 from worker.owner import IndexOwner
+from worker.queries import QueryConsumer
+from worker.recovery import start_watching, watch_for_orphans
+from worker.replica import ReadGate, Replica
 
 log = logging.getLogger(__name__)
 
 
+def run_worker(kind: str, loglevel: str) -> int:
+    """Run a worker of `kind` in this process until it is stopped."""
+    settings = runtime.settings()
+    app = create_celery(settings)
+    if kind != "query":  # a Celery worker; the query process lists what it holds itself
+        watch_for_orphans(app, settings)
+    starts: dict[str, Callable[[Celery, Settings, str], None]] = {
+        "embed": run_embedders,
+        "index": run_index_owner,
+        "query": run_query_process,
+        "replica": run_replica,
+    }
+    starts[kind](app, settings, loglevel)
+    return 0
+
+
+def _argv(queues: str, pool: str, name: str, loglevel: str, *extra: str) -> list[str]:
+    return ["worker", "-Q", queues, "-P", pool, "-n", name, "--loglevel", loglevel, "--without-gossip",
+            "--without-mingle", *extra]  # fmt: skip
+
+
 def embed_worker_argv(settings: Settings, loglevel: str) -> list[str]:
     # -O fair: a task goes to an idle child, not to one that already has a batch waiting.
-    return ["worker", "-Q", Queue.EMBED, "-P", "prefork", "-c", str(settings.embed_processes), "-O", "fair",
-            "-n", "embed@%h", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
+    return _argv(Queue.EMBED, "prefork", "embed@%h", loglevel, "-c", str(settings.embed_processes), "-O", "fair")
 
 
 def index_worker_argv(loglevel: str) -> list[str]:
     # Solo pool: tasks run in this very process, the one that holds the index (hnswlib is not safe to share).
-    return ["worker", "-Q", f"{Queue.SEARCH},{Queue.INDEX}", "-P", "solo", "-n", "index@%h",
-            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]  # fmt: skip
+    return _argv(f"{Queue.SEARCH},{Queue.INDEX}", "solo", "index@%h", loglevel)
+
+
+def replica_worker_argv(loglevel: str) -> list[str]:
+    return _argv(Queue.READ, "solo", f"replica-{os.getpid()}@%h", loglevel)
+
+
+def run_embedders(app: Celery, settings: Settings, loglevel: str) -> None:
+    check_model_elsewhere(settings)
+    prepare_embed_processes()
+    app.worker_main(embed_worker_argv(settings, loglevel))
+
+
+def run_index_owner(app: Celery, settings: Settings, loglevel: str) -> None:
+    owner = open_index_owner(app)
+    try:
+        app.worker_main(index_worker_argv(loglevel))
+    finally:
+        owner.close()
+        forget_heartbeat(owner.redis, Role.INDEX)
+
+
+def run_query_process(app: Celery, settings: Settings, loglevel: str) -> None:
+    """Searches by image: micro-batches of up to LOOKALIKE_QUERY_BATCH, embedded on this process's session."""
+    model = runtime.embedding_model(settings.query_threads)
+    log.info("query process %d: %s on %s, %d threads, batches of up to %d", os.getpid(), model.path.name,
+             model.provider, settings.query_threads, settings.query_batch)  # fmt: skip
+    consumer = QueryConsumer(app, settings)
+    client = runtime.state().redis
+    start_watching(app, redis_client(settings.redis_url), consumer.held_ids)
+    identity = {"provider": model.provider, "model": model.path.name, "model_sha256": model.sha256}
+    start_heartbeat(client, Role.QUERY, lambda: {**identity, **consumer.figures.as_dict()})
+    try:
+        consumer.run()
+    finally:
+        forget_heartbeat(client, Role.QUERY)
+        forget_heartbeat(client, Role.HOLDER)
+
+
+def run_replica(app: Celery, settings: Settings, loglevel: str) -> None:
+    """A read-only copy of the index: loaded from the owner's snapshot, kept up by its change feed."""
+    replica = Replica(settings, runtime.state().redis, app).open()
+    runtime.state().replica = replica
+    replica.start_following()
+    start_heartbeat(runtime.state().redis, Role.REPLICA, replica.heartbeat, every=1)
+    app.steps["consumer"].add(ReadGate)
+    try:
+        app.worker_main(replica_worker_argv(loglevel))
+    finally:
+        forget_heartbeat(runtime.state().redis, Role.REPLICA)
 
 
 def check_model_elsewhere(settings: Settings) -> None:
@@ -59,7 +135,7 @@ def prepare_embed_processes() -> None:
         log.info("embed process %d: %s on %s, %d threads", os.getpid(), model.path.name, model.provider,
                  settings.threads)  # fmt: skip
         status = {"provider": model.provider, "model": model.path.name, "model_sha256": model.sha256}
-        start_heartbeat(runtime.state().redis, "embed", lambda: status)
+        start_heartbeat(runtime.state().redis, Role.EMBED, lambda: status)
 
 
 def open_index_owner(app: Celery) -> IndexOwner:
@@ -68,6 +144,7 @@ def open_index_owner(app: Celery) -> IndexOwner:
     owner = IndexOwner.open(settings, runtime.state().redis)
     runtime.state().owner = owner
     owner.restore_orphaned_messages(app)
-    log.info("index owner %d: %s on %s", os.getpid(), owner.model.path.name, owner.model.provider)
-    owner.on_change = start_heartbeat(runtime.state().redis, "index", owner.heartbeat).set
+    log.info("index owner %d: %s, %d items at change %d", os.getpid(), owner.model.path.name, len(owner.store.index),
+             owner.store.seq)  # fmt: skip
+    owner.on_change = start_heartbeat(runtime.state().redis, Role.INDEX, owner.heartbeat).set
     return owner

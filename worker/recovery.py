@@ -24,13 +24,16 @@ from celery.worker import state as worker_state
 
 from common.settings import Settings
 from protocol.connection import redis_client
-from protocol.heartbeats import ALIVE_SECONDS, HEARTBEAT_SECONDS, alive, forget_heartbeat, start_heartbeat
+from protocol.heartbeats import Role, alive, forget_heartbeat, start_heartbeat
 
 log = logging.getLogger(__name__)
 
-HOLDER = "holder"  # heartbeat role of a worker's main process: the tasks it has taken and not acknowledged
+# Each worker's main process lists what it holds this often, and counts as gone after missing four lists: a
+# killed worker's messages are back in their queue about LISTED_WITHIN + 2 x LIST_SECONDS after it died.
+LIST_SECONDS = 2
+LISTED_WITHIN = 4 * LIST_SECONDS
 # After Redis was out of reach, every live worker needs this long to list what it holds again.
-SETTLE_SECONDS = ALIVE_SECONDS + HEARTBEAT_SECONDS
+SETTLE_SECONDS = LISTED_WITHIN + LIST_SECONDS
 
 # Is the message an orphan? (delivery tag, routing key, task id, when it was delivered)
 Verdict = Callable[[bytes, str, str | None, float], bool]
@@ -53,31 +56,40 @@ def give_back(app: Celery, orphaned: Verdict) -> set[bytes]:
 
 
 def watch_for_orphans(app: Celery, settings: Settings) -> None:
-    """Once this worker consumes: publish what it holds, and sweep for orphans every few seconds."""
+    """Once this Celery worker consumes: publish what it holds, and sweep for orphans every few seconds."""
     client = redis_client(settings.redis_url)  # no patience: a beat is stamped when it is written, not a minute early
 
     @signals.worker_ready.connect(weak=False)
     def start(**_: object) -> None:
-        start_heartbeat(client, HOLDER, held_tasks)
-        threading.Thread(target=OrphanSweeper(app, client).run, name="orphan-sweep", daemon=True).start()
+        start_watching(app, client, reserved_task_ids)
 
     @signals.worker_shutdown.connect(weak=False)
     def stop(**_: object) -> None:
-        forget_heartbeat(client, HOLDER)
+        forget_heartbeat(client, Role.HOLDER)
 
 
-def held_tasks() -> dict[str, Any]:
-    listed_at = time.time()  # before the list: a message delivered later is judged only after the next one
+def start_watching(app: Celery, client: redis.Redis, held: Callable[[], list[str]]) -> None:
+    """List the tasks this process holds (`held`: their ids) every LIST_SECONDS, and sweep for orphans."""
+
+    def listing() -> dict[str, Any]:
+        listed_at = time.time()  # before the list: a message delivered later is judged only after the next one
+        return {"held": held(), "listed_at": listed_at}
+
+    start_heartbeat(client, Role.HOLDER, listing, every=LIST_SECONDS)
+    threading.Thread(target=OrphanSweeper(app, client).run, name="orphan-sweep", daemon=True).start()
+
+
+def reserved_task_ids() -> list[str]:
+    """The tasks a Celery worker has taken and not acknowledged."""
     while True:
         try:
-            held = sorted(request.id for request in list(worker_state.reserved_requests))
+            return sorted(request.id for request in list(worker_state.reserved_requests))
         except RuntimeError:  # the consumer changed the set while we copied it
             continue
-        return {"held": held, "listed_at": listed_at}
 
 
 class OrphanSweeper:
-    """Every HEARTBEAT_SECONDS: give back what stayed orphaned since the previous sweep."""
+    """Every LIST_SECONDS: give back what stayed orphaned since the previous sweep."""
 
     def __init__(self, app: Celery, client: redis.Redis) -> None:
         self.app = app
@@ -87,17 +99,17 @@ class OrphanSweeper:
 
     def run(self) -> None:
         while True:
-            time.sleep(HEARTBEAT_SECONDS)
+            time.sleep(LIST_SECONDS)
             try:
                 self.sweep()
             except redis.RedisError as error:
-                self.reachable_since = time.monotonic() + HEARTBEAT_SECONDS
+                self.reachable_since = time.monotonic() + LIST_SECONDS
                 log.warning("sweep for orphaned messages failed: %s", error)
             except Exception:
                 log.exception("sweep for orphaned messages failed")
 
     def sweep(self) -> int:
-        holders = [beat for beat in alive(self.client, HOLDER) if "listed_at" in beat]
+        holders = [beat for beat in alive(self.client, Role.HOLDER, LISTED_WITHIN) if "listed_at" in beat]
         if not holders or time.monotonic() - self.reachable_since < SETTLE_SECONDS:
             self.suspects = set()
             return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -18,6 +18,8 @@ REDIS_PATIENCE = 60  # seconds a worker's Redis calls keep trying while Redis re
 
 if TYPE_CHECKING:
     from worker.owner import IndexOwner
+    from worker.reader import IndexReader
+    from worker.replica import Replica
 
 
 @cache
@@ -27,12 +29,13 @@ def settings() -> Settings:
 
 @dataclass
 class ProcessState:
-    """What one worker process holds: its Redis connection, its model session, and the index if it owns it."""
+    """What one worker process holds: its Redis connection, its model session, and the index it owns or follows."""
 
     redis: redis.Redis
     jobs: Jobs
     model: EmbeddingModel | None = None
     owner: IndexOwner | None = None
+    replica: Replica | None = None
 
 
 @cache
@@ -50,10 +53,31 @@ def jobs() -> Jobs:
     return state().jobs
 
 
-def embedding_model() -> EmbeddingModel:
-    """This process's onnxruntime session, created on first use (after the fork)."""
+def embedding_model(threads: int | None = None) -> EmbeddingModel:
+    """This process's onnxruntime session, created on first use (after the fork) with `threads` intra-op threads
+    (default: LOOKALIKE_THREADS, the embed processes' share of the cores)."""
     current = state()
     if current.model is None:
         config = settings()
-        current.model = load_model(config.model, config.providers, intra_op_threads=config.threads)
+        current.model = load_model(config.model, config.providers, intra_op_threads=threads or config.threads)
     return current.model
+
+
+def reader() -> IndexReader:
+    """The reads this process answers: its replica's, or the owner's."""
+    current = state()
+    if current.replica is not None:
+        return current.replica.reader
+    if current.owner is not None:
+        return current.owner.reader
+    raise RuntimeError("this process holds no index (start `lookalike worker replica` or `lookalike worker index`)")
+
+
+def index_status() -> dict[str, Any]:
+    """What `index_stats` answers: the figures of the index this process holds, and who it is."""
+    current = state()
+    if current.replica is not None:
+        return current.replica.status()
+    if current.owner is not None:
+        return current.owner.status()
+    raise RuntimeError("this process holds no index")

@@ -3,7 +3,7 @@
 Folder layout (all under the configured index directory, never anywhere else):
 
     LOCK                      flock held by the owning process
-    CURRENT                   name of the snapshot to load (replaced atomically)
+    CURRENT                   name of the snapshot to load (replaced atomically; see `worker.snapshots`)
     snapshot-<seq>-<random>/  vectors.hnsw, items.json, [projection.npz,] manifest.json (sha256 of each file)
     wal-<first seq>.log       changes after the snapshot
 
@@ -15,48 +15,31 @@ are applied, so a log written before the fit replays the same way as one written
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
-import shutil
-import tempfile
-import uuid
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from common.errors import LookalikeError
-from common.files import atomic_write_bytes, file_sha256, fsync_path
-from worker.index import IndexParams, Item, VectorIndex
+from worker.index import IndexParams, VectorIndex
 from worker.projection import Projection, Reduction
+from worker.snapshots import (
+    IndexStoreError,
+    ModelIdentity,
+    ModelMismatch,
+    current_name,
+    read_snapshot,
+    remove_snapshots,
+    write_snapshot,
+)
+from worker.state import IndexState
 from worker.wal import Change, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lookalike-index/1"
-VECTORS, ITEMS, PROJECTION, MANIFEST = "vectors.hnsw", "items.json", "projection.npz", "manifest.json"
 
-
-class IndexStoreError(LookalikeError):
-    """The index can't be opened or changed; the message says why."""
-
-
-class ModelMismatch(IndexStoreError):
-    """The index holds vectors of another model: they must never be mixed with this model's."""
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What makes two vectors comparable: the same model file, fed images resized the same way."""
-
-    sha256: str
-    dimension: int
-    resize: str
-
-
-class DurableIndex:
-    """A VectorIndex whose every change is logged before it is applied, with periodic snapshots."""
+class DurableIndex(IndexState):
+    """The owner's index: every change is logged before it is applied, with periodic snapshots."""
 
     def __init__(
         self,
@@ -66,18 +49,18 @@ class DurableIndex:
         snapshot_every: int,
         reduction: Reduction | None = None,
     ) -> None:
+        super().__init__(identity, params)
         self.directory = directory
-        self.identity = identity
-        self.params = params
         self.snapshot_every = snapshot_every
         self.reduction = reduction
-        self.projection: Projection | None = None
-        self.seq = 0
         self.changes_since_snapshot = 0
         self.mismatch: str | None = None
-        self.index = VectorIndex(params)
         self.snapshot_identity: ModelIdentity | None = None
+        self.snapshot_seq = 0  # the sequence number of the snapshot CURRENT names
         self.wal = WriteAheadLog(directory)
+        # Told of every batch once it is durable, and of every snapshot once CURRENT names it (the change feed).
+        self.on_logged: Callable[[list[Change]], None] = lambda changes: None
+        self.on_snapshot: Callable[[str], None] = lambda name: None
         self._lock_file = None
 
     @classmethod
@@ -93,11 +76,11 @@ class DurableIndex:
         directory.mkdir(parents=True, exist_ok=True)
         store = cls(directory, identity, params, snapshot_every, reduction)
         store._lock()
-        store._remove_unfinished_snapshots()
+        remove_snapshots(directory, keep={current_name(directory)})
         store._load_snapshot()
         replayed = 0
         for change in store.wal.replay(after_seq=store.seq):
-            store._apply(change)
+            store.apply_change(change)
             store.seq = change.seq
             replayed += 1
         store.changes_since_snapshot = replayed
@@ -129,30 +112,16 @@ class DurableIndex:
             self.seq += 1
             change.seq = self.seq
         self.wal.append(changes)
+        self.on_logged(changes)
         for change in changes:
-            self._apply(change)
+            self.apply_change(change)
         self.changes_since_snapshot += len(changes)
         if self._reduce_when_due() or self.changes_since_snapshot >= self.snapshot_every:
             try:
                 self.snapshot()
             except OSError as error:  # the changes are safe in the log; the next batch tries again
                 log.error("index snapshot failed, the log keeps growing: %s", error)
-                self._remove_unfinished_snapshots()
-
-    def _apply(self, change: Change) -> None:
-        if change.op == "delete":
-            self.index.delete(change.id)
-            return
-        item = Item(-1, change.metadata or {}, change.image_sha256, change.metadata_sha256)
-        if change.vector is None and change.id not in self.index:
-            return  # a metadata-only change to an item deleted since: nothing to update
-        self.index.upsert(change.id, self.to_index_space(change.vector), item)
-
-    def to_index_space(self, vector: np.ndarray | None) -> np.ndarray | None:
-        """A model vector as the index compares it: reduced when a PCA has been fitted."""
-        if vector is None or self.projection is None:
-            return vector
-        return self.projection.apply(vector[None])[0]
+                remove_snapshots(self.directory, keep={self.snapshot_name(), None})
 
     def _reduce_when_due(self) -> bool:
         """Fit the configured PCA on every vector the index holds once there are enough, and rebuild the index
@@ -190,48 +159,17 @@ class DurableIndex:
             )
 
     def snapshot(self) -> None:
-        """Write index + items + manifest to a new folder, switch CURRENT to it, then cut the log."""
-        staging = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=self.directory))
-        self.index.save_vectors(staging / VECTORS)
-        files = [VECTORS, ITEMS]
-        if self.projection is not None:
-            self.projection.save(staging / PROJECTION)
-            files.append(PROJECTION)
-        items = [
-            [item_id, item.label, item.metadata, item.image_sha256, item.metadata_sha256]
-            for item_id, item in self.index.items.items()
-        ]
-        (staging / ITEMS).write_text(json.dumps(items, separators=(",", ":")))
-        for name in files:
-            fsync_path(staging / name)
-        manifest = {
-            "format": FORMAT,
-            "seq": self.seq,
-            "next_label": self.index.next_label,
-            "items": len(self.index),
-            "model": asdict(self.identity),
-            "params": asdict(self.params),
-            "projection": self.projection.describe() if self.projection else None,
-            "files": {name: file_sha256(staging / name) for name in files},
-        }
-        atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
-        # A fresh name every time: the snapshot CURRENT names is never touched until CURRENT names another.
-        final = self.directory / f"snapshot-{self.seq:020d}-{uuid.uuid4().hex[:8]}"
-        staging.rename(final)
-        fsync_path(self.directory)
-        previous = self.snapshot_name()
-        atomic_write_bytes(self.directory / "CURRENT", final.name.encode())
+        """Write a snapshot of the index at `seq`, switch CURRENT to it, then cut the log."""
+        name = write_snapshot(self.directory, self.seq, self.identity, self.index, self.projection)
         self.wal.start_file(self.seq + 1)
         self.wal.drop_through(self.seq)
-        if previous and previous != final.name:
-            shutil.rmtree(self.directory / previous, ignore_errors=True)
         self.changes_since_snapshot = 0
-        self.snapshot_identity = self.identity
-        log.info("index snapshot %s: %d items", final.name, len(self.index))
+        self.snapshot_identity, self.snapshot_seq = self.identity, self.seq
+        log.info("index snapshot %s: %d items", name, len(self.index))
+        self.on_snapshot(name)
 
     def snapshot_name(self) -> str | None:
-        current = self.directory / "CURRENT"
-        return current.read_text().strip() if current.exists() else None
+        return current_name(self.directory)
 
     def close(self) -> None:
         """A clean stop: snapshot what the log holds so the next start needs no replay."""
@@ -264,46 +202,20 @@ class DurableIndex:
                 f"another index worker owns {self.directory} (one writer per index: stop it first)"
             ) from None
 
-    def _remove_unfinished_snapshots(self) -> None:
-        current = self.snapshot_name()
-        for path in self.directory.iterdir():
-            unfinished = path.name.startswith(".snapshot-")
-            superseded = path.name.startswith("snapshot-") and path.name != current
-            if path.is_dir() and (unfinished or superseded):
-                shutil.rmtree(path, ignore_errors=True)
-
     def _load_snapshot(self) -> None:
         name = self.snapshot_name()
         if name is None:
             return
-        folder = self.directory / name
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-            for file_name, expected in manifest["files"].items():
-                if file_sha256(folder / file_name) != expected:
-                    raise IndexStoreError(
-                        f"index file {folder / file_name} is damaged (sha256 differs from its manifest)"
-                    )
-        except (OSError, ValueError, KeyError) as error:
-            raise IndexStoreError(f"index snapshot {folder} can't be read: {error}") from error
-        stored = ModelIdentity(**manifest["model"])
-        self.snapshot_identity = stored
-        self.seq = manifest["seq"]
-        if stored != self.identity:
-            if manifest["items"] == 0 and next(self.wal.replay(after_seq=self.seq), None) is None:
+        snapshot = read_snapshot(self.directory / name, self.params.ef)
+        self.snapshot_identity = snapshot.identity
+        self.seq = self.snapshot_seq = snapshot.seq
+        if snapshot.identity != self.identity:
+            if snapshot.items == 0 and next(self.wal.replay(after_seq=self.seq), None) is None:
                 return  # an empty index (nothing in the log either) simply adopts the configured model
+            stored, configured = snapshot.identity, self.identity
             self.mismatch = (
-                f"the index in {self.directory} holds {manifest['items']} vectors of model {stored.sha256[:12]} "
-                f"(resize {stored.resize}), not of the configured model {self.identity.sha256[:12]} "
-                f"(resize {self.identity.resize}); load the catalogue again into an empty LOOKALIKE_INDEX_DIR"
+                f"the index in {self.directory} holds {snapshot.items} vectors of model {stored.sha256[:12]} "
+                f"(resize {stored.resize}), not of the configured model {configured.sha256[:12]} "
+                f"(resize {configured.resize}); load the catalogue again into an empty LOOKALIKE_INDEX_DIR"
             )
-            self.identity = stored
-        params = IndexParams(**{**manifest["params"], "ef": self.params.ef})
-        self.params = params
-        if manifest.get("projection"):
-            self.projection = Projection.load(folder / PROJECTION)
-        items = (
-            (item_id, Item(label, metadata, image_sha, meta_sha))
-            for item_id, label, metadata, image_sha, meta_sha in json.loads((folder / ITEMS).read_text())
-        )
-        self.index = VectorIndex.load(params, folder / VECTORS, items, manifest["next_label"])
+        self.adopt(snapshot)

@@ -13,15 +13,13 @@ from celery import shared_task
 
 from common.areas import CatalogError
 from common.errors import ErrorCode
-from common.images import ImageError
 from protocol import keys
 from protocol.jobs import item_error
 from protocol.queues import Task
 from worker import runtime
 from worker.catalog import plan_catalog
 from worker.embedding import embed_items
-from worker.owner import IndexOwner, decode_upload
-from worker.store import ModelMismatch
+from worker.owner import IndexOwner
 
 log = logging.getLogger(__name__)
 
@@ -85,43 +83,34 @@ def apply_changes(job_id: str | None, changes: list[dict[str, Any]]) -> dict[str
 
 @shared_task(name=Task.DELETE_ITEMS)
 def delete_items(ids: list[str]) -> dict[str, int]:
-    return {"deleted": owner().delete(ids)}
+    return owner().delete(ids)
 
 
-@shared_task(name=Task.SEARCH_IMAGE)
-def search_image(job_id: str, image: str, k: int, filters: dict[str, str] | None = None) -> None:
-    jobs = runtime.jobs()
-    if not jobs.start(job_id):
-        return  # timed out (or expired) while it waited: the shopper has its answer already
-    try:
-        hits = owner().search_image(decode_upload(image, runtime.settings().max_upload), k, filters or {})
-    except ImageError as error:
-        jobs.fail(job_id, error.as_dict())
-    except ModelMismatch as error:
-        jobs.fail(job_id, item_error(ErrorCode.MODEL_MISMATCH, str(error)))
-    except Exception as error:  # a search job must never stay "running"
-        log.exception("search %s failed", job_id)
-        jobs.fail(job_id, item_error(ErrorCode.SEARCH_FAILED, f"the search failed: {error}"))
-    else:
-        jobs.finish(job_id, {"hits": hits})
+@shared_task(name=Task.WRITE_SNAPSHOT)
+def write_snapshot() -> None:
+    owner().snapshot()
+
+
+# Reads, answered by a replica or the owner: the same answers from either (`worker.reader`).
+@shared_task(name=Task.NEAREST)
+def nearest(model_sha256: str, resize: str, queries: list[dict[str, Any]], min_seq: int = 0) -> dict[str, Any]:
+    return runtime.reader().nearest(model_sha256, resize, queries, min_seq)
 
 
 @shared_task(name=Task.SIMILAR_ITEMS)
-def similar_items(item_id: str, k: int, filters: dict[str, str] | None = None) -> dict[str, Any]:
-    hits = owner().similar(item_id, k, filters or {})
-    if hits is None:
-        return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
-    return {"hits": hits}
+def similar_items(item_id: str, k: int, filters: dict[str, str] | None = None, min_seq: int = 0) -> dict[str, Any]:
+    return runtime.reader().similar(item_id, k, filters or {}, min_seq)
 
 
 @shared_task(name=Task.GET_ITEM)
-def get_item(item_id: str) -> dict[str, Any] | None:
-    return owner().get(item_id)
+def get_item(item_id: str, min_seq: int = 0) -> dict[str, Any]:
+    return runtime.reader().get(item_id, min_seq)
 
 
 @shared_task(name=Task.INDEX_STATS)
-def index_stats() -> dict[str, Any]:
-    return owner().stats()
+def index_stats(min_seq: int = 0) -> dict[str, Any]:
+    refused = runtime.reader().refusal(min_seq)
+    return refused or {"stats": runtime.index_status()}
 
 
 DUPLICATES_CHUNK = 500  # items per task: searches queued meanwhile wait for one chunk at most

@@ -103,14 +103,10 @@ class WriteAheadLog:
         """Write `changes` (already numbered) and fsync once for the whole batch."""
         if self._file is None:
             raise RuntimeError("the log is not open for writing (call start_file first)")
-        records = []
-        for change in changes:
-            payload = change.encode()
-            records.append(RECORD_HEADER.pack(len(payload), zlib.crc32(payload), change.seq) + payload)
         descriptor = self._file.fileno()
         start = os.lseek(descriptor, 0, os.SEEK_END)
         try:
-            data = memoryview(b"".join(records))
+            data = memoryview(encode_records(changes))
             while data:
                 data = data[os.write(descriptor, data) :]
             os.fsync(descriptor)
@@ -139,6 +135,30 @@ class WriteAheadLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def encode_records(changes: list[Change]) -> bytes:
+    """Changes (already numbered) as log records: what the log file holds, and what the change feed carries."""
+    records = []
+    for change in changes:
+        payload = change.encode()
+        records.append(RECORD_HEADER.pack(len(payload), zlib.crc32(payload), change.seq) + payload)
+    return b"".join(records)
+
+
+def decode_records(data: bytes) -> list[Change]:
+    """The changes of `encode_records`; damage of any kind (a short record, a wrong checksum) is refused."""
+    changes, offset = [], 0
+    while offset < len(data):
+        if len(data) - offset < RECORD_HEADER.size:
+            raise LookalikeError(f"change records are cut short at byte {offset}")
+        length, crc, seq = RECORD_HEADER.unpack_from(data, offset)
+        payload = data[offset + RECORD_HEADER.size : offset + RECORD_HEADER.size + length]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            raise LookalikeError(f"change record at byte {offset} is damaged")
+        changes.append(Change.decode(payload, seq))
+        offset += RECORD_HEADER.size + length
+    return changes
 
 
 def _first_seq(path: Path) -> int:

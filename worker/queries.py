@@ -1,0 +1,197 @@
+"""Searches by image, micro-batched: decode each upload, embed the whole batch in one onnxruntime run, then ask an
+index reader (a replica, or the owner) for every search's top-N at once.
+
+A query process is a kombu consumer of the `query` queue, not a Celery worker: it takes up to LOOKALIKE_QUERY_BATCH
+waiting searches, waiting at most LOOKALIKE_QUERY_WAIT_MS for more after the first, and acknowledges them when
+their batch is done, so that a process killed in the middle of one gives its searches back to another (it lists
+them as held, like every worker, for `worker.recovery`). celery-batches would form the batches inside a Celery
+worker, but it requires Celery < 5.7 and does not tell the worker which messages it holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from celery import Celery, current_app
+from kombu import Connection, Consumer, Message
+
+from common.errors import ErrorCode
+from common.images import ImageError, check_size, decode_image
+from common.settings import Settings
+from common.vectors import encode_vector
+from protocol.jobs import item_error
+from protocol.queues import Queue, Task
+from protocol.readers import NoReaderAnswered, ask_reader
+from worker import runtime
+
+log = logging.getLogger(__name__)
+
+QUEUE, TASK = Queue.QUERY, Task.SEARCH_IMAGE  # what a query process consumes: that queue, that task only
+RECONNECT_SECONDS = 1.0
+IDLE_SECONDS = 1.0  # how long the consumer waits for a first search before it looks up again (to stop, say)
+
+
+@dataclass
+class BatchFigures:
+    """How full the batches are: what a query process's heartbeat reports (and bench/search_scaling.py reads)."""
+
+    batches: int = 0
+    searches: int = 0
+    largest: int = 0
+
+    def add(self, size: int) -> None:
+        self.batches, self.searches, self.largest = self.batches + 1, self.searches + size, max(self.largest, size)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"batches": self.batches, "searches": self.searches, "largest_batch": self.largest}
+
+
+@dataclass
+class Search:
+    job_id: str
+    k: int
+    filters: dict[str, str]
+    min_seq: int
+    pixels: np.ndarray
+
+
+@dataclass
+class QueryConsumer:
+    app: Celery
+    settings: Settings
+    figures: BatchFigures = field(default_factory=BatchFigures)
+    held: list[Message] = field(default_factory=list)  # taken, not acknowledged yet
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def held_ids(self) -> list[str]:
+        return sorted(str(message.headers.get("id")) for message in list(self.held))
+
+    def run(self) -> None:
+        """Take and answer searches until SIGTERM or SIGINT; a lost connection is made again."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+        while not self.stopping.is_set():
+            connection = self.app.connection_for_read()
+            try:
+                with connection:
+                    self._consume(connection)
+            except (OSError, *connection.connection_errors, *connection.channel_errors) as error:
+                log.warning("query process: the broker can't be reached (%s); trying again", error)
+                self.held.clear()  # their deliveries went with the connection; Redis gives them back
+                time.sleep(RECONNECT_SECONDS)
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def _consume(self, connection: Connection) -> None:
+        queue = self.app.amqp.queues[QUEUE]
+        prefetch = 2 * self.settings.query_batch  # the batch being answered, and the next one forming
+        with Consumer(connection, queues=[queue], callbacks=[self._take], accept=["json"], prefetch_count=prefetch):
+            while not self.stopping.is_set():
+                self._gather(connection)
+                if self.held:
+                    self._answer(list(self.held))
+
+    def _take(self, body: Any, message: Message) -> None:
+        self.held.append(message)
+
+    def _gather(self, connection: Connection) -> None:
+        """Wait for a first search, then for more until the batch is full or the wait is over."""
+        deadline = None
+        while len(self.held) < self.settings.query_batch and not self.stopping.is_set():
+            if self.held and deadline is None:
+                deadline = time.monotonic() + self.settings.query_wait_ms / 1000
+            wait = IDLE_SECONDS if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                return
+            try:
+                connection.drain_events(timeout=wait)
+            except TimeoutError:
+                if deadline is None:
+                    return
+
+    def _answer(self, messages: list[Message]) -> None:
+        """Answer a batch, then acknowledge it; a message that is not a search is dropped with a log line."""
+        searches = []
+        for message in messages:
+            try:
+                if not _expired(message):
+                    searches.append(_arguments(message))
+            except (ValueError, TypeError, KeyError) as error:
+                log.error("query process: dropped a message that is not a search it can read: %s", error)
+        try:
+            if searches:
+                self.figures.add(len(searches))
+                search_batch(searches)
+        except Exception:  # search_batch fails its own jobs; nothing a batch does may stop the consumer
+            log.exception("query process: a batch of %d searches failed", len(searches))
+        finally:
+            for message in messages:
+                message.ack()
+                self.held.remove(message)
+
+
+def _arguments(message: Message) -> tuple[Any, ...]:
+    if message.headers.get("task") != TASK:
+        raise ValueError(f"the query queue carries only {TASK}, not {message.headers.get('task')}")
+    args, _kwargs, _embed = message.decode()
+    return tuple(args)
+
+
+def _expired(message: Message) -> bool:
+    """A search whose shopper has been told it timed out: its message must not run for no one."""
+    expires = message.headers.get("expires")
+    return bool(expires) and datetime.fromisoformat(expires) < datetime.now(UTC)
+
+
+def search_batch(messages: list[tuple[Any, ...]]) -> None:
+    """Each message: (job id, image as base64, k, filters, min_seq)."""
+    jobs, settings = runtime.jobs(), runtime.settings()
+    model = runtime.embedding_model(settings.query_threads)
+    searches = []
+    for job_id, image, k, filters, *rest in messages:
+        if not jobs.start(job_id):
+            continue  # timed out while it waited, or answered already (a message given back twice)
+        try:
+            data = check_size(base64.b64decode(image), settings.max_upload)
+            pixels = decode_image(data, model.contract.size, settings.resize, settings.max_pixels)
+        except ImageError as error:
+            jobs.fail(job_id, error.as_dict())
+            continue
+        searches.append(Search(job_id, k, filters or {}, rest[0] if rest else 0, pixels))
+    if not searches:
+        return
+    try:
+        vectors = model.embed(np.stack([search.pixels for search in searches]))
+        queries = [{"vector": encode_vector(vector), "k": search.k, "filters": search.filters}
+                   for search, vector in zip(searches, vectors, strict=True)]  # fmt: skip
+        arguments = [model.sha256, settings.resize, queries, max(search.min_seq for search in searches)]
+        answer = ask_reader(current_app, jobs.redis, Task.NEAREST, arguments, settings.search_timeout,
+                            settings.max_lag, settings.read_timeout)  # fmt: skip
+    except NoReaderAnswered as error:
+        _fail(searches, item_error(ErrorCode.TIMED_OUT, f"no index reader answered: {error}"))
+        return
+    except Exception as error:  # a search job must never stay "running"
+        log.exception("a batch of %d searches failed", len(searches))
+        _fail(searches, item_error(ErrorCode.SEARCH_FAILED, f"the search failed: {error}"))
+        return
+    if "error" in answer:
+        _fail(searches, answer["error"])
+        return
+    for search, hits in zip(searches, answer["answers"], strict=True):
+        jobs.finish(search.job_id, {"hits": hits})
+
+
+def _fail(searches: list[Search], error: dict[str, str]) -> None:
+    jobs = runtime.jobs()
+    for search in searches:
+        jobs.fail(search.job_id, error)

@@ -1,0 +1,115 @@
+"""Reads of an index: nearest neighbours of vectors, "more like this", items, facets and figures.
+
+The same answers from the owner and from every replica: an `IndexReader` serves one `IndexState`, under the lock
+that whatever changes the state holds, and waits (a little) for a change a read asks for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from common.errors import ErrorCode
+from common.vectors import decode_vector
+from protocol.jobs import item_error
+from worker.state import IndexState
+
+FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
+FACET_SECONDS = 30  # a count of facets walks every item; most changes barely move them
+
+
+class IndexReader:
+    """`caught_up(seq, seconds)` is true once the state holds change `seq`, waiting at most `seconds` for it;
+    `usable()` names why the state can't answer (another model's index, say), or is None."""
+
+    def __init__(
+        self,
+        state: IndexState,
+        lock: AbstractContextManager | None = None,
+        caught_up: Callable[[int, float], bool] | None = None,
+        usable: Callable[[], str | None] = lambda: None,
+        wait_seconds: float = 1.0,
+    ) -> None:
+        self.state = state
+        self.lock = lock or nullcontext()
+        self.caught_up = caught_up or (lambda seq, seconds: state.seq >= seq)
+        self.usable = usable
+        self.wait_seconds = wait_seconds
+        self._facets: tuple[int, float, int, dict[str, list[str]]] = (-1, 0.0, 0, {})  # seq, when, items, facets
+        self._facets_lock = threading.Lock()
+
+    def nearest(self, model_sha256: str, resize: str, queries: list[dict[str, Any]], min_seq: int) -> dict[str, Any]:
+        """Top-k of each query (`vector` of the model, base64; `k`; `filters`), if the vectors are this index's."""
+        refused = self.refusal(min_seq)
+        if refused:
+            return refused
+        identity = self.state.identity
+        if (model_sha256, resize) != (identity.sha256, identity.resize):
+            message = (
+                f"the query was embedded with model {model_sha256[:12]} / resize {resize}; the index holds model "
+                f"{identity.sha256[:12]} / resize {identity.resize}"
+            )
+            return {"error": item_error(ErrorCode.MODEL_MISMATCH, message)}
+        with self.lock:
+            answers = []
+            for query in queries:
+                vector = self.state.to_index_space(decode_vector(query["vector"]))
+                hits = self.state.index.search(vector, query["k"], query.get("filters") or {})
+                answers.append([hit.as_dict() for hit in hits])
+            return {"answers": answers, "seq": self.state.seq}
+
+    def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int) -> dict[str, Any]:
+        """'More like this': the item's own vector as the query, the item itself left out."""
+        refused = self.refusal(min_seq)
+        if refused:
+            return refused
+        with self.lock:
+            index = self.state.index
+            if item_id not in index:
+                return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
+            hits = index.search(index.vector(item_id), k, filters, exclude=item_id)
+            return {"hits": [hit.as_dict() for hit in hits], "seq": self.state.seq}
+
+    def get(self, item_id: str, min_seq: int) -> dict[str, Any]:
+        refused = self.refusal(min_seq)
+        if refused:
+            return refused
+        item = self.state.index.items.get(item_id)
+        if item is None:
+            return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
+        return {"item": {"id": item_id, "metadata": item.metadata}, "seq": self.state.seq}
+
+    def figures(self) -> dict[str, Any]:
+        """What the index holds: items, dimension, hnswlib's parameters, the model, the sequence number, the PCA."""
+        state = self.state
+        return {
+            **state.index.stats(),
+            "model_sha256": state.identity.sha256,
+            "resize": state.identity.resize,
+            "seq": state.seq,
+            "pca": state.projection.describe() if state.projection else None,
+        }
+
+    def facets(self) -> dict[str, list[str]]:
+        """Recounted when the index changed, at most every FACET_SECONDS unless it grew or shrank by a tenth."""
+        with self._facets_lock:
+            seq, counted_at, counted_items, facets = self._facets
+            items = len(self.state.index)
+            grown = abs(items - counted_items) > counted_items / 10
+            if seq != self.state.seq and (grown or time.monotonic() - counted_at > FACET_SECONDS):
+                facets = self.state.index.facets(FACET_VALUES)
+                self._facets = (self.state.seq, time.monotonic(), items, facets)
+            return facets
+
+    def refusal(self, min_seq: int) -> dict[str, Any] | None:
+        """Why this read can't be answered here: the index is unusable, or behind the change asked for."""
+        problem = self.usable()
+        if problem:
+            return {"error": item_error(ErrorCode.INDEX_UNAVAILABLE, problem)}
+        if min_seq and not self.caught_up(min_seq, self.wait_seconds):
+            message = f"this index reader is at change {self.state.seq}, not yet at {min_seq}"
+            return {"error": item_error(ErrorCode.BEHIND, message)}
+        return None

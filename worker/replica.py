@@ -1,0 +1,218 @@
+"""An index replica: a read-only copy of the owner's index that follows its changes in sequence order.
+
+It loads the owner's latest snapshot (read-only, from the index folder the owner writes: shared storage when the
+replica runs on another machine), then applies the change feed (`worker.feed`) from there, one change after the
+other, never one twice. A gap (a trimmed stream, a restart after a long stop) is closed by loading a newer
+snapshot, which the replica asks the owner to write when there is none. It never writes anything of the owner's.
+While it is more than LOOKALIKE_MAX_LAG seconds behind, it takes no reads (`ReadGate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery, bootsteps
+
+from common.settings import Settings
+from protocol.heartbeats import Role, alive
+from protocol.queues import Queue, Task
+from worker import runtime
+from worker.feed import ChangeFeed, Entry, entry_id
+from worker.index import IndexParams
+from worker.reader import IndexReader
+from worker.snapshots import IndexStoreError, ModelIdentity, current_name, read_snapshot
+from worker.state import IndexState
+
+log = logging.getLogger(__name__)
+
+WAIT_SECONDS = 1.0  # between looks for the owner's first snapshot, or for the one asked for
+READ_BLOCK_MS = 1000  # a follower waits this long on the stream for new changes before it looks around
+OWNER_CHECK_SECONDS = 5  # how often a follower compares its position with the owner's
+SNAPSHOT_ASK_SECONDS = 30  # the least time between two requests for a new snapshot
+GATE_SECONDS = 0.5
+
+
+class Replica(IndexState):
+    def __init__(self, settings: Settings, client: redis.Redis, app: Celery) -> None:
+        super().__init__(ModelIdentity("", 0, settings.resize), IndexParams(dim=1, ef=settings.hnsw_ef))
+        self.settings = settings
+        self.directory = settings.index_dir
+        self.redis = client
+        self.app = app
+        self.feed = ChangeFeed(client)
+        self.position = entry_id(0)  # the ID of the last stream entry taken into account
+        self.snapshot = ""
+        self.head = 0  # the stream's last sequence number, as last seen
+        self.behind_since: float | None = None  # when the oldest change not applied yet was appended
+        self.condition = threading.Condition(threading.RLock())
+        self.reader = IndexReader(self, self.condition, self.caught_up)
+        self.taking_reads = False
+        self._asked_for_snapshot = 0.0
+        self._owner_checked = 0.0
+
+    # start ---------------------------------------------------------------------------------------------------
+
+    def open(self) -> Replica:
+        """Load the latest snapshot (waiting for the owner's first), then apply every change after it."""
+        while not self._load(current_name(self.directory)):
+            log.info("replica: waiting for the index owner's first snapshot in %s", self.directory)
+            time.sleep(WAIT_SECONDS)
+        while self.follow_once(block_ms=None):
+            pass
+        log.info("replica: %d items at change %d (snapshot %s)", len(self.index), self.seq, self.snapshot)
+        return self
+
+    def start_following(self) -> threading.Thread:
+        thread = threading.Thread(target=self._follow, name="follow", daemon=True)
+        thread.start()
+        return thread
+
+    # following -----------------------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while True:
+            try:
+                self.follow_once(READ_BLOCK_MS)
+                self._check_owner()
+            except redis.RedisError as error:
+                log.warning("replica: the change feed can't be read: %s", error)
+                time.sleep(WAIT_SECONDS)
+            except Exception:  # the follower must survive anything one entry does; the lag shows it is stuck
+                log.exception("replica: following the change feed failed")
+                time.sleep(WAIT_SECONDS)
+
+    def follow_once(self, block_ms: int | None) -> bool:
+        """Apply the entries that follow; True when there were any (there may be more)."""
+        self.head = self.feed.head()
+        entries = self.feed.read(self.position, block_ms=None if self.head > self.seq else block_ms)
+        if not entries:
+            self.behind_since = None if self.head <= self.seq else self.behind_since
+            return False
+        for raw_id, entry in entries:
+            if self.behind_since is None and entry.seq > self.seq:
+                self.behind_since = entry.at
+            if not self._take(entry):
+                return True  # reloaded or waiting for a snapshot: read again from the new position
+            self.position = raw_id
+        self.head = max(self.head, self.seq)
+        if self.seq >= self.head:
+            self.behind_since = None
+        return True
+
+    def _take(self, entry: Entry) -> bool:
+        """Apply one entry in order; False when the replica had to reload a snapshot instead."""
+        if entry.snapshot is not None:
+            reduced = self.projection.dimension if self.projection else 0
+            if entry.projection == reduced:
+                return True
+            # The owner fitted a PCA and rebuilt its index: not one this replica would build from the changes.
+            if not (self._load(entry.snapshot, force=True) or self._load(current_name(self.directory), force=True)):
+                time.sleep(WAIT_SECONDS)
+            return False
+        if entry.first > self.seq + 1:
+            self._close_gap(entry.first)
+            return False
+        with self.condition:
+            for change in entry.changes or ():
+                if change.seq > self.seq:
+                    self.apply_change(change)
+                    self.seq = change.seq
+            self.condition.notify_all()
+        return True
+
+    def _close_gap(self, first: int) -> None:
+        """Changes up to `first` are not in the stream: a snapshot must cover them."""
+        name = current_name(self.directory)
+        if name and name != self.snapshot and self._load(name) and self.seq + 1 >= first:
+            return
+        if time.monotonic() - self._asked_for_snapshot > SNAPSHOT_ASK_SECONDS:
+            log.warning("replica: changes %d to %d are not in the feed; asking the owner for a snapshot", self.seq + 1,
+                        first - 1)  # fmt: skip
+            self.app.send_task(Task.WRITE_SNAPSHOT, args=[])
+            self._asked_for_snapshot = time.monotonic()
+        time.sleep(WAIT_SECONDS)
+
+    def _check_owner(self) -> None:
+        """An owner behind this replica started a new index (its folder replaced): start again from its snapshot."""
+        if time.monotonic() - self._owner_checked < OWNER_CHECK_SECONDS:
+            return
+        self._owner_checked = time.monotonic()
+        owners = alive(self.redis, Role.INDEX)
+        if owners and owners[0].get("seq", self.seq) < self.seq:
+            log.warning("replica: the owner is at change %d, behind this replica at %d", owners[0]["seq"], self.seq)
+            self._load(current_name(self.directory), force=True)
+
+    def _load(self, name: str | None, force: bool = False) -> bool:
+        """Load snapshot `name` if it is newer than what the replica holds; False when it can't be read now."""
+        if name is None:
+            return False
+        try:
+            snapshot = read_snapshot(self.directory / name, self.settings.hnsw_ef)
+        except IndexStoreError as error:  # replaced by a newer one while it was read: the caller looks again
+            log.info("replica: snapshot %s can't be read now: %s", name, error)
+            return False
+        if snapshot.seq < self.seq and not force:
+            return True  # older than what the replica holds already
+        with self.condition:
+            self.adopt(snapshot)
+            self.snapshot, self.position = name, entry_id(snapshot.seq, snapshot=True)
+            self.condition.notify_all()
+        log.info("replica: loaded snapshot %s (%d items at change %d)", name, len(self.index), self.seq)
+        return True
+
+    # reads ---------------------------------------------------------------------------------------------------
+
+    def caught_up(self, seq: int, seconds: float) -> bool:
+        """True once change `seq` is applied, waiting at most `seconds` for the follower to apply it."""
+        with self.condition:
+            return self.condition.wait_for(lambda: self.seq >= seq, timeout=seconds)
+
+    def lag(self) -> tuple[int, float]:
+        """(changes, seconds) behind the owner, as far as the feed tells."""
+        seconds = 0.0 if self.behind_since is None else max(0.0, time.time() - self.behind_since)
+        return max(0, self.head - self.seq), seconds
+
+    def status(self) -> dict[str, Any]:
+        changes, seconds = self.lag()
+        return {
+            **self.reader.figures(),
+            "role": Role.REPLICA,
+            "pid": os.getpid(),
+            "snapshot": self.snapshot,
+            "lag_changes": changes,
+            "lag_seconds": round(seconds, 3),
+            "taking_reads": self.taking_reads,
+        }
+
+    def heartbeat(self) -> dict[str, Any]:
+        return {**self.status(), "facets": self.reader.facets()}
+
+
+class ReadGate(bootsteps.StartStopStep):
+    """Takes reads (consumes the `read` queue) only while the replica is at most LOOKALIKE_MAX_LAG seconds behind.
+
+    Runs on the worker's own event loop, between tasks, which is where Celery itself adds and cancels consumers."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        self.timer = consumer.timer.call_repeatedly(GATE_SECONDS, self.check, (consumer,))
+
+    def stop(self, consumer: Any) -> None:
+        self.timer.cancel()
+
+    def check(self, consumer: Any) -> None:
+        replica = runtime.state().replica
+        keeping_up = replica.lag()[1] <= replica.settings.max_lag
+        if keeping_up and not replica.taking_reads:
+            consumer.add_task_queue(Queue.READ, exchange=Queue.READ, exchange_type="direct", routing_key=Queue.READ)
+            log.info("replica: taking reads (at change %d)", replica.seq)
+        elif not keeping_up and replica.taking_reads:
+            consumer.cancel_task_queue(Queue.READ)
+            log.warning("replica: %.1f s behind the owner: no reads until it caught up", replica.lag()[1])
+        replica.taking_reads = keeping_up

@@ -1,0 +1,142 @@
+"""Index snapshots: written by the owner, read by the owner at start and by every replica.
+
+A snapshot is a folder `snapshot-<seq>-<random>/` in the index folder: vectors.hnsw, items.json, [projection.npz,]
+and manifest.json (the sequence number, the model identity, hnswlib's parameters and each file's sha256).
+`CURRENT` names the snapshot to load and is replaced atomically; the previous snapshot stays until the next one
+is written, so a replica that has just read `CURRENT` can finish reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import LookalikeError
+from common.files import atomic_write_bytes, file_sha256, fsync_path
+from worker.index import IndexParams, Item, VectorIndex
+from worker.projection import Projection
+
+FORMAT = "lookalike-index/1"
+VECTORS, ITEMS, PROJECTION, MANIFEST = "vectors.hnsw", "items.json", "projection.npz", "manifest.json"
+CURRENT = "CURRENT"
+PREFIX, STAGING_PREFIX = "snapshot-", ".snapshot-"
+
+
+class IndexStoreError(LookalikeError):
+    """The index can't be opened or changed; the message says why."""
+
+
+class ModelMismatch(IndexStoreError):
+    """The index holds vectors of another model: they must never be mixed with this model's."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What makes two vectors comparable: the same model file, fed images resized the same way."""
+
+    sha256: str
+    dimension: int
+    resize: str
+
+
+@dataclass
+class Snapshot:
+    """A snapshot as it was read: the index at `seq`, and what its manifest says about it."""
+
+    name: str
+    seq: int
+    identity: ModelIdentity
+    params: IndexParams
+    projection: Projection | None
+    index: VectorIndex
+    items: int
+
+
+def current_name(directory: Path) -> str | None:
+    """The name of the snapshot `CURRENT` points at, or None before the first snapshot."""
+    try:
+        return (directory / CURRENT).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A snapshot's manifest, after checking every file it lists against its sha256."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for file_name, expected in manifest["files"].items():
+            if file_sha256(folder / file_name) != expected:
+                raise IndexStoreError(f"index file {folder / file_name} is damaged (sha256 differs from its manifest)")
+    except (OSError, ValueError, KeyError) as error:
+        raise IndexStoreError(f"index snapshot {folder} can't be read: {error}") from error
+    return manifest
+
+
+def read_snapshot(folder: Path, ef: int) -> Snapshot:
+    """Load a verified snapshot; `ef` is the query-time setting (the graph's own parameters are the manifest's)."""
+    manifest = read_manifest(folder)
+    params = IndexParams(**{**manifest["params"], "ef": ef})
+    projection = Projection.load(folder / PROJECTION) if manifest.get("projection") else None
+    try:
+        items = (
+            (item_id, Item(label, metadata, image_sha, meta_sha))
+            for item_id, label, metadata, image_sha, meta_sha in json.loads((folder / ITEMS).read_text())
+        )
+        index = VectorIndex.load(params, folder / VECTORS, items, manifest["next_label"])
+    except (OSError, ValueError, RuntimeError) as error:  # hnswlib raises RuntimeError on a file it can't read
+        raise IndexStoreError(f"index snapshot {folder} can't be read: {error}") from error
+    identity = ModelIdentity(**manifest["model"])
+    return Snapshot(folder.name, manifest["seq"], identity, params, projection, index, manifest["items"])
+
+
+def write_snapshot(
+    directory: Path, seq: int, identity: ModelIdentity, index: VectorIndex, projection: Projection | None
+) -> str:
+    """Write index + items + manifest to a new folder and switch `CURRENT` to it; returns the new name.
+
+    The snapshot before the previous one is removed: the previous one stays for readers that are loading it."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    index.save_vectors(staging / VECTORS)
+    files = [VECTORS, ITEMS]
+    if projection is not None:
+        projection.save(staging / PROJECTION)
+        files.append(PROJECTION)
+    items = [
+        [item_id, item.label, item.metadata, item.image_sha256, item.metadata_sha256]
+        for item_id, item in index.items.items()
+    ]
+    (staging / ITEMS).write_text(json.dumps(items, separators=(",", ":")))
+    for name in files:
+        fsync_path(staging / name)
+    manifest = {
+        "format": FORMAT,
+        "seq": seq,
+        "next_label": index.next_label,
+        "items": len(index),
+        "model": asdict(identity),
+        "params": asdict(index.params),
+        "projection": projection.describe() if projection else None,
+        "files": {name: file_sha256(staging / name) for name in files},
+    }
+    atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
+    # A fresh name every time: the snapshot CURRENT names is never touched until CURRENT names another.
+    final = directory / f"{PREFIX}{seq:020d}-{uuid.uuid4().hex[:8]}"
+    staging.rename(final)
+    fsync_path(directory)
+    previous = current_name(directory)
+    atomic_write_bytes(directory / CURRENT, final.name.encode())
+    remove_snapshots(directory, keep={final.name, previous})
+    return final.name
+
+
+def remove_snapshots(directory: Path, keep: set[str | None]) -> None:
+    """Remove unfinished snapshots, and finished ones not in `keep`."""
+    for path in directory.iterdir():
+        finished = path.name.startswith(PREFIX)
+        if path.is_dir() and (path.name.startswith(STAGING_PREFIX) or (finished and path.name not in keep)):
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,45 @@
+"""The index at a sequence number, as the owner and every replica hold it: vectors and items, the model they
+belong to, and the projection every vector goes through on its way in.
+
+The owner changes it through its log (`worker.store`), a replica through the owner's change feed
+(`worker.replica`); both apply the same changes the same way, in sequence order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.index import IndexParams, Item, VectorIndex
+from worker.projection import Projection
+from worker.snapshots import ModelIdentity, Snapshot
+from worker.wal import Change
+
+
+class IndexState:
+    def __init__(self, identity: ModelIdentity, params: IndexParams) -> None:
+        self.identity = identity
+        self.params = params
+        self.index = VectorIndex(params)
+        self.projection: Projection | None = None
+        self.seq = 0
+
+    def adopt(self, snapshot: Snapshot) -> None:
+        """Become the index a snapshot holds."""
+        self.identity, self.params, self.projection = snapshot.identity, snapshot.params, snapshot.projection
+        self.index, self.seq = snapshot.index, snapshot.seq
+
+    def apply_change(self, change: Change) -> None:
+        """Apply one change (the caller keeps `seq` in order)."""
+        if change.op == "delete":
+            self.index.delete(change.id)
+            return
+        if change.vector is None and change.id not in self.index:
+            return  # a metadata-only change to an item deleted since: nothing to update
+        item = Item(-1, change.metadata or {}, change.image_sha256, change.metadata_sha256)
+        self.index.upsert(change.id, self.to_index_space(change.vector), item)
+
+    def to_index_space(self, vector: np.ndarray | None) -> np.ndarray | None:
+        """A model vector as the index compares it: reduced when a PCA has been fitted."""
+        if vector is None or self.projection is None:
+            return vector
+        return self.projection.apply(vector[None])[0]
