@@ -108,9 +108,10 @@ class Client:
         """'More like this': the item's neighbours, the item left out; None when the index has no such item."""
         return self._read(Task.SIMILAR_ITEMS, item_id, k, filters or {}, min_seq).get("hits")
 
-    def stats(self, min_seq: int = 0) -> dict[str, Any]:
-        """The reader's figures: items, dimension, model, sequence number, who answered, ..."""
-        return self._read(Task.INDEX_STATS, min_seq)["stats"]
+    def stats(self, min_seq: int = 0, digest: bool = False) -> dict[str, Any]:
+        """The reader's figures: items, dimension, model, sequence number, who answered, ...; with `digest`, a
+        sha256 of every item and vector it holds (slow on a large index: for comparing readers)."""
+        return self._read(Task.INDEX_STATS, min_seq, digest)["stats"]
 
     def _read(self, task: Task, *args: Any) -> dict[str, Any]:
         """A read's answer; an error other than `not_found` is raised as ReadError."""

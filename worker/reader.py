@@ -6,6 +6,8 @@ that whatever changes the state holds, and waits (a little) for a change a read 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -92,6 +94,18 @@ class IndexReader:
             "seq": state.seq,
             "pca": state.projection.describe() if state.projection else None,
         }
+
+    def digest(self) -> str:
+        """A sha256 of every item: its id, metadata and checksums, and its vector as stored. Two readers with the
+        same digest hold the same catalogue (replicas are compared with the owner this way)."""
+        digest = hashlib.sha256()
+        with self.lock:
+            ids, vectors = self.state.index.stored_vectors()
+            for item_id, vector in sorted(zip(ids, vectors, strict=True), key=lambda pair: pair[0]):
+                item = self.state.index.items[item_id]
+                fields = [item_id, item.metadata, item.image_sha256, item.metadata_sha256]
+                digest.update(json.dumps(fields, sort_keys=True).encode() + vector.astype("<f4").tobytes())
+        return digest.hexdigest()
 
     def facets(self) -> dict[str, list[str]]:
         """Recounted when the index changed, at most every FACET_SECONDS unless it grew or shrank by a tenth."""

@@ -47,7 +47,8 @@ class Replica(IndexState):
         self.feed = ChangeFeed(client)
         self.position = entry_id(0)  # the ID of the last stream entry taken into account
         self.snapshot = ""
-        self.head = 0  # the stream's last sequence number, as last seen
+        self.head = 0  # the owner's last sequence number, as far as the feed and its heartbeat tell
+        self.owner_seq = 0  # as its heartbeat last said
         self.behind_since: float | None = None  # when the oldest change not applied yet was appended
         self.condition = threading.Condition(threading.RLock())
         self.reader = IndexReader(self, self.condition, self.caught_up)
@@ -88,10 +89,13 @@ class Replica(IndexState):
 
     def follow_once(self, block_ms: int | None) -> bool:
         """Apply the entries that follow; True when there were any (there may be more)."""
-        self.head = self.feed.head()
+        self.head = max(self.feed.head(), self.owner_seq)
         entries = self.feed.read(self.position, block_ms=None if self.head > self.seq else block_ms)
         if not entries:
-            self.behind_since = None if self.head <= self.seq else self.behind_since
+            if self.head <= self.seq:
+                self.behind_since = None
+            elif self.behind_since is None:
+                self.behind_since = time.time()
             return False
         for raw_id, entry in entries:
             if self.behind_since is None and entry.seq > self.seq:
@@ -138,14 +142,19 @@ class Replica(IndexState):
         time.sleep(WAIT_SECONDS)
 
     def _check_owner(self) -> None:
-        """An owner behind this replica started a new index (its folder replaced): start again from its snapshot."""
+        """Compare with the owner's heartbeat: an owner behind this replica started a new index (its folder
+        replaced), so start again from its snapshot; an owner ahead with nothing more in the feed means changes
+        the feed lost (Redis restarted without them, the stream trimmed), which a snapshot must bring."""
         if time.monotonic() - self._owner_checked < OWNER_CHECK_SECONDS:
             return
         self._owner_checked = time.monotonic()
         owners = alive(self.redis, Role.INDEX)
-        if owners and owners[0].get("seq", self.seq) < self.seq:
-            log.warning("replica: the owner is at change %d, behind this replica at %d", owners[0]["seq"], self.seq)
+        owner_seq = self.owner_seq = owners[0].get("seq", self.seq) if owners else self.seq
+        if owner_seq < self.seq:
+            log.warning("replica: the owner is at change %d, behind this replica at %d", owner_seq, self.seq)
             self._load(current_name(self.directory), force=True)
+        elif owner_seq > self.seq and self.feed.head() <= self.seq:
+            self._close_gap(owner_seq + 1)
 
     def _load(self, name: str | None, force: bool = False) -> bool:
         """Load snapshot `name` if it is newer than what the replica holds; False when it can't be read now."""

@@ -108,9 +108,12 @@ def get_item(item_id: str, min_seq: int = 0) -> dict[str, Any]:
 
 
 @shared_task(name=Task.INDEX_STATS)
-def index_stats(min_seq: int = 0) -> dict[str, Any]:
-    refused = runtime.reader().refusal(min_seq)
-    return refused or {"stats": runtime.index_status()}
+def index_stats(min_seq: int = 0, digest: bool = False) -> dict[str, Any]:
+    reader = runtime.reader()
+    refused = reader.refusal(min_seq)
+    if refused:
+        return refused
+    return {"stats": {**runtime.index_status(), **({"digest": reader.digest()} if digest else {})}}
 
 
 DUPLICATES_CHUNK = 500  # items per task: searches queued meanwhile wait for one chunk at most

@@ -1,0 +1,223 @@
+"""Searches that scale out and stay up, with real processes: replicas answer while the owner is frozen, killed or
+restarting; a replica or a query process killed in the middle of a read or a batch leaves its searches to the
+others; a replica that missed changes ends with exactly the owner's items and vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import celery.exceptions
+import pytest
+
+from lookalike.stack import Stack
+from lookalike.up import start_workers
+from protocol import keys
+from protocol.client import Client
+from protocol.heartbeats import Role
+from protocol.queues import Queue, Task
+from tests.test_worker import SAMPLE_SIZE, image_bytes
+from worker.replica import ReadGate
+
+
+def loaded_stack(make_stack, shared_dir, **env: str) -> tuple[Stack, Client, dict]:
+    stack = make_stack(**env)
+    start_workers(stack, stack.settings)
+    client = Client(stack.settings)
+    load = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)
+    assert load["progress"]["done"] == SAMPLE_SIZE
+    client.stats(min_seq=load["seq"])  # the replicas hold the whole load
+    return stack, client, load
+
+
+def freeze(stack: Stack, name: str) -> None:
+    os.killpg(stack.processes[name].pid, signal.SIGSTOP)
+
+
+def thaw(stack: Stack, name: str) -> None:
+    os.killpg(stack.processes[name].pid, signal.SIGCONT)
+
+
+def held(stack: Stack, queue: str) -> int:
+    """Messages of `queue` a worker has taken and not acknowledged (kombu keeps them in its `unacked` hash)."""
+    return sum(1 for raw in stack.redis.hvals("unacked") if json.loads(raw)[2] == queue)
+
+
+def ask(client: Client, queue: Queue, task: Task, *args: object) -> dict:
+    """A read sent to one kind of reader: the owner's queue, or the replicas'."""
+    result = client.celery.send_task(task, args=list(args), queue=queue)
+    try:
+        return result.get(timeout=60)
+    finally:
+        result.forget()
+
+
+@pytest.mark.slow
+def test_searches_and_more_like_this_go_on_while_the_owner_is_frozen_killed_and_restarting(make_stack, shared_dir):
+    """Frozen, the owner takes no write (one waits for it) and no read; killed, its writes wait in their queue; all
+    along, and while it starts again, every search and "more like this" is answered by the replica."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir)
+    photo = image_bytes(shared_dir, "10186")
+    answered = []
+
+    def search_and_similar() -> None:
+        job = client.follow(client.search(photo, 3), timeout=30)
+        assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186", job
+        assert len(client.similar("10186", 3)) == 3
+        answered.append(job["id"])
+
+    def delete_waits(item_id: str) -> None:
+        with pytest.raises(celery.exceptions.TimeoutError):  # no owner to apply it now: it waits
+            Client(stack.settings, timeout=2).delete([item_id])
+
+    freeze(stack, "index")
+    for _ in range(3):
+        search_and_similar()
+    delete_waits("10227")
+    thaw(stack, "index")
+    stack.wait_for(lambda: client.get_item("10227") is None, "the owner, thawed, to apply the delete")
+    stack.kill("index")
+    for _ in range(3):
+        search_and_similar()
+    delete_waits("10230")
+
+    restarting, failures = threading.Event(), []
+
+    def keep_searching() -> None:
+        while not restarting.is_set():
+            try:
+                search_and_similar()
+            except AssertionError as failure:
+                failures.append(failure)
+
+    searcher = threading.Thread(target=keep_searching)
+    searcher.start()
+    try:
+        stack.start("index")
+    finally:
+        restarting.set()
+        searcher.join(60)
+    assert failures == [] and len(answered) > 6
+    stack.wait_for(lambda: client.get_item("10230") is None, "the restarted owner to apply the delete")
+    assert client.stats()["items"] == SAMPLE_SIZE - 2
+    assert {client.jobs.get(job_id)["state"] for job_id in answered} == {"done"}  # none left running
+
+
+@pytest.mark.slow
+def test_a_replica_killed_in_the_middle_of_a_read_leaves_its_search_to_the_others(make_stack, shared_dir):
+    """The read waits in the first replica for a change the frozen owner has not made yet (min_seq); that replica
+    is killed while it holds the read; the owner is thawed, the second replica catches up and answers."""
+    stack, client, load = loaded_stack(make_stack, shared_dir, LOOKALIKE_REPLICAS="2")
+    freeze(stack, "index")
+    freeze(stack, "replica-2")
+    with pytest.raises(celery.exceptions.TimeoutError):
+        Client(stack.settings, timeout=2).delete(["10227"])  # the change the search will wait for: load seq + 1
+    job_id = client.search(image_bytes(shared_dir, "10186"), 3, min_seq=load["seq"] + 1)
+    stack.wait_for(lambda: held(stack, Queue.READ) > 0, "the first replica to take the read", timeout=30)
+    stack.kill("replica-1")
+    thaw(stack, "replica-2")
+    thaw(stack, "index")
+    job = client.follow(job_id, timeout=60)
+    assert job["state"] == "done", job
+    assert "10227" not in [hit["id"] for hit in job["result"]["hits"]] and job["result"]["hits"][0]["id"] == "10186"
+
+
+@pytest.mark.slow
+def test_a_query_process_killed_in_the_middle_of_a_batch_leaves_its_searches_to_another(make_stack, shared_dir):
+    """The first query process has taken a batch and waits for the (frozen) readers when it is killed: its
+    searches go back to the queue and the second query process answers them. (The frozen second one may have been
+    handed one search by Redis before it froze: it answers that one once thawed.)"""
+    stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_QUERY_PROCESSES="2")
+    for name in ("query-2", "replica-1", "index"):
+        freeze(stack, name)
+    photo = image_bytes(shared_dir, "10186")
+    searches = [client.search(photo, 3) for _ in range(4)]
+
+    def taken() -> bool:
+        return stack.redis.llen(Queue.QUERY) == 0 and held(stack, Queue.QUERY) >= 3
+
+    stack.wait_for(taken, "the first query process to take the searches", timeout=30)
+    stack.kill("query-1")
+    for name in ("query-2", "replica-1", "index"):
+        thaw(stack, name)
+    jobs = [client.follow(job_id, timeout=90) for job_id in searches]
+    assert [job["state"] for job in jobs] == ["done"] * 4, jobs
+    assert all(job["result"]["hits"][0]["id"] == "10186" for job in jobs)
+    assert held(stack, Queue.QUERY) == 0
+
+
+@pytest.mark.slow
+def test_a_replica_that_missed_changes_ends_with_exactly_the_owners_items_and_vectors(make_stack, shared_dir):
+    """Killed, changes made meanwhile, the change feed lost (Redis trimmed it): restarted, the replica closes the gap
+    from a snapshot it asks the owner for, then follows the feed again."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir)
+    stack.kill("replica-1")
+    deleted = client.delete(["10186", "10227", "10230"])
+    folder = stack.settings.uploads_dir / "more"
+    folder.mkdir(parents=True)
+    for item_id in ("10279", "10428"):  # the same photos under new ids, with metadata
+        (folder / f"new-{item_id}.jpg").write_bytes(image_bytes(shared_dir, item_id))
+    (folder / "styles.csv").write_text("id,gender\nnew-10279,Men\nnew-10428,Women\n")
+    more = client.follow(client.start_load(folder, folder / "styles.csv"), timeout=120)
+    assert more["state"] == "done" and more["seq"] == deleted["seq"] + 2
+    stack.redis.delete(keys.CHANGES)  # the feed lost everything the replica missed
+
+    stack.start("replica", "replica-1")
+    later = client.delete(["10279"])  # followed through the feed again
+    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, later["seq"], True)["stats"]
+    replica = ask(client, Queue.READ, Task.INDEX_STATS, later["seq"], True)["stats"]
+    assert (owner["role"], replica["role"]) == (Role.INDEX, Role.REPLICA)
+    assert replica["seq"] == owner["seq"] == later["seq"] and replica["items"] == owner["items"] == SAMPLE_SIZE - 2
+    assert replica["digest"] == owner["digest"]
+
+
+class FakeConsumer:
+    """Records what the gate asks of Celery's consumer (unit test: the real one needs a running worker)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def add_task_queue(self, queue: str, **_: object) -> None:
+        self.calls.append(f"add {queue}")
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.calls.append(f"cancel {queue}")
+
+
+def test_a_replica_more_than_max_lag_behind_takes_no_reads_until_it_caught_up(monkeypatch):
+    class Lagging:
+        settings = type("Settings", (), {"max_lag": 5})
+        seq, taking_reads, seconds = 10, True, 0.0
+
+        def lag(self) -> tuple[int, float]:
+            return 3, self.seconds
+
+    replica = Lagging()
+    monkeypatch.setattr("worker.runtime.state", lambda: type("State", (), {"replica": replica}))
+    gate, consumer = ReadGate.__new__(ReadGate), FakeConsumer()
+    for seconds in (0.5, 6.0, 7.0, 4.0, 0.0):
+        replica.seconds = seconds
+        gate.check(consumer)
+    assert consumer.calls == ["cancel read", "add read"] and replica.taking_reads
+
+
+def test_reads_go_to_the_owner_when_no_replica_keeps_up(module_redis):
+    import redis
+
+    from protocol.readers import reader_queues
+
+    client = redis.Redis.from_url(module_redis)
+    client.flushdb()
+
+    def beat(pid: int, lag_seconds: float) -> None:
+        status = {"role": Role.REPLICA, "pid": pid, "host": "h", "lag_seconds": lag_seconds, "seen": time.time()}
+        client.hset(keys.WORKERS, f"replica:h:{pid}", json.dumps(status))
+
+    assert reader_queues(client, max_lag=5) == (Queue.SEARCH, Queue.READ)
+    beat(1, 30.0)
+    assert reader_queues(client, max_lag=5) == (Queue.SEARCH, Queue.READ)  # too far behind
+    beat(2, 0.2)
+    assert reader_queues(client, max_lag=5) == (Queue.READ, Queue.SEARCH)
