@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/catalog_load.py [--archive ...fashion-catalog.tar.gz] [--model M.onnx]
 
-Starts its own Redis, one index owner and one embed worker (LOOKALIKE_EMBED_PROCESSES processes) on this
-machine and loads the archive with styles.csv as metadata, alone; then, on a fresh index, searches with
-catalogue photos idle and while the same load runs. Raw throughput is the same model in this process, all
+Starts its own Redis and the workers `lookalike up` starts (the index owner, a replica, a query process, an embed
+worker) on this machine and loads the archive with styles.csv as metadata, alone; then, on a fresh index, searches
+with catalogue photos idle and while the same load runs. Raw throughput is the same model in this process, all
 cores, on pre-decoded images.
 """
 
@@ -26,6 +26,7 @@ from common.images import decode_image
 from common.model import load_model
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
+from lookalike.up import start_workers
 from protocol.client import Client
 
 SHARED = Path(os.environ.get("LOOKALIKE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
@@ -114,8 +115,7 @@ def running_stack(redis_url: str, data_dir: Path, args: argparse.Namespace) -> I
     stack = Stack(redis_url, data_dir, args.model, args.archive.parent)
     stack.redis.flushdb()
     try:
-        stack.start("index")
-        stack.start("embed")
+        start_workers(stack, stack.settings)
         yield Client(stack.settings)
     finally:
         stack.stop()

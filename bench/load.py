@@ -28,6 +28,7 @@ from search_latency import FAILED, run_clients
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from lookalike.up import start_workers
 from protocol.client import Client
 
 MODEL = SHARED / "models" / "efficientnet_lite0_max.onnx"
@@ -41,8 +42,7 @@ def own_stack() -> Iterator[str]:
     with EmbeddedRedis(work / "redis") as redis_server:
         stack = Stack(redis_server.url, work / "data", MODEL, SHARED / "data")
         try:
-            stack.start("index")
-            stack.start("embed")
+            start_workers(stack, stack.settings)
             url = stack.start_web(free_port())
             client = Client(stack.settings)
             client.follow(client.start_load(SHARED / "data" / "fashion"), timeout=600)

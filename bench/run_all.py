@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("Embedding throughput", ["embed_throughput.py"]),
     ("Catalogue load and search latency", ["catalog_load.py"]),
     ("Search latency through the web", ["search_latency.py"]),
+    ("Search scale-out: query processes, replicas, kNN, micro-batching", ["search_scaling.py"]),
     ("Load: concurrent uploads", ["load.py", "--clients", "20", "--seconds", "30"]),
     ("Load: more clients than the search queue takes", ["load.py", "--clients", "150", "--seconds", "30"]),
     ("Index: hnswlib against exact search (real catalogue)", ["index_recall.py", "real"]),

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/search_latency.py [--seconds 20] [--model M.onnx]
 
-Starts its own Redis, an index owner, an embed worker and `lookalike web` (waitress) on this machine, loads the
+Starts its own Redis, the workers `lookalike up` starts and `lookalike web` (waitress) on this machine, loads the
 1,002 shared sample images, then runs clients that each POST a catalogue photo to /api/search and poll
 /api/jobs/<id> the way the results page does (after 50 ms, then 1.5x longer each time) until the result is
 there. Then it starts a load of the 39,072-image shared catalogue and runs the same clients while it loads.
@@ -25,6 +25,7 @@ from catalog_load import SHARED, percentiles
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from lookalike.up import start_workers
 from protocol.client import Client
 
 CONCURRENCY = (1, 8, 32)
@@ -160,8 +161,7 @@ def main() -> None:
     with EmbeddedRedis(work / "redis") as redis_server:
         stack = Stack(redis_server.url, work / "data", args.model, SHARED / "data")
         try:
-            stack.start("index")
-            stack.start("embed")
+            start_workers(stack, stack.settings)
             port = free_port()
             stack.start_web(port)
             client = Client(stack.settings)
