@@ -90,7 +90,7 @@ class ChangeFeed:
                 return  # the stream lacks changes before it: the next publish catches up and the marker waits
             fields = {"snapshot": name, "projection": projection, "at": time.time()}
             self.redis.xadd(self.key, fields, id=entry_id(seq, snapshot=True))
-            self.redis.xtrim(self.key, minid=entry_id(seq, snapshot=True))
+            self.redis.xtrim(self.key, minid=entry_id(seq, snapshot=True), approximate=False)
         except redis.RedisError as error:
             log.warning("the change feed did not hear of snapshot %s: %s", name, error)
 
