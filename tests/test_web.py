@@ -97,6 +97,13 @@ def test_malformed_filters_are_400(idle, shared_dir, value):
     assert response.status_code == 400 and error_of(response) == "bad_parameter"
 
 
+@pytest.mark.parametrize("min_seq", ["-1", "abc", "1.5", "9" * 19])
+def test_a_min_seq_that_is_not_a_sequence_number_is_400(idle, shared_dir, min_seq):
+    for response in (search(idle, photo(shared_dir), min_seq=min_seq), idle.get(f"/api/items/1?min_seq={min_seq}"),
+                     idle.get(f"/api/items/1/similar?min_seq={min_seq}")):  # fmt: skip
+        assert response.status_code == 400 and error_of(response) == "bad_parameter"
+
+
 def test_a_search_without_an_image_is_400(idle):
     response = idle.post("/api/search", data={"k": "5"})
     assert response.status_code == 400 and error_of(response) == "missing_image"

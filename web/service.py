@@ -160,7 +160,8 @@ class Service:
         return answer
 
     def _read(self, question: Callable[..., Any], *args: Any) -> Any:
-        """A read, its failures as 503s with the reason."""
+        """A read, its failures as 503s with the reason (at once when no reader is alive)."""
+        self.readers()
         try:
             return question(*args)
         except NoReaderAnswered:
@@ -182,6 +183,10 @@ class Service:
         """503 unless a query process and an index reader (a replica, or the owner) are alive."""
         if not alive(self.redis, Role.QUERY):
             raise unavailable(ErrorCode.NO_WORKER, "no query worker is running (start `lookalike worker query`)")
+        self.readers()
+
+    def readers(self) -> None:
+        """503 unless an index reader (a replica, or the owner) is alive."""
         if not (alive(self.redis, Role.REPLICA) or alive(self.redis, Role.INDEX)):
             raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
 
