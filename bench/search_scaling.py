@@ -44,9 +44,32 @@ from worker.snapshots import ModelIdentity, write_snapshot
 from worker.state import IndexState
 
 CONCURRENCY = (1, 8, 32)
+TICK = os.sysconf("SC_CLK_TCK")
 HELD_OUT = 1000
 K, EF = 10, 128
 BATCHES = (1, 8, 16, 32, 64)
+QUERY_BATCH = 16
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes have used so far; a process gone since counts nothing."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def machine_pids(stack: Stack, redis_server: EmbeddedRedis) -> tuple[list[int], list[int]]:
+    """(every process of the run: the stack's, their pool children, Redis and this one's clients; the query ones)"""
+    queries = [process.pid for name, process in stack.processes.items() if name.startswith("query")]
+    every = [redis_server.process.pid, os.getpid()]
+    for name, process in stack.processes.items():
+        every += [process.pid, *stack.pool_children(name)]
+    return every, queries
 
 
 def batching(stack: Stack) -> tuple[int, int]:
@@ -71,14 +94,19 @@ def end_to_end(args: argparse.Namespace, queries: int, replicas: int, work: Path
             client.follow(client.start_load(SHARED / "data" / "fashion"), timeout=600)
 
             def measure(state: str) -> None:
+                every, query_pids = machine_pids(stack, redis_server)
                 for clients in CONCURRENCY:
-                    before = batching(stack)
+                    before, cpu_before, query_before = batching(stack), cpu_seconds(every), cpu_seconds(query_pids)
+                    started = time.monotonic()
                     latencies, statuses, _ = run_clients(port, photos, clients, args.seconds)
+                    wall = time.monotonic() - started
                     after = batching(stack)
                     rows.append({
                         "config": config, "state": state, "clients": clients, "latencies": latencies,
                         "mean_batch": (after[1] - before[1]) / max(1, after[0] - before[0]),
                         "refused": sum(count for status, count in statuses.items() if status != 202),
+                        "cores": (cpu_seconds(every) - cpu_before) / wall,
+                        "query_cores": (cpu_seconds(query_pids) - query_before) / wall,
                     })  # fmt: skip
 
             measure("idle")
@@ -114,7 +142,7 @@ def knn_alone(args: argparse.Namespace, work: Path) -> list[tuple[str, float]]:
 
     index_dir = work / "knn" / "index"
     index_dir.mkdir(parents=True)
-    write_snapshot(index_dir, len(catalogue), identity, index, None)
+    write_snapshot(index_dir, "bench", len(catalogue), identity, index, None)
     with EmbeddedRedis(work / "knn" / "redis") as redis_server:
         stack = Stack(redis_server.url, work / "knn" / "data", args.model, SHARED / "data",
                       LOOKALIKE_INDEX_DIR=str(index_dir))  # fmt: skip
@@ -123,14 +151,20 @@ def knn_alone(args: argparse.Namespace, work: Path) -> list[tuple[str, float]]:
             stack.start("replica", "replica-1")
             client = Client(stack.settings)
             for threads in (1, 8):
-                rows.append((f"through the read queue to one replica, {threads} caller{'s' * (threads > 1)}",
-                             through_queue(client, identity, messages, threads)))  # fmt: skip
+                rows.append((f"through the read queue to one replica, {threads} caller{'s' * (threads > 1)}, one "
+                             "query a message", through_queue(client, identity, messages, threads)))  # fmt: skip
+            queries_each = [message[0] for message in messages]
+            batched = [queries_each[start : start + QUERY_BATCH] for start in range(0, len(messages), QUERY_BATCH)]
+            rows.append((f"through the read queue to one replica, 8 callers, {QUERY_BATCH} queries a message (as "
+                         "query processes send a batch)", through_queue(client, identity, batched, 8)))  # fmt: skip
         finally:
             stack.stop()
     return rows
 
 
 def through_queue(client: Client, identity: ModelIdentity, messages: list, threads: int) -> float:
+    """Queries/s of `nearest` messages sent from `threads` callers, each waiting for its answer."""
+
     def ask(share: list) -> None:
         for message in share:
             result = client.celery.send_task(Task.NEAREST, args=[identity.sha256, "stretch", message, 0],
@@ -145,7 +179,7 @@ def through_queue(client: Client, identity: ModelIdentity, messages: list, threa
         caller.start()
     for caller in callers:
         caller.join()
-    return len(messages) / (time.perf_counter() - started)
+    return sum(len(message) for message in messages) / (time.perf_counter() - started)
 
 
 def micro_batching(args: argparse.Namespace) -> tuple[str, list[tuple[int, float]]]:
@@ -203,8 +237,8 @@ def print_end_to_end(rows: list[dict], seconds: float) -> None:
     base = {(row["config"], row["state"], row["clients"]): len(row["latencies"]) for row in rows}
     idle_p95 = {(row["config"], row["clients"]): _p95(row["latencies"]) for row in rows if row["state"] == "idle"}
     print("\n| configuration | system | clients | searches | p50 ms | p95 ms | p99 ms | searches/s | vs 1 query, "
-          "same replicas | p95 vs idle | mean batch | not 202 |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "same replicas | p95 vs idle | mean batch | cores busy (query processes) | not 202 |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         one_query = row["config"].replace(row["config"].split(" query")[0], "1", 1)
         reference = base.get((one_query, row["state"], row["clients"]), 0)
@@ -212,7 +246,8 @@ def print_end_to_end(rows: list[dict], seconds: float) -> None:
         p95_ratio = _p95(row["latencies"]) / idle_p95[row["config"], row["clients"]]
         print(f"| {row['config']} | {row['state']} | {row['clients']} | {percentiles(row['latencies'])} | "
               f"{len(row['latencies']) / seconds:.1f} | {ratio:.2f} | {p95_ratio:.2f} | "
-              f"{row['mean_batch']:.1f} | {row['refused']} |")  # fmt: skip
+              f"{row['mean_batch']:.1f} | {row['cores']:.2f} ({row['query_cores']:.2f}) | "
+              f"{row['refused']} |")  # fmt: skip
     indexed = [row.get("indexed") for row in rows if row.get("indexed") is not None]
     print(f"\n(catalogue items indexed during each configuration's load rows: {', '.join(f'{n:,}' for n in indexed)})")
 

@@ -155,6 +155,9 @@ def load_model(
     options = ort.SessionOptions()
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
+    # Threads that spin while they wait for work burn cores that other processes on the machine need (the web,
+    # the other workers); a process that shares the machine waits for work asleep.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     wanted = resolve_providers(providers)
     try:

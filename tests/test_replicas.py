@@ -146,7 +146,7 @@ def test_a_query_process_killed_in_the_middle_of_a_batch_leaves_its_searches_to_
     jobs = [client.follow(job_id, timeout=90) for job_id in searches]
     assert [job["state"] for job in jobs] == ["done"] * 4, jobs
     assert all(job["result"]["hits"][0]["id"] == "10186" for job in jobs)
-    assert held(stack, Queue.QUERY) == 0
+    stack.wait_for(lambda: held(stack, Queue.QUERY) == 0, "every search acknowledged", timeout=30)
 
 
 @pytest.mark.slow
@@ -167,8 +167,10 @@ def test_a_replica_that_missed_changes_ends_with_exactly_the_owners_items_and_ve
 
     stack.start("replica", "replica-1")
     later = client.delete(["10279"])  # followed through the feed again
-    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, later["seq"], True)["stats"]
-    replica = ask(client, Queue.READ, Task.INDEX_STATS, later["seq"], True)["stats"]
+    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, later["seq"], True)
+    replica = ask(client, Queue.READ, Task.INDEX_STATS, later["seq"], True)
+    assert "stats" in owner and "stats" in replica, (owner, replica)
+    owner, replica = owner["stats"], replica["stats"]
     assert (owner["role"], replica["role"]) == (Role.INDEX, Role.REPLICA)
     assert replica["seq"] == owner["seq"] == later["seq"] and replica["items"] == owner["items"] == SAMPLE_SIZE - 2
     assert replica["digest"] == owner["digest"]

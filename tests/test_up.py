@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from common.errors import LookalikeError
 from common.settings import Settings
@@ -20,6 +21,7 @@ from lookalike.redis_server import free_port
 from lookalike.stack import LOOKALIKE, Stack
 from lookalike.up import catalog_root
 from protocol.client import Client
+from protocol.heartbeats import Role, alive
 from tests.test_project import REPO, readme_commands
 
 pytestmark = pytest.mark.slow
@@ -92,7 +94,8 @@ class Up:
 
 
 def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_path, pretrained_model, shared_dir):
-    """`make demo` (the README's run command), then `lookalike up` on the same data: nothing is embedded again."""
+    """`make demo` (the README's run command), then `lookalike up` on the same data with two replicas and two query
+    processes: they all come up, and nothing is embedded again."""
     (run_command,) = readme_commands("run-command")
     port = free_port()
     catalog = shared_dir / "data" / "fashion"
@@ -113,12 +116,16 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
         demo.stop()
     Stack.wait_for(lambda: not [pid for pid in processes if running(pid)], "every process of lookalike up to end")
 
-    args = ["--port", str(port), "--model", str(pretrained_model), "--catalog", str(catalog)]
+    args = ["--port", str(port), "--model", str(pretrained_model), "--catalog", str(catalog), "--replicas", "2",
+            "--query-processes", "2"]  # fmt: skip
     again = Up(tmp_path, [LOOKALIKE, "up", *args])
     try:
         again.wait_for_output(r"load partial: 1,002 indexed")
-        after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": again.redis_url()})).stats()
+        redis_url = again.redis_url()
+        after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": redis_url})).stats(min_seq=index["seq"])
         assert (after["items"], after["seq"]) == (1002, index["seq"]), "a restart embedded nothing again"
+        client = redis.Redis.from_url(redis_url)
+        assert [len(alive(client, role)) for role in (Role.REPLICA, Role.QUERY)] == [2, 2]
         processes = descendants(again.process.pid)
     finally:
         assert again.stop(signal.SIGINT) == 0

@@ -178,7 +178,7 @@ class IndexOwner:
     def heartbeat(self) -> dict[str, Any]:
         """What the web's health check and search form need, without a round trip through the queue."""
         status = self.status()
-        fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "snapshot")
+        fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id", "snapshot")
         return {**{key: status[key] for key in fields}, "facets": self.reader.facets()}
 
     def close(self) -> None:

@@ -130,12 +130,20 @@ def prepare_embed_processes() -> None:
     @signals.worker_process_init.connect(weak=False)
     def init_embed_process(**_: object) -> None:
         settings = runtime.settings()
-        os.nice(settings.embed_nice)  # bulk work yields the CPU to searches
+        yield_the_cpu(settings.embed_nice)
         model = runtime.embedding_model()
         log.info("embed process %d: %s on %s, %d threads", os.getpid(), model.path.name, model.provider,
                  settings.threads)  # fmt: skip
         status = {"provider": model.provider, "model": model.path.name, "model_sha256": model.sha256}
         start_heartbeat(runtime.state().redis, Role.EMBED, lambda: status)
+
+
+def yield_the_cpu(niceness: int) -> None:
+    """Bulk work yields the CPU to searches: lower priority, and on Linux the idle scheduling class, whose tasks run
+    only on a core nothing else wants (a search's threads preempt them at once, which niceness alone doesn't do)."""
+    os.nice(niceness)
+    if niceness and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def open_index_owner(app: Celery) -> IndexOwner:

@@ -63,7 +63,7 @@ class Replica(IndexState):
         while not self._load(current_name(self.directory)):
             log.info("replica: waiting for the index owner's first snapshot in %s", self.directory)
             time.sleep(WAIT_SECONDS)
-        while self.follow_once(block_ms=None):
+        while self.follow_once(block_ms=None) or self._check_owner(now=True):
             pass
         log.info("replica: %d items at change %d (snapshot %s)", len(self.index), self.seq, self.snapshot)
         return self
@@ -131,6 +131,7 @@ class Replica(IndexState):
 
     def _close_gap(self, first: int) -> None:
         """Changes up to `first` are not in the stream: a snapshot must cover them."""
+        self.behind_since = 0.0  # how long ago the missing changes were made is unknown: far behind, no reads
         name = current_name(self.directory)
         if name and name != self.snapshot and self._load(name) and self.seq + 1 >= first:
             return
@@ -141,20 +142,26 @@ class Replica(IndexState):
             self._asked_for_snapshot = time.monotonic()
         time.sleep(WAIT_SECONDS)
 
-    def _check_owner(self) -> None:
-        """Compare with the owner's heartbeat: an owner behind this replica started a new index (its folder
-        replaced), so start again from its snapshot; an owner ahead with nothing more in the feed means changes
-        the feed lost (Redis restarted without them, the stream trimmed), which a snapshot must bring."""
-        if time.monotonic() - self._owner_checked < OWNER_CHECK_SECONDS:
-            return
+    def _check_owner(self, now: bool = False) -> bool:
+        """Compare with the owner's heartbeat (every OWNER_CHECK_SECONDS, or `now`): an owner of another index (its
+        folder replaced) means starting again from its snapshot; an owner ahead with nothing more in the feed means
+        changes the feed lost (Redis restarted without them, the stream trimmed), which a snapshot must bring.
+        True when the replica had to do either."""
+        if not now and time.monotonic() - self._owner_checked < OWNER_CHECK_SECONDS:
+            return False
         self._owner_checked = time.monotonic()
         owners = alive(self.redis, Role.INDEX)
-        owner_seq = self.owner_seq = owners[0].get("seq", self.seq) if owners else self.seq
-        if owner_seq < self.seq:
-            log.warning("replica: the owner is at change %d, behind this replica at %d", owner_seq, self.seq)
+        if not owners:
+            return False
+        owner_seq = self.owner_seq = owners[0].get("seq", self.seq)
+        if owners[0].get("index_id") not in (None, self.index_id):
+            log.warning("replica: the owner holds another index (%s): loading its snapshot", owners[0]["index_id"])
             self._load(current_name(self.directory), force=True)
-        elif owner_seq > self.seq and self.feed.head() <= self.seq:
+            return True
+        if owner_seq > self.seq and self.feed.head() <= self.seq:
             self._close_gap(owner_seq + 1)
+            return True
+        return False
 
     def _load(self, name: str | None, force: bool = False) -> bool:
         """Load snapshot `name` if it is newer than what the replica holds; False when it can't be read now."""

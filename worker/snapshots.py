@@ -49,6 +49,7 @@ class Snapshot:
     """A snapshot as it was read: the index at `seq`, and what its manifest says about it."""
 
     name: str
+    index_id: str  # made when the index was made: a replica tells a new index in the same folder by it
     seq: int
     identity: ModelIdentity
     params: IndexParams
@@ -91,11 +92,12 @@ def read_snapshot(folder: Path, ef: int) -> Snapshot:
     except (OSError, ValueError, RuntimeError) as error:  # hnswlib raises RuntimeError on a file it can't read
         raise IndexStoreError(f"index snapshot {folder} can't be read: {error}") from error
     identity = ModelIdentity(**manifest["model"])
-    return Snapshot(folder.name, manifest["seq"], identity, params, projection, index, manifest["items"])
+    index_id = manifest.get("index_id", "")
+    return Snapshot(folder.name, index_id, manifest["seq"], identity, params, projection, index, manifest["items"])
 
 
 def write_snapshot(
-    directory: Path, seq: int, identity: ModelIdentity, index: VectorIndex, projection: Projection | None
+    directory: Path, index_id: str, seq: int, identity: ModelIdentity, index: VectorIndex, projection: Projection | None
 ) -> str:
     """Write index + items + manifest to a new folder and switch `CURRENT` to it; returns the new name.
 
@@ -115,6 +117,7 @@ def write_snapshot(
         fsync_path(staging / name)
     manifest = {
         "format": FORMAT,
+        "index_id": index_id,
         "seq": seq,
         "next_label": index.next_label,
         "items": len(index),

@@ -22,11 +22,12 @@ class IndexState:
         self.index = VectorIndex(params)
         self.projection: Projection | None = None
         self.seq = 0
+        self.index_id = ""
 
     def adopt(self, snapshot: Snapshot) -> None:
         """Become the index a snapshot holds."""
         self.identity, self.params, self.projection = snapshot.identity, snapshot.params, snapshot.projection
-        self.index, self.seq = snapshot.index, snapshot.seq
+        self.index, self.seq, self.index_id = snapshot.index, snapshot.seq, snapshot.index_id
 
     def apply_change(self, change: Change) -> None:
         """Apply one change (the caller keeps `seq` in order)."""

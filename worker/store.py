@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -87,8 +88,11 @@ class DurableIndex(IndexState):
         store.wal.start_file(store.seq + 1)
         store._warn_about_reduction()
         reduced = store._reduce_when_due()
-        if store.mismatch is None and (reduced or store.snapshot_identity != identity):
-            store.snapshot()  # records the model identity from the very start, and a new projection at once
+        made = not store.index_id
+        if made:
+            store.index_id = uuid.uuid4().hex  # a new index (or one from before index ids)
+        if store.mismatch is None and (reduced or made or store.snapshot_identity != identity):
+            store.snapshot()  # records the model identity and index id from the very start, a new projection at once
         log.info(
             "index %s: %d items, %d changes replayed from the log%s",
             directory,
@@ -160,7 +164,7 @@ class DurableIndex(IndexState):
 
     def snapshot(self) -> None:
         """Write a snapshot of the index at `seq`, switch CURRENT to it, then cut the log."""
-        name = write_snapshot(self.directory, self.seq, self.identity, self.index, self.projection)
+        name = write_snapshot(self.directory, self.index_id, self.seq, self.identity, self.index, self.projection)
         self.wal.start_file(self.seq + 1)
         self.wal.drop_through(self.seq)
         self.changes_since_snapshot = 0
@@ -186,6 +190,7 @@ class DurableIndex(IndexState):
             "model_sha256": self.identity.sha256,
             "resize": self.identity.resize,
             "seq": self.seq,
+            "index_id": self.index_id,
             "snapshot": self.snapshot_name(),
             "changes_since_snapshot": self.changes_since_snapshot,
             "mismatch": self.mismatch,
