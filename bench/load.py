@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from catalog_load import SHARED, percentiles
-from search_latency import FAILED, run_clients
+from shoppers import FAILED, run_clients
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack

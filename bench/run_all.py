@@ -25,7 +25,6 @@ BENCH = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("Embedding throughput", ["embed_throughput.py"]),
     ("Catalogue load and search latency", ["catalog_load.py"]),
-    ("Search latency through the web", ["search_latency.py"]),
     ("Search scale-out: query processes, replicas, kNN, micro-batching", ["search_scaling.py"]),
     ("Load: concurrent uploads", ["load.py", "--clients", "20", "--seconds", "30"]),
     ("Load: more clients than the search queue takes", ["load.py", "--clients", "150", "--seconds", "30"]),

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from catalog_load import SHARED, percentiles
 from index_recall import catalogue_embeddings
-from search_latency import run_clients
+from shoppers import run_clients
 
 from common.images import decode_image
 from common.model import load_model
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--configs", default="1x0,2x0,1x1,2x1", help="query processes x replicas, comma-separated")
     parser.add_argument("--providers", default="cpu", help="onnxruntime providers of the micro-batching rows")
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the kNN and micro-batching sections")
+    parser.add_argument("--end-to-end-only", action="store_true", help="only the searches through the web")
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "efficientnet_lite0_max.onnx")
     parser.add_argument("--archive", type=Path, default=SHARED / "data" / "fashion-catalog.tar.gz")
     parser.add_argument("--metadata", type=Path, default=SHARED / "data" / "fashion" / "styles.csv")
@@ -222,6 +223,8 @@ def main() -> None:
             queries, replicas = map(int, config.split("x"))
             rows += end_to_end(args, queries, replicas, work / config)
         print_end_to_end(rows, args.seconds)
+    if args.end_to_end_only:
+        return
     print("\n| kNN alone (searches by vector) | queries/s |\n| --- | ---: |")
     for name, rate in knn_alone(args, work):
         print(f"| {name} | {rate:,.0f} |")

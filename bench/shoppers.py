@@ -1,34 +1,18 @@
-"""Search latency through the web, upload to result, for 1, 8 and 32 concurrent clients, idle and during a load.
+"""Clients that search through the web as the results page does: POST a photo, poll its job, again.
 
-    .venv/bin/python bench/search_latency.py [--seconds 20] [--model M.onnx]
-
-Starts its own Redis, the workers `lookalike up` starts and `lookalike web` (waitress) on this machine, loads the
-1,002 shared sample images, then runs clients that each POST a catalogue photo to /api/search and poll
-/api/jobs/<id> the way the results page does (after 50 ms, then 1.5x longer each time) until the result is
-there. Then it starts a load of the 39,072-image shared catalogue and runs the same clients while it loads.
+Used by bench/search_scaling.py and bench/load.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
-import os
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
-from catalog_load import SHARED, percentiles
-
-from lookalike.redis_server import EmbeddedRedis, free_port
-from lookalike.stack import Stack
-from lookalike.up import start_workers
-from protocol.client import Client
-
-CONCURRENCY = (1, 8, 32)
 FIRST_POLL, BACKOFF, LONGEST_POLL = 0.05, 1.5, 2.0  # as web/static/app.js polls
 PATIENCE = 120  # seconds a client follows one job before it counts the search as failed
 FAILED = -1  # the status under which a client counts an accepted search that did not end done
@@ -145,53 +129,3 @@ def run_clients(
         statuses.update(shopper.statuses)
         refusals.update(shopper.refusals)
     return [value for shopper in shoppers for value in shopper.latencies], statuses, refusals
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=20, help="how long each concurrency level runs")
-    parser.add_argument("--model", type=Path, default=SHARED / "models" / "efficientnet_lite0_max.onnx")
-    parser.add_argument("--archive", type=Path, default=SHARED / "data" / "fashion-catalog.tar.gz")
-    parser.add_argument("--metadata", type=Path, default=SHARED / "data" / "fashion" / "styles.csv")
-    args = parser.parse_args()
-
-    photos = sorted((SHARED / "data" / "fashion" / "images").glob("*.jpg"))
-    work = Path(tempfile.mkdtemp(prefix="lookalike-latency-"))
-    rows = []
-    with EmbeddedRedis(work / "redis") as redis_server:
-        stack = Stack(redis_server.url, work / "data", args.model, SHARED / "data")
-        try:
-            start_workers(stack, stack.settings)
-            port = free_port()
-            stack.start_web(port)
-            client = Client(stack.settings)
-            client.follow(client.start_load(SHARED / "data" / "fashion"), timeout=600)
-            for clients in CONCURRENCY:
-                rows.append(("idle", clients, *run_clients(port, photos, clients, args.seconds)[:2]))
-            load_id = client.start_load(args.archive, args.metadata)
-            time.sleep(5)  # past the unpacking, into embedding
-            for clients in CONCURRENCY:
-                rows.append(("during a catalogue load", clients, *run_clients(port, photos, clients, args.seconds)[:2]))
-            indexed = client.jobs.get(load_id, error_limit=0)["progress"]["done"]
-        finally:
-            stack.stop()
-
-    idle_p95 = {clients: _p95(latencies) for state, clients, latencies, _ in rows if state == "idle"}
-    print(f"\n{os.cpu_count()} cores, {args.model.name}, {args.seconds:.0f} s per row; {indexed:,} catalogue items "
-          "indexed during the load rows")  # fmt: skip
-    print("\n| system | clients | searches | p50 ms | p95 ms | p99 ms | searches/s | p95 vs idle | not 202 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for state, clients, latencies, statuses in rows:
-        refused = sum(count for status, count in statuses.items() if status != 202) or 0
-        ratio = _p95(latencies) / idle_p95[clients]
-        print(f"| {state} | {clients} | {percentiles(latencies)} | {len(latencies) / args.seconds:.1f} | "
-              f"{ratio:.2f} | {refused} |")  # fmt: skip
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-
-
-if __name__ == "__main__":
-    main()
