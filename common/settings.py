@@ -47,7 +47,11 @@ class Settings:
     providers: tuple[str, ...] = variable("auto", "onnxruntime providers, best first: auto, cuda, cpu or full names")
     embed_processes: int = variable("", "processes of `lookalike worker embed`; empty: one per core", minimum=1)
     threads: int = variable("", "onnxruntime intra-op threads per process; empty: cores / processes", minimum=1)
-    embed_nice: int = variable("10", "niceness of bulk embedding processes, so searches get the CPU first", minimum=0)
+    embed_nice: int = variable(
+        "10",
+        "niceness of bulk embedding processes (above 0 also Linux's idle scheduling class): searches get the CPU first",
+        minimum=0,
+    )
     resize: str = variable(
         "stretch", "resize policy: stretch (the tutorial's) or pad (to square, on white)", choices=("stretch", "pad")
     )
