@@ -99,7 +99,7 @@ class QueryConsumer:
             while not self.stopping.is_set():
                 self._gather(connection)
                 if self.held:
-                    self._answer(list(self.held))
+                    self._answer(self.held[: self.settings.query_batch])
 
     def _take(self, body: Any, message: Message) -> None:
         self.held.append(message)

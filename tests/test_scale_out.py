@@ -1,6 +1,7 @@
-"""Searches that scale out and stay up, with real processes: replicas answer while the owner is frozen, killed or
-restarting; a replica or a query process killed in the middle of a read or a batch leaves its searches to the
-others; a replica that missed changes ends with exactly the owner's items and vectors."""
+"""Searches that scale out and stay up, with real processes: waiting searches are embedded together; replicas
+answer while the owner is frozen, killed or restarting; a replica or a query process killed in the middle of a read
+or a batch leaves its searches to the others; a replica that missed changes ends with exactly the owner's items and
+vectors."""
 
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def ask(client: Client, queue: Queue, task: Task, *args: object) -> dict:
         return result.get(timeout=60)
     finally:
         result.forget()
+
+
+@pytest.mark.slow
+def test_searches_waiting_together_are_embedded_in_one_batch(make_stack, shared_dir):
+    """Six searches wait while the query process is frozen; thawed, it embeds them in one or two onnxruntime runs
+    (Redis may have handed it the first one before it froze), each with its own answer."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir)
+    before = stack.heartbeat(Role.QUERY)[0]
+    freeze(stack, "query-1")
+    photos = ["10186", "10227", "10230", "10279", "10428", "10186"]
+    searches = [client.search(image_bytes(shared_dir, item_id), 3) for item_id in photos]
+    thaw(stack, "query-1")
+    jobs = [client.follow(job_id, timeout=60) for job_id in searches]
+    assert [job["result"]["hits"][0]["id"] for job in jobs] == photos
+    after = stack.wait_for(lambda: next((beat for beat in stack.heartbeat(Role.QUERY)
+                                         if beat["searches"] >= before["searches"] + 6), None),
+                           "the query process to report its batches", timeout=30)  # fmt: skip
+    assert after["batches"] - before["batches"] <= 2 and after["largest_batch"] >= 5
 
 
 @pytest.mark.slow
