@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import redis
 
-from worker.feed import ChangeFeed, changes_after, entry_id
+from worker.feed import ChangeFeed, Entry, entry_id
 from worker.wal import Change, WriteAheadLog
 
 
@@ -26,6 +26,10 @@ def wal(tmp_path) -> WriteAheadLog:
     log.close()
 
 
+def changes_after(entries: list[tuple[str, Entry]], seq: int) -> list[Change]:
+    return [change for _, entry in entries for change in entry.changes or () if change.seq > seq]
+
+
 def logged(wal: WriteAheadLog, first: int, count: int) -> list[Change]:
     """`count` upserts numbered from `first`, durable in the log as the owner writes them."""
     changes = [
@@ -42,7 +46,7 @@ def test_each_batch_is_one_entry_under_its_last_sequence_number_with_the_logs_re
         feed.publish(logged(wal, first, 3), wal, snapshot_seq=0)
     entries = feed.read(entry_id(0))
     assert [raw_id for raw_id, _ in entries] == ["3-0", "6-0"] and feed.head() == 6
-    changes = list(changes_after(entries, seq=2))
+    changes = changes_after(entries, seq=2)
     assert [change.seq for change in changes] == [3, 4, 5, 6] and changes[0].metadata == {"n": 3}
     np.testing.assert_array_equal(changes[-1].vector, [6, 6, 6])
 
@@ -64,7 +68,7 @@ def test_a_snapshot_is_announced_and_what_it_covers_is_trimmed(feed, wal):
     feed.publish(logged(wal, 3, 1), wal, snapshot_seq=2)
     entries = feed.read(entry_id(0))
     assert [raw_id for raw_id, _ in entries] == ["2-1", "3-0"]
-    assert entries[0][1].snapshot == "snapshot-2" and feed.first() == 2
+    assert entries[0][1].snapshot == "snapshot-2"
 
 
 def test_a_feed_ahead_of_the_index_is_started_again(feed, wal):

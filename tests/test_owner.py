@@ -71,3 +71,19 @@ def test_facets_are_the_few_valued_fields_and_follow_the_catalogue(owner):
     owner.apply(None, [upsert(str(n), gender="Unisex", name="x") for n in range(30, 41)])
     assert owner.reader.facets()["gender"] == ["Women", "Unisex", "Men"]  # grew by a third: counted again
     assert owner.heartbeat()["items"] == 41
+
+
+def test_a_batch_of_only_another_models_vectors_is_model_mismatch_and_leaves_no_gap(owner):
+    jobs = Jobs(owner.redis)
+    job_id = jobs.create("load", {})
+    jobs.start(job_id)
+    jobs.set_total(job_id, 2)
+    vector = encode_vector(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    foreign = [{"op": "upsert", "id": item_id, "vector": vector, "metadata": {}, "model_sha256": "f" * 64,
+                "resize": "stretch", "image_sha256": "i", "metadata_sha256": "m"} for item_id in ("a", "b")]  # fmt: skip
+    seq = owner.store.seq
+    assert owner.apply(job_id, foreign) == {"applied": 0, "failed": 2}
+    assert jobs.get(job_id)["errors_by_code"] == {"model_mismatch": 2} and owner.store.seq == seq
+    wrong_shape = {**foreign[0], "model_sha256": owner.model.sha256, "vector": encode_vector(np.ones(4, np.float32))}
+    assert owner.apply(None, [wrong_shape]) == {"applied": 0, "failed": 1}
+    assert owner.store.seq == seq  # a batch the log did not take leaves no hole in the sequence numbers

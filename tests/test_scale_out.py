@@ -196,16 +196,24 @@ def test_a_replica_that_missed_changes_ends_with_exactly_the_owners_items_and_ve
 
 
 class FakeConsumer:
-    """Records what the gate asks of Celery's consumer (unit test: the real one needs a running worker)."""
+    """Records what the gate asks of Celery's consumer (unit test: the real one needs a running worker). It starts
+    consuming `read`, as a replica's worker does."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.queues = {Queue.READ}
+        self.task_consumer = self
+
+    def consuming_from(self, queue: str) -> bool:
+        return queue in self.queues
 
     def add_task_queue(self, queue: str, **_: object) -> None:
         self.calls.append(f"add {queue}")
+        self.queues.add(queue)
 
     def cancel_task_queue(self, queue: str) -> None:
         self.calls.append(f"cancel {queue}")
+        self.queues.discard(queue)
 
 
 def test_a_replica_more_than_max_lag_behind_takes_no_reads_until_it_caught_up(monkeypatch):
@@ -218,7 +226,11 @@ def test_a_replica_more_than_max_lag_behind_takes_no_reads_until_it_caught_up(mo
 
     replica = Lagging()
     monkeypatch.setattr("worker.runtime.state", lambda: type("State", (), {"replica": replica}))
-    gate, consumer = ReadGate.__new__(ReadGate), FakeConsumer()
+    gate = ReadGate.__new__(ReadGate)
+    started_behind, consumer = FakeConsumer(), FakeConsumer()
+    replica.seconds = 9.0
+    gate.check(started_behind)  # far behind from the start: it stops taking reads at the first look
+    assert started_behind.calls == ["cancel read"] and not replica.taking_reads
     for seconds in (0.5, 6.0, 7.0, 4.0, 0.0):
         replica.seconds = seconds
         gate.check(consumer)

@@ -11,8 +11,6 @@ the next one.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
@@ -30,7 +28,6 @@ class Entry:
     """One entry of the feed: a batch of changes, or the news of a snapshot."""
 
     seq: int  # the batch's last sequence number, or the snapshot's
-    at: float  # when the owner appended it (its clock)
     changes: list[Change] | None = None
     snapshot: str | None = None
     projection: int = 0  # dimensions of the snapshot's PCA (0: none)
@@ -52,11 +49,12 @@ class ChangeFeed:
 
     # the owner's side -----------------------------------------------------------------------------------------
 
-    def catch_up(self, wal: WriteAheadLog, seq: int, snapshot_seq: int) -> None:
+    def catch_up(self, wal: WriteAheadLog, seq: int, snapshot_seq: int) -> bool:
         """Put in the stream every logged change it lacks, after the snapshot at `snapshot_seq`; a stream ahead
-        of the index (an index folder replaced) is started again."""
+        of the index (an index folder replaced, or restored from a backup) is started again: True then."""
         head = self.head()
-        if head > seq:
+        restarted = head > seq
+        if restarted:
             log.warning("the change feed is at %d, ahead of the index at %d: starting it again", head, seq)
             self.redis.delete(self.key)
             head = 0
@@ -70,6 +68,7 @@ class ChangeFeed:
         if pending:
             self._append(pending)
         self.published = seq
+        return restarted
 
     def publish(self, changes: list[Change], wal: WriteAheadLog, snapshot_seq: int) -> None:
         """Append a durable batch; after a failed append, what the stream lacks is taken from the log first."""
@@ -87,15 +86,18 @@ class ChangeFeed:
         """After a snapshot: tell the replicas, and drop what the snapshot covers."""
         try:
             if self.published < seq:
-                return  # the stream lacks changes before it: the next publish catches up and the marker waits
-            fields = {"snapshot": name, "projection": projection, "at": time.time()}
+                return  # the stream lacks changes before it: a replica closing that gap loads CURRENT anyway
+            last = self.redis.xrevrange(self.key, count=1)
+            if last and _position(last[0][0]) >= (seq, 1):
+                return  # announced already (the owner started again without a new snapshot)
+            fields = {"snapshot": name, "projection": projection}
             self.redis.xadd(self.key, fields, id=entry_id(seq, snapshot=True))
             self.redis.xtrim(self.key, minid=entry_id(seq, snapshot=True), approximate=False)
         except redis.RedisError as error:
             log.warning("the change feed did not hear of snapshot %s: %s", name, error)
 
     def _append(self, changes: list[Change]) -> None:
-        fields = {"records": encode_records(changes), "at": time.time()}
+        fields = {"records": encode_records(changes)}
         self.redis.xadd(self.key, fields, id=entry_id(changes[-1].seq))
 
     # the replicas' side ---------------------------------------------------------------------------------------
@@ -103,30 +105,22 @@ class ChangeFeed:
     def head(self) -> int:
         """The sequence number of the stream's last entry (0 when it is empty)."""
         last = self.redis.xrevrange(self.key, count=1)
-        return int(last[0][0].decode().split("-")[0]) if last else 0
+        return _position(last[0][0])[0] if last else 0
 
     def read(self, after: str, count: int = 64, block_ms: int | None = None) -> list[tuple[str, Entry]]:
         """Entries after the ID `after`, oldest first; waits up to `block_ms` for one when there is none yet."""
         answer = self.redis.xread({self.key: after}, count=count, block=block_ms)
         return [(raw_id.decode(), _entry(raw_id, fields)) for _, entries in answer for raw_id, fields in entries]
 
-    def first(self) -> int | None:
-        """The sequence number of the oldest entry still in the stream (None when it is empty)."""
-        oldest = self.redis.xrange(self.key, count=1)
-        return int(oldest[0][0].decode().split("-")[0]) if oldest else None
+
+def _position(raw_id: bytes) -> tuple[int, int]:
+    """A stream ID as (sequence number, 0 for changes or 1 for a snapshot)."""
+    seq, part = raw_id.decode().split("-")
+    return int(seq), int(part)
 
 
 def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> Entry:
-    seq = int(raw_id.decode().split("-")[0])
-    at = float(fields[b"at"])
+    seq = _position(raw_id)[0]
     if b"records" in fields:
-        return Entry(seq, at, changes=decode_records(fields[b"records"]))
-    return Entry(seq, at, snapshot=fields[b"snapshot"].decode(), projection=int(fields[b"projection"]))
-
-
-def changes_after(entries: list[tuple[str, Entry]], seq: int) -> Iterator[Change]:
-    """The changes of `entries` with a sequence number above `seq`, in order."""
-    for _, entry in entries:
-        for change in entry.changes or ():
-            if change.seq > seq:
-                yield change
+        return Entry(seq, changes=decode_records(fields[b"records"]))
+    return Entry(seq, snapshot=fields[b"snapshot"].decode(), projection=int(fields[b"projection"]))

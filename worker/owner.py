@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -66,7 +67,13 @@ class IndexOwner:
         store = DurableIndex.open(settings.index_dir, identity, params, settings.snapshot_every, reduction)
         owner = cls(settings, model, store, client)
         owner.publish_checksums()
-        owner.feed.catch_up(store.wal, store.seq, store.snapshot_seq)
+        restarted = owner.feed.catch_up(store.wal, store.seq, store.snapshot_seq)
+        if restarted and store.mismatch is None:
+            # Replicas hold changes this index never had (it came back from a backup): a new id makes them reload.
+            store.index_id = uuid.uuid4().hex
+            store.snapshot()  # announced in the feed, as every snapshot from now on
+        elif store.snapshot_seq == store.seq:  # maybe written at start (a new model identity, a PCA fitted)
+            owner.feed.mark_snapshot(store.snapshot_name(), store.seq, _reduced_to(store))
         return owner
 
     def publish_checksums(self) -> None:

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
+import redis
 from celery import Celery, current_app
 from kombu import Connection, Consumer, Message
 
@@ -128,15 +129,24 @@ class QueryConsumer:
                     searches.append(_arguments(message))
             except (ValueError, TypeError, KeyError) as error:
                 log.error("query process: dropped a message that is not a search it can read: %s", error)
+        give_back = False
         try:
             if searches:
                 self.figures.add(len(searches))
                 search_batch(searches)
+        except redis.RedisError as error:  # the job records can't be written now: another process answers later
+            log.warning(
+                "query process: Redis failed in a batch of %d searches; giving it back: %s", len(searches), error
+            )
+            give_back = True
         except Exception:  # search_batch fails its own jobs; nothing a batch does may stop the consumer
             log.exception("query process: a batch of %d searches failed", len(searches))
         finally:
             for message in messages:
-                message.ack()
+                if give_back:
+                    message.requeue()
+                else:
+                    message.ack()
                 self.held.remove(message)
 
 
@@ -154,35 +164,54 @@ def _expired(message: Message) -> bool:
 
 
 def search_batch(messages: list[tuple[Any, ...]]) -> None:
-    """Each message: (job id, image as base64, k, filters, min_seq)."""
-    jobs, settings = runtime.jobs(), runtime.settings()
+    """Each message: (job id, image as base64, k, filters, min_seq). The searches are embedded together and asked
+    for in one read per sequence number they wait for (nearly always one: 0, any reader's present state)."""
+    settings = runtime.settings()
     model = runtime.embedding_model(settings.query_threads)
-    searches = []
-    for job_id, image, k, filters, *rest in messages:
-        if not jobs.start(job_id):
-            continue  # timed out while it waited, or answered already (a message given back twice)
-        try:
-            data = check_size(base64.b64decode(image), settings.max_upload)
-            pixels = decode_image(data, model.contract.size, settings.resize, settings.max_pixels)
-        except ImageError as error:
-            jobs.fail(job_id, error.as_dict())
-            continue
-        searches.append(Search(job_id, k, filters or {}, rest[0] if rest else 0, pixels))
+    searches = [search for message in messages if (search := _started(message, model.contract.size))]
     if not searches:
         return
     try:
         vectors = model.embed(np.stack([search.pixels for search in searches]))
-        queries = [{"vector": encode_vector(vector), "k": search.k, "filters": search.filters}
-                   for search, vector in zip(searches, vectors, strict=True)]  # fmt: skip
-        arguments = [model.sha256, settings.resize, queries, max(search.min_seq for search in searches)]
-        answer = ask_reader(current_app, jobs.redis, Task.NEAREST, arguments, settings.search_timeout,
-                            settings.max_lag, settings.read_timeout)  # fmt: skip
+    except Exception as error:  # a search job must never stay "running"
+        log.exception("a batch of %d searches could not be embedded", len(searches))
+        _fail(searches, item_error(ErrorCode.SEARCH_FAILED, f"the search failed: {error}"))
+        return
+    waits: dict[int, list[tuple[Search, np.ndarray]]] = {}
+    for search, vector in zip(searches, vectors, strict=True):
+        waits.setdefault(search.min_seq, []).append((search, vector))
+    for min_seq, group in waits.items():
+        # A search that waits for a write is answered within the web's patience, or told `behind`.
+        _answer_group(model.sha256, group, min_seq, settings.call_timeout if min_seq else settings.search_timeout)
+
+
+def _started(message: tuple[Any, ...], size: tuple[int, int]) -> Search | None:
+    """The search a message asks for, decoded; None when there is nothing to do (or its job failed already)."""
+    jobs, settings = runtime.jobs(), runtime.settings()
+    job_id, image, k, filters, *rest = message
+    if not jobs.start(job_id):
+        return None  # timed out while it waited, or answered already (a message given back twice)
+    try:
+        data = check_size(base64.b64decode(image, validate=True), settings.max_upload)
+        pixels = decode_image(data, size, settings.resize, settings.max_pixels)
+    except ImageError as error:
+        jobs.fail(job_id, error.as_dict())
+        return None
+    except ValueError as error:  # not base64: a message no web process made
+        jobs.fail(job_id, item_error(ErrorCode.SEARCH_FAILED, f"the search message is damaged: {error}"))
+        return None
+    return Search(job_id, k, filters or {}, rest[0] if rest else 0, pixels)
+
+
+def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min_seq: int, timeout: float) -> None:
+    jobs, settings = runtime.jobs(), runtime.settings()
+    searches = [search for search, _ in group]
+    queries = [{"vector": encode_vector(vector), "k": search.k, "filters": search.filters} for search, vector in group]
+    try:
+        answer = ask_reader(current_app, jobs.redis, Task.NEAREST, [model_sha256, settings.resize, queries, min_seq],
+                            timeout, settings.max_lag, settings.read_timeout)  # fmt: skip
     except NoReaderAnswered as error:
         _fail(searches, item_error(ErrorCode.TIMED_OUT, f"no index reader answered: {error}"))
-        return
-    except Exception as error:  # a search job must never stay "running"
-        log.exception("a batch of %d searches failed", len(searches))
-        _fail(searches, item_error(ErrorCode.SEARCH_FAILED, f"the search failed: {error}"))
         return
     if "error" in answer:
         _fail(searches, answer["error"])

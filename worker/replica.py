@@ -49,7 +49,9 @@ class Replica(IndexState):
         self.snapshot = ""
         self.head = 0  # the owner's last sequence number, as far as the feed and its heartbeat tell
         self.owner_seq = 0  # as its heartbeat last said
-        self.behind_since: float | None = None  # when the oldest change not applied yet was appended
+        # Since when (this machine's clock) the replica has been behind the owner; 0.0: by an unknown, long time
+        # (changes missing from the feed, a snapshot that can't be read); None: it holds every change it knows of.
+        self.behind_since: float | None = None
         self.condition = threading.Condition(threading.RLock())
         self.reader = IndexReader(self, self.condition, self.caught_up)
         self.taking_reads = False
@@ -64,7 +66,7 @@ class Replica(IndexState):
             log.info("replica: waiting for the index owner's first snapshot in %s", self.directory)
             time.sleep(WAIT_SECONDS)
         while self.follow_once(block_ms=None) or self._check_owner(now=True):
-            pass
+            pass  # nothing more in the feed, and nothing missing from it
         log.info("replica: %d items at change %d (snapshot %s)", len(self.index), self.seq, self.snapshot)
         return self
 
@@ -80,33 +82,32 @@ class Replica(IndexState):
             try:
                 self.follow_once(READ_BLOCK_MS)
                 self._check_owner()
-            except redis.RedisError as error:
-                log.warning("replica: the change feed can't be read: %s", error)
-                time.sleep(WAIT_SECONDS)
-            except Exception:  # the follower must survive anything one entry does; the lag shows it is stuck
-                log.exception("replica: following the change feed failed")
+            except Exception as error:  # the follower must survive anything; its lag shows it is stuck meanwhile
+                self.behind_since = self.behind_since or time.time()
+                if isinstance(error, redis.RedisError):
+                    log.warning("replica: the change feed can't be read: %s", error)
+                else:
+                    log.exception("replica: following the change feed failed")
                 time.sleep(WAIT_SECONDS)
 
     def follow_once(self, block_ms: int | None) -> bool:
-        """Apply the entries that follow; True when there were any (there may be more)."""
+        """Apply the entries that follow (waiting up to `block_ms` for one); True when there were any."""
         self.head = max(self.feed.head(), self.owner_seq)
-        entries = self.feed.read(self.position, block_ms=None if self.head > self.seq else block_ms)
-        if not entries:
-            if self.head <= self.seq:
-                self.behind_since = None
-            elif self.behind_since is None:
-                self.behind_since = time.time()
-            return False
+        self._note_lag()
+        entries = self.feed.read(self.position, block_ms=block_ms)
         for raw_id, entry in entries:
-            if self.behind_since is None and entry.seq > self.seq:
-                self.behind_since = entry.at
             if not self._take(entry):
-                return True  # reloaded or waiting for a snapshot: read again from the new position
+                return True  # reloaded, or waiting for a snapshot: read again from the new position
             self.position = raw_id
         self.head = max(self.head, self.seq)
+        self._note_lag()
+        return bool(entries)
+
+    def _note_lag(self) -> None:
         if self.seq >= self.head:
             self.behind_since = None
-        return True
+        elif self.behind_since is None:
+            self.behind_since = time.time()
 
     def _take(self, entry: Entry) -> bool:
         """Apply one entry in order; False when the replica had to reload a snapshot instead."""
@@ -116,6 +117,7 @@ class Replica(IndexState):
                 return True
             # The owner fitted a PCA and rebuilt its index: not one this replica would build from the changes.
             if not (self._load(entry.snapshot, force=True) or self._load(current_name(self.directory), force=True)):
+                self.behind_since = 0.0  # it serves an index the owner no longer has: no reads until it loads one
                 time.sleep(WAIT_SECONDS)
             return False
         if entry.first > self.seq + 1:
@@ -156,7 +158,9 @@ class Replica(IndexState):
         owner_seq = self.owner_seq = owners[0].get("seq", self.seq)
         if owners[0].get("index_id") not in (None, self.index_id):
             log.warning("replica: the owner holds another index (%s): loading its snapshot", owners[0]["index_id"])
-            self._load(current_name(self.directory), force=True)
+            if not self._load(current_name(self.directory), force=True):
+                self.behind_since = 0.0
+                time.sleep(WAIT_SECONDS)
             return True
         if owner_seq > self.seq and self.feed.head() <= self.seq:
             self._close_gap(owner_seq + 1)
@@ -177,6 +181,7 @@ class Replica(IndexState):
         with self.condition:
             self.adopt(snapshot)
             self.snapshot, self.position = name, entry_id(snapshot.seq, snapshot=True)
+            self.behind_since = None  # what it knows to be missing is in the snapshot, or shows up as lag again
             self.condition.notify_all()
         log.info("replica: loaded snapshot %s (%d items at change %d)", name, len(self.index), self.seq)
         return True
@@ -225,10 +230,11 @@ class ReadGate(bootsteps.StartStopStep):
     def check(self, consumer: Any) -> None:
         replica = runtime.state().replica
         keeping_up = replica.lag()[1] <= replica.settings.max_lag
-        if keeping_up and not replica.taking_reads:
+        taking = consumer.task_consumer.consuming_from(Queue.READ)
+        if keeping_up and not taking:
             consumer.add_task_queue(Queue.READ, exchange=Queue.READ, exchange_type="direct", routing_key=Queue.READ)
             log.info("replica: taking reads (at change %d)", replica.seq)
-        elif not keeping_up and replica.taking_reads:
+        elif not keeping_up and taking:
             consumer.cancel_task_queue(Queue.READ)
             log.warning("replica: %.1f s behind the owner: no reads until it caught up", replica.lag()[1])
         replica.taking_reads = keeping_up

@@ -109,13 +109,15 @@ class DurableIndex(IndexState):
     def apply(self, changes: list[Change]) -> None:
         """Log `changes` durably, then apply them; the caller acknowledges only after this returns."""
         self.check_usable()
-        for change in changes:
+        if not changes:
+            return
+        for number, change in enumerate(changes, start=self.seq + 1):
             if change.vector is not None and change.vector.shape != (self.identity.dimension,):
                 expected = (self.identity.dimension,)
                 raise IndexStoreError(f"vector of {change.id!r} has shape {change.vector.shape}, expected {expected}")
-            self.seq += 1
-            change.seq = self.seq
-        self.wal.append(changes)
+            change.seq = number
+        self.wal.append(changes)  # a batch the log did not take leaves no hole in the sequence numbers
+        self.seq = changes[-1].seq
         self.on_logged(changes)
         for change in changes:
             self.apply_change(change)
