@@ -79,8 +79,11 @@ def test_a_batch_of_only_another_models_vectors_is_model_mismatch_and_leaves_no_
     jobs.start(job_id)
     jobs.set_total(job_id, 2)
     vector = encode_vector(np.array([1.0, 2.0, 3.0], dtype=np.float32))
-    foreign = [{"op": "upsert", "id": item_id, "vector": vector, "metadata": {}, "model_sha256": "f" * 64,
-                "resize": "stretch", "image_sha256": "i", "metadata_sha256": "m"} for item_id in ("a", "b")]  # fmt: skip
+    foreign = [
+        {"op": "upsert", "id": item_id, "vector": vector, "metadata": {}, "model_sha256": "f" * 64,
+         "resize": "stretch", "image_sha256": "i", "metadata_sha256": "m"}
+        for item_id in ("a", "b")
+    ]  # fmt: skip
     seq = owner.store.seq
     assert owner.apply(job_id, foreign) == {"applied": 0, "failed": 2}
     assert jobs.get(job_id)["errors_by_code"] == {"model_mismatch": 2} and owner.store.seq == seq
