@@ -30,6 +30,9 @@ class ErrorCode(StrEnum):
     INDEX_UNWRITABLE = "index_unwritable"
     INDEX_ERROR = "index_error"
     EMBED_FAILED = "embed_failed"
+    INVALID_NAME = "invalid_name"
+    WORKER_LOST = "worker_lost"
+    LOST = "lost"
     # a job that ended without its result
     BAD_CATALOG = "bad_catalog"
     PLAN_FAILED = "plan_failed"
@@ -40,6 +43,7 @@ class ErrorCode(StrEnum):
     # a request the web refuses, or can't answer now
     NOT_FOUND = "not_found"
     BAD_PARAMETER = "bad_parameter"
+    UNKNOWN_FIELD = "unknown_field"
     BAD_REQUEST = "bad_request"
     MISSING_IMAGE = "missing_image"
     METHOD_NOT_ALLOWED = "method_not_allowed"

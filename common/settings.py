@@ -57,6 +57,19 @@ class Settings:
     )
     max_upload: int = variable(str(10 * 1024 * 1024), "largest accepted image upload, bytes", minimum=1)
     max_pixels: int = variable("50000000", "largest accepted image, pixels (decompression bomb guard)", minimum=1)
+    max_search_pixels: int = variable("24000000", "largest image a search decodes, pixels", minimum=1)
+    max_image_bytes: int = variable(
+        str(50 * 1024 * 1024),
+        "largest file a load or a thumbnail reads (catalogue images, archive members), bytes",
+        minimum=1,
+    )
+    web_decodes: int = variable("2", "uploads one web process decodes at once (each holds a decoded image)", minimum=1)
+    max_archive_members: int = variable("500000", "members a catalogue archive may hold", minimum=1)
+    max_archive_bytes: int = variable(
+        str(64 * 1024**3), "bytes a catalogue archive may unpack to, all members together", minimum=1
+    )
+    max_csv_bytes: int = variable(str(512 * 1024**2), "largest catalogue CSV, bytes", minimum=1)
+    max_csv_rows: int = variable("2000000", "rows a catalogue CSV may hold", minimum=1)
     hnsw_m: int = variable("16", "hnswlib M (graph degree)", minimum=2)
     hnsw_ef_construction: int = variable("100", "hnswlib ef_construction", minimum=1)
     hnsw_ef: int = variable("128", "hnswlib ef at query time (at least k)", minimum=1)
@@ -89,6 +102,19 @@ class Settings:
         "100", "searches that may wait at once; another gets 503 + Retry-After", minimum=1
     )
     task_time_limit: int = variable("600", "seconds before a task is killed", minimum=10)
+    max_deliveries: int = variable(
+        "3", "times a message may be handed to a worker that dies on it; then its items fail as worker_lost", minimum=1
+    )
+    load_stall: int = variable(
+        "300",
+        "seconds a load may go without progress, none of its messages queued or held, before a watchdog "
+        "re-queues its missing items",
+        minimum=5,
+    )
+    job_retention: int = variable("604800", "seconds a finished load's records are kept (7 days)", minimum=60)
+    max_job_errors: int = variable(
+        "10000", "per-item errors a job stores (its counts by code stay exact beyond)", minimum=1
+    )
     api_key: str = variable(
         "", "bearer token for the write endpoints (loads, deletes); empty: loopback clients only", secret=True
     )
