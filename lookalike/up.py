@@ -20,6 +20,7 @@ from protocol.heartbeats import Role, alive
 
 WATCH_SECONDS = 1.0
 ROOT_FILE = "catalog-root"  # in DATA_DIR: the catalogue root `up` chose; item references are relative to it
+OWN_CATALOG = "catalog"  # in DATA_DIR: the catalogue root until a --catalog names one
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -64,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if catalog is not None and not catalog.exists():
         raise LookalikeError(f"catalogue {args.catalog} does not exist")
     if not environ.get("LOOKALIKE_CATALOG_ROOT"):
-        root = catalog_root(Settings.from_env(environ).data_dir, catalog)
-        if root is not None:
-            environ["LOOKALIKE_CATALOG_ROOT"] = str(root)
+        environ["LOOKALIKE_CATALOG_ROOT"] = str(catalog_root(Settings.from_env(environ).data_dir, catalog))
     settings = Settings.from_env(environ)
     if not settings.model.is_file():
         raise LookalikeError(
@@ -118,9 +117,10 @@ def start_workers(stack: Stack, settings: Settings) -> None:
     stack.start("embed")
 
 
-def catalog_root(data_dir: Path, catalog: Path | None) -> Path | None:
+def catalog_root(data_dir: Path, catalog: Path | None) -> Path:
     """The root this data folder's index was loaded from, else the catalogue's own folder (then remembered):
-    items refer to their images relative to it, so it must not move between runs."""
+    items refer to their images relative to it, so it must not move between runs. With neither, an empty folder
+    of the data folder's own: never the current directory, whose images the thumbnails would then serve."""
     saved = data_dir / ROOT_FILE
     if saved.is_file():
         root = Path(saved.read_text().strip())
@@ -130,10 +130,12 @@ def catalog_root(data_dir: Path, catalog: Path | None) -> Path | None:
                 "LOOKALIKE_CATALOG_ROOT to a folder that holds both, or use another LOOKALIKE_DATA_DIR"
             )
         return root
-    if catalog is None:
-        return None
-    root = catalog if catalog.is_dir() else catalog.parent
     data_dir.mkdir(parents=True, exist_ok=True)
+    if catalog is None:
+        own = data_dir / OWN_CATALOG
+        own.mkdir(exist_ok=True)
+        return own
+    root = catalog if catalog.is_dir() else catalog.parent
     saved.write_text(f"{root}\n")
     return root
 

@@ -144,7 +144,8 @@ def test_the_catalogue_root_is_remembered_so_item_references_stay_valid(tmp_path
     (shop / "spring").mkdir(parents=True)
     other.mkdir()
     data = tmp_path / "data"
-    assert catalog_root(data, None) is None  # nothing loaded yet: LOOKALIKE_CATALOG_ROOT's default
+    own = catalog_root(data, None)  # nothing loaded yet: an empty folder of its own, not the current directory
+    assert own == data / "catalog" and own.is_dir() and not any(own.iterdir())
     assert catalog_root(data, shop) == shop
     assert catalog_root(data, None) == shop  # a restart without --catalog
     assert catalog_root(data, shop / "spring") == shop  # a folder inside it
