@@ -32,3 +32,12 @@ def parse_filters(values: Iterable[str]) -> dict[str, str]:
     if len(filters) > MAX_FILTERS:
         raise FilterError(f"at most {MAX_FILTERS} filters")
     return filters
+
+
+def unknown_field(filters: Iterable[str], fields: Iterable[str]) -> str | None:
+    """Why a filter can't be used on a catalogue whose items have `fields`: its field is none of them (else None)."""
+    known = sorted(fields)
+    unknown = sorted(set(filters) - set(known))
+    if not unknown:
+        return None
+    return f"no item has the field {unknown[0]!r}; filter by one of: {', '.join(known) or 'none, no item has metadata'}"

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import worker.wal
-from worker.index import IndexParams, Item, VectorIndex
+from common.vectors import encode_vector
+from worker.index import POSTED_FIELDS, IndexParams, Item, UnknownField, VectorIndex
+from worker.reader import IndexReader
 from worker.snapshots import IndexStoreError, ModelIdentity
 from worker.store import DurableIndex
 from worker.wal import Change
@@ -68,6 +70,62 @@ def test_filters_and_more_like_this_exclude_the_item_itself():
     assert len(similar) == 5 and "7" not in [hit.id for hit in similar]
     index.upsert("9", unit(9), Item(-1, {"gender": "Women"}))  # postings follow metadata changes
     assert "9" in [hit.id for hit in index.search(unit(9), 3, {"gender": "Women"})]
+
+
+def test_a_filter_on_a_field_no_item_has_is_refused_and_keeps_nothing():
+    index = VectorIndex(PARAMS)
+    for seed in range(50):
+        index.upsert(str(seed), unit(seed), Item(-1, {"gender": "Men", "colour": str(seed % 5)}))
+    for name in range(2000):  # what 100 requests of 20 made-up names asked of the owner before
+        with pytest.raises(UnknownField, match="filter by one of: colour, gender"):
+            index.search(unit(1), 5, {f"made-up-{name}": "x"})
+    assert index._postings == {}
+    index.delete("7")
+    assert index.fields() == ["colour", "gender"]
+    for item_id in [str(seed) for seed in range(50) if seed != 7]:
+        index.upsert(item_id, None, Item(-1, {"gender": "Men"}))
+    assert index.fields() == ["gender"]  # no item has a colour any more: filtering by one is refused
+    with pytest.raises(UnknownField):
+        index.search(unit(1), 5, {"colour": "1"})
+
+
+def test_lookup_tables_are_kept_for_the_last_few_fields_filtered_by():
+    index = VectorIndex(PARAMS)
+    fields = {f"field{number}": "same" for number in range(3 * POSTED_FIELDS)}
+    for seed in range(20):
+        index.upsert(str(seed), unit(seed), Item(-1, dict(fields)))
+    for name in fields:
+        assert len(index.search(unit(1), 3, {name: "same"})) == 3
+    assert list(index._postings) == list(fields)[-POSTED_FIELDS:]
+    index.upsert("0", unit(0), Item(-1, {**fields, "field0": "other"}))  # a field without a table: built again
+    assert [hit.id for hit in index.search(unit(0), 3, {"field0": "other"})] == ["0"]
+
+
+def test_an_exact_search_over_many_allowed_items_reads_their_vectors_a_chunk_at_a_time(monkeypatch):
+    import worker.index
+
+    monkeypatch.setattr(worker.index, "EXACT_CHUNK", 64)
+    index = VectorIndex(PARAMS)
+    vectors = {str(seed): unit(seed) for seed in range(300)}
+    for item_id, vector in vectors.items():
+        index.upsert(item_id, vector, Item(-1, {"half": str(int(item_id) % 2)}))
+    query = unit(1000)
+    allowed = {index.items[item_id].label for item_id in vectors if int(item_id) % 2 == 0}
+    labels, distances = index._filtered_query(query[None, :], 7, allowed)
+    expected = sorted((item_id for item_id in vectors if int(item_id) % 2 == 0), key=lambda i: -vectors[i] @ query)
+    assert [index.ids_by_label[int(label)] for label in labels[0]] == expected[:7]
+    assert distances[0] == pytest.approx([1 - vectors[i] @ query for i in expected[:7]], abs=1e-5)
+
+
+def test_a_search_of_a_batch_naming_an_unknown_field_fails_alone(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert(f"p{seed}", seed, colour="red") for seed in range(10)])
+    queries = [{"vector": encode_vector(unit(seed)), "k": 2, "filters": filters}
+               for seed, filters in ((3, {"colour": "red"}), (4, {"size": "L"}))]  # fmt: skip
+    first, second = IndexReader(store).nearest(IDENTITY.sha256, IDENTITY.resize, queries, 0)["answers"]
+    assert len(first) == 2 and first[0]["id"] == "p3"
+    assert second["error"]["code"] == "unknown_field" and "filter by one of: colour" in second["error"]["message"]
+    store.close()
 
 
 def test_the_store_replays_its_log_after_a_crash(tmp_path):

@@ -390,6 +390,17 @@ def test_a_search_through_the_api_finds_the_product_with_links(live, shared_dir)
 
 
 @pytest.mark.slow
+def test_a_filter_on_a_field_the_catalogue_does_not_have_is_400_naming_the_fields_it_has(live, shared_dir):
+    for response in (
+        search(live, photo(shared_dir, "10186"), filter=["gender=Women", "madeUp=1"]),
+        live.get("/api/items/10186/similar?filter=madeUp=1"),
+    ):
+        assert response.status_code == 400 and response.get_json()["error"]["code"] == "unknown_field"
+        assert "'madeUp'" in response.get_json()["error"]["message"]
+        assert "articleType, baseColour" in response.get_json()["error"]["message"]
+
+
+@pytest.mark.slow
 def test_the_form_redirects_to_a_job_page_that_shows_the_gallery(live, shared_dir):
     form = live.get("/")
     assert b'value="gender=Women"' in form.data and b"1,002 products" in form.data

@@ -14,6 +14,7 @@ from flask import current_app
 
 from common.areas import CatalogError, locate, resolve_reference
 from common.errors import ErrorCode
+from common.filters import unknown_field
 from common.images import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
 from common.settings import Settings
 from protocol import keys
@@ -54,6 +55,7 @@ class Service:
     def submit_search(self, image: bytes, k: int, filters: dict[str, str], min_seq: int = 0) -> str:
         """Check the upload is an image we can read, then queue it; the preview is made from the same decode."""
         self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
+        self.check_fields(filters)
         try:
             preview = thumbnail_jpeg(
                 check_size(image, self.settings.max_upload), PREVIEW_SIDE, self.settings.max_pixels
@@ -142,6 +144,7 @@ class Service:
         return item
 
     def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int = 0) -> list[dict[str, Any]]:
+        self.check_fields(filters)
         hits = self._read(self.client.similar, item_id, k, filters, min_seq)
         if hits is None:
             raise not_found(f"no item with id {item_id!r}")
@@ -168,6 +171,8 @@ class Service:
             message = f"no index reader answered within {self.settings.call_timeout} s (busy or stopped)"
             raise unavailable(ErrorCode.NO_WORKER, message) from None
         except ReadError as error:  # behind the change asked for, or an index that can't be used: its reason
+            if error.code == ErrorCode.UNKNOWN_FIELD:  # a field the reader's last heartbeat did not have yet
+                raise ApiError(400, error.code, str(error)) from error
             raise unavailable(error.code, str(error)) from error
 
     # health --------------------------------------------------------------------------------------------------
@@ -193,10 +198,22 @@ class Service:
     def facets(self) -> dict[str, list[str]]:
         """Metadata fields to filter by, with their values, from an index reader's heartbeat ({} without one)."""
         try:
-            readers = alive(self.redis, Role.INDEX) + alive(self.redis, Role.REPLICA)
+            return self._filterable().get("facets", {})
         except redis.RedisError:
             return {}
-        return readers[0].get("facets", {}) if readers else {}
+
+    def check_fields(self, filters: dict[str, str]) -> None:
+        """400 `unknown_field` for a filter on a field no item has, as an index reader's heartbeat lists them (the
+        reader checks again: a heartbeat may be a few seconds old)."""
+        fields = self._filterable().get("fields") if filters else None
+        problem = unknown_field(filters, fields) if fields is not None else None
+        if problem:
+            raise ApiError(400, ErrorCode.UNKNOWN_FIELD, problem)
+
+    def _filterable(self) -> dict[str, Any]:
+        """An index reader's heartbeat, which lists the fields and facets a filter may name ({} without one)."""
+        readers = alive(self.redis, Role.INDEX) + alive(self.redis, Role.REPLICA)
+        return readers[0] if readers else {}
 
     def health(self) -> dict[str, Any]:
         """Every part, as /healthz shows it: `ok` when all are there, `degraded` when searches are answered but

@@ -5,7 +5,7 @@ Not thread-safe and not durable by itself: exactly one process owns it (see `wor
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +14,13 @@ from typing import Any
 import hnswlib
 import numpy as np
 
+from common.errors import LookalikeError
+from common.filters import unknown_field
+
 INITIAL_CAPACITY = 1024
 EXACT_FILTER_LIMIT = 2048  # a filter that leaves fewer items than this is answered by exact search
+EXACT_CHUNK = 4096  # items whose vectors an exact search holds at once
+POSTED_FIELDS = 8  # fields with a lookup table (the most recently filtered by); each costs a set per item
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class Item:
     metadata_sha256: str | None = None
 
 
+class UnknownField(LookalikeError):
+    """A filter names a metadata field no item has."""
+
+
 @dataclass
 class Hit:
     id: str
@@ -56,7 +65,8 @@ class VectorIndex:
         self.items: dict[str, Item] = {}
         self.ids_by_label: dict[int, str] = {}
         self.next_label = 0
-        self._postings: dict[str, dict[str, set[int]]] = {}
+        self.field_counts: Counter[str] = Counter()  # items that have each metadata field
+        self._postings: OrderedDict[str, dict[str, set[int]]] = OrderedDict()
         if hnsw is None:
             hnsw = hnswlib.Index(space="cosine", dim=params.dim)
             hnsw.init_index(
@@ -120,16 +130,13 @@ class VectorIndex:
         filters: Mapping[str, str] | None = None,
         exclude: str | None = None,
     ) -> list[Hit]:
-        """Top-`k` items by cosine similarity, optionally only those whose metadata equals every filter."""
+        """Top-`k` items by cosine similarity, optionally only those whose metadata equals every filter (of fields
+        the catalogue has: else UnknownField)."""
+        allowed = self._matching_labels(filters) if filters else None
         wanted = k + (1 if exclude in self.items else 0)
-        available = len(self.items)
+        available = len(self.items) if allowed is None else len(allowed)
         if wanted == 0 or available == 0:
             return []
-        allowed = self._matching_labels(filters) if filters else None
-        if allowed is not None:
-            available = len(allowed)
-            if available == 0:
-                return []
         count = min(wanted, available)
         query = np.asarray(vector, dtype=np.float32).reshape(1, self.params.dim)
         self.hnsw.set_ef(max(self.params.ef, count))
@@ -151,26 +158,50 @@ class VectorIndex:
                 return self.hnsw.knn_query(query, k=count, filter=lambda label: label in allowed)
             except RuntimeError:  # hnswlib found fewer than `count` matches within its beam
                 pass
-        labels = np.fromiter(allowed, dtype=np.uint64, count=len(allowed))
-        vectors = np.asarray(self.hnsw.get_items(labels), dtype=np.float32)
-        distances = 1.0 - vectors @ (query[0] / max(float(np.linalg.norm(query)), 1e-12))
-        order = np.argsort(distances, kind="stable")[:count]
-        return labels[order][None, :], distances[order][None, :]
+        unit_query = query[0] / max(float(np.linalg.norm(query)), 1e-12)
+        all_labels = np.fromiter(allowed, dtype=np.uint64, count=len(allowed))
+        best_labels, best_distances = np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.float32)
+        for start in range(0, len(all_labels), EXACT_CHUNK):  # bounded memory: a chunk of vectors at a time
+            labels = np.concatenate([best_labels, all_labels[start : start + EXACT_CHUNK]])
+            vectors = np.asarray(self.hnsw.get_items(labels[len(best_labels) :]), dtype=np.float32)
+            distances = np.concatenate([best_distances, 1.0 - vectors @ unit_query])
+            order = np.argsort(distances, kind="stable")[:count]
+            best_labels, best_distances = labels[order], distances[order]
+        return best_labels[None, :], best_distances[None, :]
+
+    def fields(self) -> list[str]:
+        """The metadata fields items have, the ones a filter may name."""
+        return sorted(self.field_counts)
 
     def _matching_labels(self, filters: Mapping[str, str]) -> set[int]:
         """Labels whose metadata equals every filter, from per-field postings built on a field's first use."""
+        problem = unknown_field(filters, self.field_counts)
+        if problem:
+            raise UnknownField(problem)
         matches: set[int] | None = None
         for name, value in filters.items():
-            if name not in self._postings:
-                postings: dict[str, set[int]] = {}
-                for item in self.items.values():
-                    postings.setdefault(str(item.metadata.get(name)), set()).add(item.label)
-                self._postings[name] = postings
-            labels = self._postings[name].get(str(value), set())
+            labels = self._posted(name).get(str(value), set())
             matches = set(labels) if matches is None else matches & labels
         return matches or set()
 
+    def _posted(self, name: str) -> dict[str, set[int]]:
+        """The lookup table of one field, built on its first use; only the last POSTED_FIELDS fields keep one."""
+        if name in self._postings:
+            self._postings.move_to_end(name)
+            return self._postings[name]
+        postings: dict[str, set[int]] = {}
+        for item in self.items.values():
+            postings.setdefault(str(item.metadata.get(name)), set()).add(item.label)
+        self._postings[name] = postings
+        if len(self._postings) > POSTED_FIELDS:
+            self._postings.popitem(last=False)
+        return postings
+
     def _index_metadata(self, item: Item, add: bool) -> None:
+        for name in item.metadata:
+            self.field_counts[name] += 1 if add else -1
+            if not self.field_counts[name]:
+                del self.field_counts[name]
         for name, postings in self._postings.items():
             labels = postings.setdefault(str(item.metadata.get(name)), set())
             if add:
@@ -248,5 +279,6 @@ class VectorIndex:
         for item_id, item in items:
             self.items[item_id] = item
             self.ids_by_label[item.label] = item_id
+            self.field_counts.update(item.metadata.keys())
         self.next_label = next_label
         return self

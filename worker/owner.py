@@ -186,7 +186,7 @@ class IndexOwner:
         """What the web's health check and search form need, without a round trip through the queue."""
         status = self.status()
         fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id", "snapshot")
-        return {**{key: status[key] for key in fields}, "facets": self.reader.facets()}
+        return {**{key: status[key] for key in fields}, **self.reader.filterable()}
 
     def close(self) -> None:
         self.store.close()

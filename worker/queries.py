@@ -217,7 +217,10 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
         _fail(searches, answer["error"])
         return
     for search, hits in zip(searches, answer["answers"], strict=True):
-        jobs.finish(search.job_id, {"hits": hits})
+        if isinstance(hits, dict):  # this search was refused (a filter naming no field of the catalogue)
+            jobs.fail(search.job_id, hits["error"])
+        else:
+            jobs.finish(search.job_id, {"hits": hits})
 
 
 def _fail(searches: list[Search], error: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from common.errors import ErrorCode
 from common.vectors import decode_vector
 from protocol.jobs import item_error
+from worker.index import UnknownField
 from worker.state import IndexState
 
 FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
@@ -59,7 +60,11 @@ class IndexReader:
             answers = []
             for query in queries:
                 vector = self.state.to_index_space(decode_vector(query["vector"]))
-                hits = self.state.index.search(vector, query["k"], query.get("filters") or {})
+                try:
+                    hits = self.state.index.search(vector, query["k"], query.get("filters") or {})
+                except UnknownField as error:  # this search only: the others of the batch are answered
+                    answers.append({"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))})
+                    continue
                 answers.append([hit.as_dict() for hit in hits])
             return {"answers": answers, "seq": self.state.seq}
 
@@ -72,7 +77,10 @@ class IndexReader:
             index = self.state.index
             if item_id not in index:
                 return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
-            hits = index.search(index.vector(item_id), k, filters, exclude=item_id)
+            try:
+                hits = index.search(index.vector(item_id), k, filters, exclude=item_id)
+            except UnknownField as error:
+                return {"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))}
             return {"hits": [hit.as_dict() for hit in hits], "seq": self.state.seq}
 
     def get(self, item_id: str, min_seq: int) -> dict[str, Any]:
@@ -106,6 +114,10 @@ class IndexReader:
                 fields = [item_id, item.metadata, item.image_sha256, item.metadata_sha256]
                 digest.update(json.dumps(fields, sort_keys=True).encode() + vector.astype("<f4").tobytes())
         return digest.hexdigest()
+
+    def filterable(self) -> dict[str, Any]:
+        """What a filter may name, for heartbeats: every metadata field, and the facets the search form offers."""
+        return {"fields": self.state.index.fields(), "facets": self.facets()}
 
     def facets(self) -> dict[str, list[str]]:
         """Recounted when the index changed, at most every FACET_SECONDS unless it grew or shrank by a tenth."""

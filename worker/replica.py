@@ -211,7 +211,7 @@ class Replica(IndexState):
         }
 
     def heartbeat(self) -> dict[str, Any]:
-        return {**self.status(), "facets": self.reader.facets()}
+        return {**self.status(), **self.reader.filterable()}
 
 
 class ReadGate(bootsteps.StartStopStep):
