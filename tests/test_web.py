@@ -327,6 +327,19 @@ def test_metrics_are_prometheus_text(idle, shared_dir):
     assert samples["lookalike_search_duration_seconds_count",] == 0
 
 
+def test_metric_labels_are_bounded_by_the_routes_and_the_http_methods(idle):
+    for number in range(5):
+        idle.open(f"/api/jobs/{number:032x}", method=f"MADEUP{number}")
+        idle.get(f"/no/such/page/{number}")
+        idle.get(f"/api/jobs/{number:032x}")
+    samples = metric_samples(idle.get("/metrics").get_data(as_text=True))
+    requests = [dict(labels) for name, *labels in samples if name == "lookalike_http_requests_total"]
+    assert {"route": "(no route)", "method": "OTHER", "status": "405"} in requests
+    assert {(labels["route"], labels["method"]) for labels in requests} == {
+        ("(no route)", "OTHER"), ("/api/jobs/<job_id>", "GET"), ("(no route)", "GET")
+    }  # fmt: skip
+
+
 def test_the_openapi_file_documents_exactly_the_api_routes(idle):
     spec = idle.get("/api/openapi.json").get_json()
     documented = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}

@@ -16,6 +16,7 @@ from protocol.queues import queue_depths
 
 REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WORKER_ROLES = (Role.INDEX, Role.REPLICA, Role.QUERY, Role.EMBED)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as OTHER
 
 
 class RequestMetrics:
@@ -34,7 +35,8 @@ class RequestMetrics:
         )
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        """Count a request; `route` is its URL rule's template, so the label values are bounded by the routes."""
+        self.requests.labels(route, method if method in HTTP_METHODS else "OTHER", str(status)).inc()
         self.seconds.labels(route).observe(seconds)
 
 
