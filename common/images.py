@@ -8,7 +8,7 @@ import warnings
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from common.errors import ErrorCode
 
@@ -21,6 +21,9 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DAMAGED_DATA = (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError, struct.error,
                 ZeroDivisionError, OverflowError)  # fmt: skip
 WHITE = (255, 255, 255)
+REDUCING_GAP = 2  # a large image is shrunk in whole steps to at least twice the size it is finally resized to
+TURNED = range(2, 9)  # EXIF orientations that need a flip or a turn (1: upright already)
+BAND_PIXELS = 1_000_000  # pixels converted at once while shrinking one (a few MB whatever the mode)
 
 
 class ResizePolicy(StrEnum):
@@ -57,7 +60,7 @@ def decode_image(
 ) -> np.ndarray:
     """Decode `data` to a `(height, width, 3)` uint8 RGB array of `size` = (width, height)."""
     policy = ResizePolicy(policy)
-    rgb = load_rgb(data, max(size), max_pixels)
+    rgb = load_rgb(data, max(size), max_pixels, keep_aspect=policy is ResizePolicy.PAD)
     if policy is ResizePolicy.PAD:
         rgb = ImageOps.pad(rgb, size, method=Image.Resampling.BILINEAR, color=WHITE)
     else:
@@ -74,16 +77,24 @@ def thumbnail_jpeg(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS)
     return out.getvalue()
 
 
-def load_rgb(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The upright RGB image, decoded with at least `side` pixels on each side where the image has them."""
+def load_rgb(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS, keep_aspect: bool = True) -> Image.Image:
+    """The upright RGB image, with at least `side` pixels on each side where the image has them: on its longer side
+    only when it will be resized keeping its aspect ratio (`keep_aspect`), else on both."""
     image = open_image(data, max_pixels)
     try:
         if image.format in ("JPEG", "MPO"):
             # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing; ask for at least the target size
             # on both sides so that EXIF rotation and padding still have enough pixels.
             image.draft("RGB", (side, side))
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        rgb = _reduced_rgb(image, _reduction(image.size, side, keep_aspect))
+        if orientation not in TURNED:
+            return rgb
+        # Turned upright once reduced (turning the decoded image would copy it whole), by Pillow's own table
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = orientation
+        rgb.info["exif"] = exif.tobytes()
+        return ImageOps.exif_transpose(rgb)
     except MemoryError as error:
         raise ImageError(ErrorCode.TOO_LARGE, "the image needs more memory to decode than there is") from error
     except DAMAGED_DATA as error:
@@ -127,6 +138,31 @@ def unreadable(error: Exception) -> ImageError:
     if "truncat" in str(error).lower():
         return ImageError(ErrorCode.TRUNCATED, "the image data ends early (truncated file)")
     return ImageError(ErrorCode.CORRUPT, f"the image data can't be decoded: {error}")
+
+
+def _reduction(size: tuple[int, int], side: int, keep_aspect: bool) -> tuple[int, int]:
+    """Whole factors to shrink (width, height) by that leave REDUCING_GAP x `side` pixels for the final resize, so
+    that it stays as fair as resizing the whole image (Pillow's `reducing_gap` reasoning)."""
+    if keep_aspect:
+        factor = max(size) // (REDUCING_GAP * side)
+        return max(1, factor), max(1, factor)
+    width, height = (max(1, length // (REDUCING_GAP * side)) for length in size)
+    return width, height
+
+
+def _reduced_rgb(image: Image.Image, factors: tuple[int, int]) -> Image.Image:
+    """The image shrunk by `factors` (box averages) and converted to RGB a band of rows at a time: the decoded image
+    in its own mode is the only full-size copy (converting 16-bit, palette or RGBA images whole makes several)."""
+    if factors == (1, 1):
+        return _to_rgb(image)
+    width, height = image.size
+    factor_x, factor_y = factors
+    rows = factor_y * max(1, BAND_PIXELS // (width * factor_y))  # whole boxes: each band reduces on its own
+    reduced = Image.new("RGB", (-(-width // factor_x), -(-height // factor_y)))
+    for top in range(0, height, rows):
+        band = _to_rgb(image.crop((0, top, width, min(height, top + rows))))
+        reduced.paste(band.reduce(factors), (0, top // factor_y))
+    return reduced
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from common.images import ImageError, ResizePolicy, decode_image
+from tests.conftest import BENCH
 from tests.images import BAD_IMAGES, ODD_IMAGES, encode
 
 SIZE = (32, 32)
@@ -19,20 +25,26 @@ def test_jpeg_is_decoded_to_rgb_at_the_model_size():
     assert np.abs(pixels.astype(int) - (200, 30, 40)).max() <= 3
 
 
-def test_transparency_is_composited_on_white():
-    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
-    rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))
-    pixels = decode_image(encode(rgba, "PNG"), (40, 40))
+@pytest.mark.parametrize("scale", [1, 50], ids=["small", "shrunk-before-conversion"])
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_transparency_is_composited_on_white(mode, scale):
+    rgba = Image.new("RGBA", (40 * scale, 40 * scale), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 20 * scale, 40 * scale))
+    image = rgba if mode == "RGBA" else rgba.quantize(2)
+    if mode == "P":
+        image.info["transparency"] = image.getpixel((39 * scale, 0))
+    pixels = decode_image(encode(image, "PNG"), (40, 40))
     assert tuple(pixels[20, 5]) == (0, 0, 255)
     assert tuple(pixels[20, 35]) == (255, 255, 255)
 
 
-def test_exif_orientation_is_applied():
-    image = Image.new("RGB", (60, 30), (0, 0, 0))
-    image.paste((255, 255, 255), (0, 0, 30, 30))  # white on the left half
+@pytest.mark.parametrize(("fmt", "scale"), [("JPEG", 1), ("JPEG", 40), ("PNG", 40)])
+def test_exif_orientation_is_applied(fmt, scale):
+    image = Image.new("RGB", (60 * scale, 30 * scale), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 30 * scale, 30 * scale))  # white on the left half
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
-    pixels = decode_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95), (30, 60))
+    pixels = decode_image(encode(image, fmt, exif=exif.tobytes()), (30, 60))
     assert pixels[:25].mean() > 200 and pixels[35:].mean() < 50  # the left half is now on top
 
 
@@ -43,8 +55,9 @@ def test_every_mode_becomes_rgb(mode):
     assert decode_image(encode(image, fmt), SIZE).shape == (32, 32, 3)
 
 
-def test_sixteen_bit_samples_are_scaled_not_clipped():
-    gray = Image.fromarray(np.full((10, 10), 32896, dtype=np.uint16))  # half of 65535
+@pytest.mark.parametrize("side", [10, 1000])
+def test_sixteen_bit_samples_are_scaled_not_clipped(side):
+    gray = Image.fromarray(np.full((side, side), 32896, dtype=np.uint16))  # half of 65535
     assert decode_image(encode(gray, "PNG"), SIZE)[0, 0, 0] == 128
 
 
@@ -73,3 +86,15 @@ def test_bad_input_gets_a_coded_error(data, code):
 @pytest.mark.parametrize("policy", list(ResizePolicy))
 def test_odd_but_genuine_images_are_decoded(data, policy):
     assert decode_image(data, SIZE, policy).shape == (32, 32, 3)
+
+
+def test_a_large_image_of_any_mode_is_decoded_with_little_more_memory_than_its_pixels(tmp_path):
+    """16-bit, RGBA and palette images went through several full-size converted copies (5 to 21 times their decoded
+    size); now they are shrunk a band of rows at a time, and the decoded image itself is most of the peak."""
+    report = tmp_path / "memory.json"
+    subprocess.run([sys.executable, BENCH / "decode_memory.py", "--megapixels", "16", "--json", report],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(BENCH.parent)})  # fmt: skip
+    rows = json.loads(report.read_text())
+    assert len(rows) == 4 and all(row["file_bytes"] < 200_000 for row in rows)
+    for row in rows:  # before: 16-bit grey 13x, RGBA 5x, palette 21x its decoded size, at 50 MP
+        assert row["peak_growth"] < row["decoded"] + 64 * 2**20, row
