@@ -43,7 +43,7 @@ class Client:
         self.settings = settings
         self.celery = celery or create_celery(settings)
         self.timeout = timeout
-        self.jobs = Jobs(redis_client(settings.redis_url, timeout), settings.search_ttl, settings.search_timeout)
+        self.jobs = Jobs.for_settings(redis_client(settings.redis_url, timeout), settings)
 
     # jobs: an id at once, the outcome in the job's record -------------------------------------------------------
 

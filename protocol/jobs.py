@@ -1,7 +1,10 @@
 """Job records in Redis: one per user request (a search, a catalogue load), read by the web and the CLI alike.
 
-A job's done items are a set and its failed items a hash keyed by item id, so a task that runs twice (a
-redelivery after a worker died) never counts an item twice.
+A job's done items are a set and its failures a hash keyed by item (or, for rows refused while planning, by row),
+so a task that runs twice (a redelivery after a worker died) never counts an item twice. Only the first
+LOOKALIKE_MAX_JOB_ERRORS failures keep their message, in a sorted set that a page is read from; the counts stay
+exact. A finished job and all its parts expire together: a load after LOOKALIKE_JOB_RETENTION, the rest after
+LOOKALIKE_SEARCH_TTL.
 """
 
 from __future__ import annotations
@@ -9,76 +12,143 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
 from common.errors import ErrorCode
+from common.settings import Settings
 from protocol import keys
 
 STATES = ("queued", "running", "done", "failed", "partial")
 FINISHED = ("done", "failed", "partial")
 ERROR_PAGE = 50
 SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+ITEM, PLANNING = "i:", "p:"  # how a failure is keyed: an item's id, or a row refused while planning
+SCAN_CHUNK = 1000
 
-# Marks items done or failed and finishes the job when every item is accounted for, atomically.
-# KEYS: job hash, done set, errors hash, error counts by code, the list a waiting client blocks on, metrics.
-# ARGV: now, number of done ids, done ids..., then (failed id, error code, error json) triples.
-RECORD_SCRIPT = """
-local function forget_error(id)
-  local previous = redis.call('HGET', KEYS[3], id)
-  if previous then
-    redis.call('HINCRBY', KEYS[4], cjson.decode(previous).code, -1)
-    redis.call('HDEL', KEYS[3], id)
+# The keys every script below is given, in this order: the record, its parts (keys.PARTS), the list a waiting
+# client blocks on, the metrics, the active loads. ARGV starts with: now (ISO), now (epoch seconds), a load's
+# retention, the other jobs' time-to-live, the most errors stored, the job id.
+SCRIPT_PRELUDE = """
+local PARTS = 10
+local function keep_for(ttl)
+  for i = 1, PARTS do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+local function follow_record()
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then
+    for i = 2, PARTS do
+      if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
   end
 end
-local done_count = tonumber(ARGV[2])
-for i = 3, 2 + done_count do
-  redis.call('SADD', KEYS[2], ARGV[i])
-  forget_error(ARGV[i])
+local function close(state)
+  redis.call('HSET', KEYS[1], 'state', state, 'finished', ARGV[1])
+  redis.call('DEL', KEYS[7])
+  redis.call('SREM', KEYS[13], ARGV[6])
+  redis.call('LPUSH', KEYS[11], state)
+  redis.call('EXPIRE', KEYS[11], 60)
+  if redis.call('HGET', KEYS[1], 'kind') == 'load' then keep_for(ARGV[3]) else keep_for(ARGV[4]) end
 end
-for i = 3 + done_count, #ARGV, 3 do
-  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
-    forget_error(ARGV[i])
-    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
-    redis.call('HINCRBY', KEYS[4], ARGV[i + 1], 1)
+"""
+
+# Marks items done or failed and finishes the job when every item is accounted for, atomically; a job that is
+# gone (expired) is left alone, and a part written after the job finished expires with it.
+# ARGV after the prelude's: number of done ids, done ids..., then (failure key, code, error json, order) quads.
+RECORD_SCRIPT = (
+    SCRIPT_PRELUDE
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, 0} end
+local function forget(key)
+  local code = redis.call('HGET', KEYS[3], key)
+  if code then
+    redis.call('HINCRBY', KEYS[6], code, -1)
+    redis.call('HDEL', KEYS[3], key)
+    redis.call('HDEL', KEYS[4], key)
+    redis.call('ZREM', KEYS[5], key)
+  end
+end
+local counted = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[3])
+local done_count = tonumber(ARGV[7])
+for i = 8, 7 + done_count do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then forget('i:' .. ARGV[i]) end
+end
+local most_errors = tonumber(ARGV[5])
+for i = 8 + done_count, #ARGV, 4 do
+  local key, code = ARGV[i], ARGV[i + 1]
+  if string.sub(key, 1, 2) ~= 'i:' or redis.call('SISMEMBER', KEYS[2], string.sub(key, 3)) == 0 then
+    forget(key)
+    redis.call('HSET', KEYS[3], key, code)
+    redis.call('HINCRBY', KEYS[6], code, 1)
+    if redis.call('ZCARD', KEYS[5]) < most_errors then
+      redis.call('HSET', KEYS[4], key, ARGV[i + 2])
+      redis.call('ZADD', KEYS[5], tonumber(ARGV[i + 3]), key)
+    end
   end
 end
 local done = redis.call('SCARD', KEYS[2])
 local failed = redis.call('HLEN', KEYS[3])
+if done + failed ~= counted then redis.call('HSET', KEYS[1], 'progressed', ARGV[2]) end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '-1')
-if total >= 0 and done + failed >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
-  local state = 'done'
-  if failed > 0 then state = (done > 0) and 'partial' or 'failed' end
-  redis.call('HSET', KEYS[1], 'state', state, 'finished', ARGV[1])
-  redis.call('LPUSH', KEYS[5], state)
-  redis.call('EXPIRE', KEYS[5], 60)
-  redis.call('HINCRBY', KEYS[6], 'finished:' .. redis.call('HGET', KEYS[1], 'kind') .. ':' .. state, 1)
+if total >= 0 and done + failed >= total and state == 'running' then
+  local outcome = 'done'
+  if failed > 0 then outcome = (done > 0) and 'partial' or 'failed' end
+  close(outcome)
+  redis.call('HINCRBY', KEYS[12], 'finished:' .. redis.call('HGET', KEYS[1], 'kind') .. ':' .. outcome, 1)
+else
+  follow_record()
 end
 return {done, failed}
 """
+)
 
 # Marks a job running unless it is finished already (a search that timed out, a redelivered task) or gone.
-# KEYS: job hash. ARGV: now.
+# KEYS: job hash. ARGV: now (ISO), now (epoch seconds).
 START_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1], 'progressed', ARGV[2])
 return 1
 """
 
 # Closes a job once: the first outcome recorded (a result, a failure, a time-out) is the one that stays.
-# KEYS: job hash, the list a waiting client blocks on, done set. ARGV: state, field, value, now, done ids...
-CLOSE_SCRIPT = """
+# ARGV after the prelude's: state, field, value, done ids...
+CLOSE_SCRIPT = (
+    SCRIPT_PRELUDE
+    + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'done' or state == 'failed' or state == 'partial' then return 0 end
-for i = 5, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], ARGV[2], ARGV[3], 'finished', ARGV[4])
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], 60)
+for i = 10, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
+redis.call('HSET', KEYS[1], ARGV[8], ARGV[9])
+close(ARGV[7])
 return 1
 """
+)
+
+# Counts a start of a task; 0 when its job is gone. KEYS: job hash, its deliveries. ARGV: task id.
+DELIVERY_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local count = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return count
+"""
+
+
+@dataclass(frozen=True)
+class LoadActivity:
+    """What the watchdog needs to know of a load that has not finished."""
+
+    state: str
+    total: int | None
+    idle_seconds: float  # since its counts last moved (or it started, or was re-queued)
+    requeued: int  # how many times the watchdog re-queued what it was missing
+    params: dict[str, Any]
 
 
 def now() -> str:
@@ -93,51 +163,103 @@ def item_error(code: ErrorCode, message: str) -> dict[str, str]:
 class Jobs:
     """Create, update and read job records."""
 
-    def __init__(self, client: redis.Redis, search_ttl: int = 3600, search_timeout: int = 60) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        search_ttl: int = 3600,
+        search_timeout: int = 60,
+        retention: int = 7 * 24 * 3600,
+        most_errors: int = 10_000,
+    ) -> None:
         self.redis = client
         self.search_ttl = search_ttl
         self.search_timeout = search_timeout
+        self.retention = retention  # seconds a finished load is kept
+        self.most_errors = most_errors  # failures a job stores with their message
         self._record = client.register_script(RECORD_SCRIPT)
         self._close_once = client.register_script(CLOSE_SCRIPT)
         self._start = client.register_script(START_SCRIPT)
+        self._deliver = client.register_script(DELIVERY_SCRIPT)
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings) -> Jobs:
+        limits = (settings.search_ttl, settings.search_timeout, settings.job_retention, settings.max_job_errors)
+        return cls(client, *limits)
+
+    def _script_keys(self, job_id: str) -> list[str]:
+        parts = [keys.job_key(job_id, part) for part in keys.PARTS]
+        return [keys.job_key(job_id), *parts, keys.job_key(job_id, keys.FINISHED), keys.METRICS, keys.ACTIVE_LOADS]
+
+    def _script_args(self, job_id: str) -> list[Any]:
+        return [now(), time.time(), self.retention, self.search_ttl, self.most_errors, job_id]
 
     def create(self, kind: str, params: dict[str, Any], preview: bytes | None = None) -> str:
         job_id = uuid.uuid4().hex
         key = keys.job_key(job_id)
+        record = {"id": job_id, "kind": kind, "state": "queued", "created": now(), "params": json.dumps(params)}
+        if kind == "load":
+            self._forget_expired_loads()
         with self.redis.pipeline() as pipe:
-            pipe.hset(
-                key,
-                mapping={"id": job_id, "kind": kind, "state": "queued", "created": now(), "params": json.dumps(params)},
-            )
+            pipe.hset(key, mapping={**record, "progressed": time.time()})
             if preview is not None:
                 pipe.set(keys.job_key(job_id, keys.PREVIEW), preview, ex=self.search_ttl)
-            if kind == "load":  # loads are the catalogue's history and stay listed; the rest expire
+            if kind == "load":  # loads are listed, and kept for their retention once finished; the rest expire
                 pipe.zadd(keys.LOADS, {job_id: time.time()})
+                pipe.sadd(keys.ACTIVE_LOADS, job_id)
             else:
                 pipe.expire(key, self.search_ttl)
             pipe.hincrby(keys.METRICS, f"created:{kind}", 1)
             pipe.execute()
         return job_id
 
+    def _forget_expired_loads(self) -> None:
+        """Unlist the loads whose records expired (only loads created longer ago than the retention can be)."""
+        old = self.redis.zrangebyscore(keys.LOADS, "-inf", time.time() - self.retention)
+        for start in range(0, len(old), SCAN_CHUNK):
+            chunk = old[start : start + SCAN_CHUNK]
+            with self.redis.pipeline() as pipe:
+                for job_id in chunk:
+                    pipe.exists(keys.job_key(job_id.decode()))
+                gone = [job_id for job_id, exists in zip(chunk, pipe.execute(), strict=True) if not exists]
+            if gone:
+                self.redis.zrem(keys.LOADS, *gone)
+
     def start(self, job_id: str) -> bool:
         """Mark the job running; False when it is finished already or gone: its task has nothing left to do."""
-        return bool(self._start(keys=[keys.job_key(job_id)], args=[now()]))
+        return bool(self._start(keys=[keys.job_key(job_id)], args=[now(), time.time()]))
+
+    def count_delivery(self, job_id: str, task_id: str) -> int:
+        """One more start of the task `task_id` of this job: how many there have been (0: the job is gone)."""
+        return int(self._deliver(keys=[keys.job_key(job_id), keys.job_key(job_id, keys.DELIVERIES)], args=[task_id]))
+
+    def remember_items(self, job_id: str, items: list[dict[str, Any]]) -> None:
+        """The references of the items a load queues, kept until it finishes, so that lost ones can be re-queued."""
+        key = keys.job_key(job_id, keys.ITEMS)
+        for start in range(0, len(items), SCAN_CHUNK):
+            chunk = items[start : start + SCAN_CHUNK]
+            self.redis.hset(key, mapping={item["id"]: json.dumps(item) for item in chunk})
 
     def set_total(self, job_id: str, total: int) -> tuple[int, int]:
         """Fix the number of items; finishes the job at once if they are all accounted for already."""
-        self.redis.hset(keys.job_key(job_id), "total", total)
+        self.redis.hset(keys.job_key(job_id), mapping={"total": total, "progressed": time.time()})
         return self.record(job_id)
 
     def record(
-        self, job_id: str, done: list[str] | tuple[str, ...] = (), errors: dict[str, dict[str, str]] | None = None
+        self,
+        job_id: str,
+        done: list[str] | tuple[str, ...] = (),
+        errors: dict[str, dict[str, str]] | None = None,
+        planning_errors: dict[str, dict[str, str]] | None = None,
     ) -> tuple[int, int]:
-        """Mark items done or failed (idempotent); returns the (done, failed) counts."""
-        triples = [
-            value for item_id, error in (errors or {}).items() for value in (item_id, error["code"], json.dumps(error))
+        """Mark items done or failed (idempotent), and rows refused while planning; returns (done, failed)."""
+        quads = [
+            value
+            for prefix, order, failures in ((PLANNING, 0, planning_errors), (ITEM, 1, errors))
+            for key, error in (failures or {}).items()
+            for value in (prefix + key, error["code"], json.dumps(error), order)
         ]
-        parts = ("", keys.DONE, keys.ERRORS, keys.ERROR_CODES, keys.FINISHED)
-        record_keys = [keys.job_key(job_id, part) for part in parts] + [keys.METRICS]
-        done_count, failed_count = self._record(keys=record_keys, args=[now(), len(done), *done, *triples])
+        args = [*self._script_args(job_id), len(done), *done, *quads]
+        done_count, failed_count = self._record(keys=self._script_keys(job_id), args=args)
         return int(done_count), int(failed_count)
 
     def note_seq(self, job_id: str, seq: int) -> None:
@@ -155,14 +277,12 @@ class Jobs:
     def _close(self, job_id: str, state: str, field: str, value: str, done: list[str] | tuple[str, ...] = ()) -> bool:
         """Record the outcome unless the job already has one (a task that runs twice, a search that timed out)."""
         key = keys.job_key(job_id)
-        closed = now()
-        close_keys = [key, keys.job_key(job_id, keys.FINISHED), keys.job_key(job_id, keys.DONE)]
-        if not self._close_once(keys=close_keys, args=[state, field, value, closed, *done]):
+        args = self._script_args(job_id)
+        if not self._close_once(keys=self._script_keys(job_id), args=[*args, state, field, value, *done]):
             return False
+        closed = args[0]
         kind, created = (raw.decode() if raw else "" for raw in self.redis.hmget(key, "kind", "created"))
         with self.redis.pipeline() as pipe:
-            if kind != "load":
-                pipe.expire(key, self.search_ttl)
             pipe.hincrby(keys.METRICS, f"finished:{kind}:{state}", 1)
             if kind == "search" and created:
                 seconds = (datetime.fromisoformat(closed) - datetime.fromisoformat(created)).total_seconds()
@@ -203,8 +323,11 @@ class Jobs:
             message = f"no index worker answered within {self.search_timeout} s; try again"
             self.fail(job_id, item_error(ErrorCode.TIMED_OUT, message))
             return self.get(job_id, error_offset, error_limit)
-        done = self.redis.scard(keys.job_key(job_id, keys.DONE))
-        failed = self.redis.hlen(keys.job_key(job_id, keys.ERRORS))
+        with self.redis.pipeline() as pipe:
+            pipe.scard(keys.job_key(job_id, keys.DONE))
+            pipe.hlen(keys.job_key(job_id, keys.FAILED))
+            pipe.zcard(keys.job_key(job_id, keys.ERROR_IDS))
+            done, failed, stored = pipe.execute()
         job: dict[str, Any] = {
             "id": raw["id"],
             "kind": raw["kind"],
@@ -224,6 +347,8 @@ class Jobs:
         if failed and error_limit:
             job["errors"] = self.item_errors(job_id, error_offset, error_limit)
             job["errors_by_code"] = self.errors_by_code(job_id)
+        if failed > stored:  # past LOOKALIKE_MAX_JOB_ERRORS: counted by code, without their messages
+            job["errors_not_stored"] = failed - stored
         return job
 
     def _overdue(self, created: str) -> bool:
@@ -231,11 +356,14 @@ class Jobs:
         return age.total_seconds() > self.search_timeout
 
     def item_errors(self, job_id: str, offset: int = 0, limit: int = ERROR_PAGE) -> list[dict[str, str]]:
-        """A page of per-item errors, ordered by item id."""
-        key = keys.job_key(job_id, keys.ERRORS)
-        ids = sorted(self.redis.hkeys(key))[offset : offset + limit]
-        values = self.redis.hmget(key, ids) if ids else []
-        return [{"id": item_id.decode(), **json.loads(value)} for item_id, value in zip(ids, values, strict=True)]
+        """A page of the stored errors: rows refused while planning first, then items, each in id order."""
+        stored = self.redis.zrange(keys.job_key(job_id, keys.ERROR_IDS), offset, offset + limit - 1)
+        values = self.redis.hmget(keys.job_key(job_id, keys.ERRORS), stored) if stored else []
+        return [
+            {"id": key.decode()[len(ITEM) :], **json.loads(value)}  # ITEM and PLANNING are as long
+            for key, value in zip(stored, values, strict=True)
+            if value is not None
+        ]
 
     def errors_by_code(self, job_id: str) -> dict[str, int]:
         counts = self.redis.hgetall(keys.job_key(job_id, keys.ERROR_CODES))
@@ -246,3 +374,58 @@ class Jobs:
         ids = self.redis.zrevrange(keys.LOADS, 0, limit - 1)
         jobs = (self.get(job_id.decode(), error_limit=0) for job_id in ids)
         return [job for job in jobs if job is not None]
+
+    # The watchdog's view (worker.watchdog): loads that have not finished, and what they are missing.
+
+    def active_loads(self) -> list[str]:
+        return sorted(job_id.decode() for job_id in self.redis.smembers(keys.ACTIVE_LOADS))
+
+    def activity(self, job_id: str) -> LoadActivity | None:
+        """A load that has not finished, or None (finished or gone: it is no longer an active load)."""
+        fields = ("state", "total", "progressed", "requeued", "params")
+        raw = dict(zip(fields, self.redis.hmget(keys.job_key(job_id), fields), strict=True))
+        if raw["state"] is None or raw["state"].decode() in FINISHED:
+            self.redis.srem(keys.ACTIVE_LOADS, job_id)
+            return None
+        return LoadActivity(
+            state=raw["state"].decode(),
+            total=int(raw["total"]) if raw["total"] is not None else None,
+            idle_seconds=time.time() - float(raw["progressed"] or 0),
+            requeued=int(raw["requeued"] or 0),
+            params=json.loads(raw["params"] or "{}"),
+        )
+
+    def note_requeued(self, job_id: str) -> int:
+        """The watchdog re-queued what the load was missing: the how-manieth time, and its stall clock restarts."""
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(keys.job_key(job_id), "requeued", 1)
+            pipe.hset(keys.job_key(job_id), "progressed", time.time())
+            return int(pipe.execute()[0])
+
+    def missing_items(self, job_id: str) -> list[dict[str, Any]]:
+        """The queued items of a running load that are neither done nor failed, with their references."""
+        missing = []
+        key = keys.job_key(job_id, keys.ITEMS)
+        for chunk in _chunks(self.redis.hscan_iter(key, count=SCAN_CHUNK), SCAN_CHUNK):
+            ids = [item_id for item_id, _ in chunk]
+            with self.redis.pipeline() as pipe:
+                pipe.smismember(keys.job_key(job_id, keys.DONE), ids)
+                pipe.hmget(keys.job_key(job_id, keys.FAILED), [ITEM.encode() + item_id for item_id in ids])
+                done, failed = pipe.execute()
+            missing += [
+                json.loads(reference)
+                for (_, reference), is_done, failure in zip(chunk, done, failed, strict=True)
+                if not is_done and failure is None
+            ]
+        return missing
+
+
+def _chunks(pairs: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -96,3 +96,75 @@ def test_a_search_no_worker_answers_in_time_fails_instead_of_waiting_forever(job
     assert impatient.get(search)["state"] == "failed"
     assert impatient.start("no-such-job") is False and impatient.get("no-such-job") is None
     assert impatient.get(load)["state"] == "queued"  # loads wait for workers as long as it takes
+
+
+def test_a_row_refused_while_planning_stays_when_an_item_of_the_same_name_is_done(jobs):
+    job_id = jobs.create("load", {})
+    jobs.start(job_id)
+    jobs.record(job_id, planning_errors={"row 7": item_error("invalid_row", "row 7 has no id")})
+    jobs.record(job_id, errors={"row 7": item_error("truncated", "cut short")})
+    jobs.record(job_id, done=["row 7"])  # an item whose id is "row 7" fails, then is loaded after all
+    jobs.set_total(job_id, 2)
+    job = jobs.get(job_id)
+    assert (job["state"], job["progress"]) == ("partial", {"total": 2, "done": 1, "failed": 1})
+    assert job["errors"] == [{"id": "row 7", "code": "invalid_row", "message": "row 7 has no id"}]
+    assert job["errors_by_code"] == {"invalid_row": 1}
+
+
+def test_errors_are_read_a_page_at_a_time_and_past_the_cap_only_counted(jobs):
+    capped = Jobs(jobs.redis, most_errors=5)
+    job_id = capped.create("load", {})
+    capped.start(job_id)
+    capped.record(job_id, planning_errors={"row 3": item_error("invalid_row", "row 3 has no id")})
+    capped.record(job_id, errors={f"item-{n:02}": item_error("missing_file", f"image {n}") for n in range(20)})
+    capped.record(job_id, done=["item-01"])  # a stored error goes: its place is free for the next one
+    capped.record(job_id, errors={"late": item_error("truncated", "cut short")})
+    job = capped.get(job_id, error_offset=1, error_limit=3)
+    assert job["progress"]["failed"] == 21 and job["errors_not_stored"] == 16
+    assert job["errors_by_code"] == {"invalid_row": 1, "missing_file": 19, "truncated": 1}
+    assert [error["id"] for error in job["errors"]] == ["item-00", "item-02", "item-03"]
+    assert [error["id"] for error in capped.item_errors(job_id, 0, 10)] == [
+        "row 3", "item-00", "item-02", "item-03", "late"
+    ]  # fmt: skip
+    assert capped.redis.zcard(f"lookalike:job:{job_id}:error_ids") == 5
+
+
+def test_a_finished_load_and_all_its_parts_expire_and_a_late_task_writes_nothing_back(jobs):
+    keeping = Jobs(jobs.redis, retention=120)
+    job_id = keeping.create("load", {})
+    keeping.start(job_id)
+    assert keeping.count_delivery(job_id, "task-1") == 1 and keeping.count_delivery(job_id, "task-1") == 2
+    keeping.remember_items(job_id, [{"id": "a"}, {"id": "b"}])
+    keeping.record(job_id, done=["a"], errors={"b": item_error("missing_file", "gone")})
+    assert keeping.active_loads() == [job_id]
+    keeping.set_total(job_id, 2)
+    parts = jobs.redis.keys(f"lookalike:job:{job_id}*")
+    assert parts and all(0 < jobs.redis.ttl(key) <= 120 for key in parts), parts
+    assert not jobs.redis.exists(f"lookalike:job:{job_id}:items")  # the plan is no longer needed
+    assert keeping.active_loads() == [] and keeping.get(job_id)["progress"]["done"] == 1
+    keeping.record(job_id, done=["b"])  # a late redelivery: counted, and it expires with the rest
+    assert all(0 < jobs.redis.ttl(key) <= 120 for key in jobs.redis.keys(f"lookalike:job:{job_id}*"))
+    for key in jobs.redis.keys(f"lookalike:job:{job_id}*"):
+        jobs.redis.delete(key)  # the retention ran out
+    keeping.record(job_id, done=["c"], errors={"d": item_error("missing_file", "gone")})
+    assert keeping.count_delivery(job_id, "task-2") == 0
+    assert jobs.redis.keys(f"lookalike:job:{job_id}*") == [] and keeping.get(job_id) is None
+    keeping.redis.zadd("lookalike:loads", {job_id: time.time() - 200})  # listed when it was created
+    keeping.create("load", {})
+    assert job_id not in [load_id.decode() for load_id in jobs.redis.zrange("lookalike:loads", 0, -1)]
+
+
+def test_the_items_a_running_load_is_missing_are_those_neither_done_nor_failed(jobs):
+    job_id = jobs.create("load", {"source": "shop"})
+    jobs.start(job_id)
+    items = [{"id": f"item-{n}", "area": "catalog", "path": f"{n}.jpg", "metadata": {}} for n in range(2500)]
+    jobs.remember_items(job_id, items)
+    jobs.set_total(job_id, 2501)
+    jobs.record(job_id, planning_errors={"item-7 (row 9)": item_error("duplicate_id", "again")})
+    jobs.record(job_id, done=[f"item-{n}" for n in range(0, 2500, 2)], errors={"item-1": item_error("empty", "")})
+    missing = jobs.missing_items(job_id)
+    assert sorted(item["id"] for item in missing) == sorted(f"item-{n}" for n in range(3, 2500, 2))
+    assert missing[0] == next(item for item in items if item["id"] == missing[0]["id"])
+    activity = jobs.activity(job_id)
+    assert (activity.state, activity.total, activity.requeued) == ("running", 2501, 0)
+    assert jobs.note_requeued(job_id) == 1 and jobs.activity(job_id).idle_seconds < 1

@@ -42,7 +42,7 @@ class ProcessState:
 def _process_state(pid: int) -> ProcessState:
     """Keyed by pid so that a forked child never uses its parent's sessions or sockets."""
     client = redis_client(settings().redis_url, patience=REDIS_PATIENCE)
-    return ProcessState(client, Jobs(client, settings().search_ttl, settings().search_timeout))
+    return ProcessState(client, Jobs.for_settings(client, settings()))
 
 
 def state() -> ProcessState:

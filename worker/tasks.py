@@ -46,7 +46,7 @@ def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict
         log.exception("load %s: the catalogue could not be planned", job_id)
         jobs.fail(job_id, item_error(ErrorCode.PLAN_FAILED, f"the catalogue could not be read: {error}"))
         return {"total": 0}
-    jobs.record(job_id, errors=plan.errors)
+    jobs.record(job_id, planning_errors=plan.errors)
     for start in range(0, len(plan.items), settings.batch):
         batch = [item.as_message() for item in plan.items[start : start + settings.batch]]
         embed_batch.delay(job_id, batch)
