@@ -90,3 +90,21 @@ def test_a_batch_of_only_another_models_vectors_is_model_mismatch_and_leaves_no_
     wrong_shape = {**foreign[0], "model_sha256": owner.model.sha256, "vector": encode_vector(np.ones(4, np.float32))}
     assert owner.apply(None, [wrong_shape]) == {"applied": 0, "failed": 1}
     assert owner.store.seq == seq  # a batch the log did not take leaves no hole in the sequence numbers
+
+
+def test_a_metadata_change_to_an_item_deleted_meanwhile_is_not_counted_as_indexed(owner):
+    jobs = Jobs(owner.redis)
+    vector = encode_vector(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    upsert = {"op": "upsert", "id": "a", "vector": vector, "metadata": {"colour": "red"}, "resize": "stretch",
+              "model_sha256": owner.model.sha256, "image_sha256": "i", "metadata_sha256": "red"}  # fmt: skip
+    owner.apply(None, [upsert])
+    owner.delete(["a"])  # while a load that saw "a" indexed sends only its new metadata
+    job_id = jobs.create("load", {})
+    jobs.start(job_id)
+    jobs.set_total(job_id, 1)
+    seq = owner.store.seq
+    metadata_only = {**upsert, "vector": None, "metadata": {"colour": "blue"}, "metadata_sha256": "blue"}
+    assert owner.apply(job_id, [metadata_only]) == {"applied": 0, "failed": 1}
+    job = jobs.get(job_id)
+    assert (job["state"], job["errors_by_code"]) == ("failed", {"not_found": 1}) and owner.store.seq == seq
+    assert owner.redis.hget("lookalike:index:checksums", "a") is None  # the next load embeds it again

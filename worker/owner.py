@@ -38,7 +38,7 @@ class IndexOwner:
         self.model = model
         self.store = store
         self.redis = client
-        self.jobs = Jobs(client, settings.search_ttl, settings.search_timeout)
+        self.jobs = Jobs.for_settings(client, settings)
         self.reader = IndexReader(store, usable=lambda: store.mismatch)
         self.feed = ChangeFeed(client)
         store.on_logged = lambda changes: self.feed.publish(changes, store.wal, store.snapshot_seq)
@@ -114,6 +114,17 @@ class IndexOwner:
             if message["op"] == "upsert"
             and (message.get("model_sha256"), message.get("resize")) != (identity.sha256, identity.resize)
         }
+        # A metadata-only change to an item deleted since its load looked at it changes nothing: it must not be
+        # counted as indexed, nor its checksums published (a later load would then skip it as unchanged).
+        vanished = {
+            message["id"]: item_error(
+                ErrorCode.NOT_FOUND,
+                f"item {message['id']} was deleted while this load read it; load the catalogue again to index it",
+            )
+            for message in messages
+            if message["op"] == "upsert" and not message.get("vector") and message["id"] not in self.store.index
+        }
+        foreign = {**vanished, **foreign}
         try:
             changes = [_change(message) for message in messages if message["id"] not in foreign]
             self.store.apply(changes)
