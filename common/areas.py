@@ -12,6 +12,8 @@ from common.errors import LookalikeError
 from common.settings import Settings
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # catalogue archives, unpacked into the "archives" area
+MAX_PATH_BYTES = 4096  # Linux's PATH_MAX and NAME_MAX: a longer reference can name no file
+MAX_NAME_BYTES = 255
 
 
 class CatalogError(LookalikeError):
@@ -28,9 +30,15 @@ def resolve_reference(settings: Settings, area: str, relative: str) -> Path:
     if area not in roots:
         raise CatalogError(f"unknown catalogue area {area!r}")
     root = roots[area].resolve()
+    if "\0" in relative:
+        raise CatalogError(f"{relative[:60]!r} is not a file name: it holds a NUL byte")
+    if len(relative.encode(errors="surrogateescape")) > MAX_PATH_BYTES:
+        raise CatalogError(f"{relative[:60]!r}... is not a file name: it is over {MAX_PATH_BYTES} bytes")
     pure = PurePosixPath(relative)
     if pure.is_absolute() or ".." in pure.parts:
         raise CatalogError(f"{relative!r} is outside the catalogue root")
+    if any(len(part.encode(errors="surrogateescape")) > MAX_NAME_BYTES for part in pure.parts):
+        raise CatalogError(f"{relative[:60]!r}... has a name over {MAX_NAME_BYTES} bytes")
     path = (root / pure).resolve()
     if not path.is_relative_to(root):
         raise CatalogError(f"{relative!r} leads outside the catalogue root (a link?)")

@@ -340,6 +340,39 @@ def test_metric_labels_are_bounded_by_the_routes_and_the_http_methods(idle):
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("bad", ["a%00b", "x" * 5000, "%ff%fe", "..%2f..%2fetc", "catalog/a%00.jpg"])
+def test_a_nul_byte_or_an_impossible_name_in_any_route_is_a_4xx_never_a_500(module_redis, tmp_path, shared_dir, bad):
+    web = app_for(module_redis, tmp_path, shared_dir, LOOKALIKE_API_KEY="key")
+    for rule in web.application.url_map.iter_rules():
+        if "<" not in rule.rule:
+            continue
+        path = re.sub(r"<[^>]+>", bad, rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            response = web.open(path, method=method, headers={"Authorization": "Bearer key"})
+            # no worker runs here: an item can't be read, and says so
+            unanswerable = response.status_code == 503 and "no index worker is running" in response.text
+            assert response.status_code < 500 or unanswerable, (method, path[:80], response.status_code)
+
+
+@pytest.mark.parametrize("source", ["fashion\x00", {"path": "fashion"}, ["fashion"], "x" * 5000, "y" * 300 + "/z"])
+def test_a_load_of_a_source_that_is_no_file_name_is_400(module_redis, tmp_path, shared_dir, source):
+    web = app_for(module_redis, tmp_path, shared_dir, LOOKALIKE_API_KEY="key")
+    for fields in ({"source": source}, {"source": "fashion", "metadata": source}):
+        response = web.post("/api/catalog/loads", json=fields, headers={"Authorization": "Bearer key"})
+        assert response.status_code == 400 and error_of(response) == "bad_parameter"
+
+
+def test_loads_are_shown_by_their_catalogue_reference_never_a_server_path(module_redis, tmp_path, shared_dir):
+    web = app_for(module_redis, tmp_path, shared_dir, LOOKALIKE_API_KEY="key")
+    started = web.post(
+        "/api/catalog/loads", json={"source": "fashion/styles.csv"}, headers={"Authorization": "Bearer key"}
+    )
+    assert started.status_code == 202
+    for page in (web.get("/catalog"), web.get("/api/catalog/loads"), web.get(started.get_json()["page_url"])):
+        text = page.get_data(as_text=True)
+        assert "catalog/fashion/styles.csv" in text and str(shared_dir.resolve()) not in text
+
+
 def test_the_openapi_file_documents_exactly_the_api_routes(idle):
     spec = idle.get("/api/openapi.json").get_json()
     documented = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}

@@ -158,7 +158,7 @@ def _form_context() -> dict[str, Any]:
 def _catalog_context() -> dict[str, Any]:
     settings = service().settings
     return {
-        "loads": service().loads(),
+        "loads": [present_job(load) for load in service().loads()],
         "health": service().health(),
         "needs_key": bool(settings.api_key),
     }

@@ -6,6 +6,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flask import request
 from werkzeug.datastructures import FileStorage
@@ -36,7 +37,7 @@ def load_from_request() -> str:
     if not isinstance(fields, Mapping):
         raise bad_parameter('the JSON body must be an object like {"source": "fashion"}')
     archive, csv_file = _upload("archive"), _upload("csv")
-    source, metadata = (str(fields.get(name) or "").strip() for name in ("source", "metadata"))
+    source, metadata = (_text_field(fields, name) for name in ("source", "metadata"))
     if archive and source:
         raise bad_parameter("give an archive or a source folder, not both")
     if csv_file and metadata:
@@ -60,6 +61,13 @@ def load_from_request() -> str:
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _text_field(fields: Mapping[str, Any], name: str) -> str:
+    value = fields.get(name) or ""
+    if not isinstance(value, str):
+        raise bad_parameter(f"`{name}` must be a path as text, relative to the catalogue root")
+    return value.strip()
 
 
 def _upload(name: str) -> FileStorage | None:
