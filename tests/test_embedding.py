@@ -55,3 +55,19 @@ def test_a_batch_embeds_new_items_and_skips_what_the_index_already_has(tmp_path)
         "gone": "missing_file",
         "escape": "outside_root",
     }
+
+
+def test_an_image_over_the_byte_cap_is_a_too_large_item_error_and_is_never_read(tmp_path):
+    settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": str(tmp_path), "LOOKALIKE_DATA_DIR": str(tmp_path / "d"),
+                                  "LOOKALIKE_MAX_IMAGE_BYTES": "3000"})  # fmt: skip
+    model = load_model(pooling_model(tmp_path / "model.onnx"))
+    Image.effect_noise((64, 64), 64).save(tmp_path / "noisy.png")  # about 4 KB: over the cap
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "small.png")
+    with (tmp_path / "huge.png").open("wb") as file:
+        file.truncate(2**28)  # 256 MiB of holes: nothing on disk, but reading it takes 256 MiB
+    items = [{"id": name, "area": "catalog", "path": f"{name}.png"} for name in ("noisy", "small", "huge")]
+    outcome = embed_items(items, model, settings, {})
+    assert [change["id"] for change in outcome.changes] == ["small"]
+    assert outcome.errors["huge"] == {"code": "too_large", "message": "the file is 268,435,456 bytes, over "
+                                      "LOOKALIKE_MAX_IMAGE_BYTES (3,000); raise it to read larger files"}  # fmt: skip
+    assert outcome.errors["noisy"]["code"] == "too_large"

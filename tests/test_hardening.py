@@ -17,12 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
 from protocol.client import Client
 from tests.conftest import BENCH
-from tests.images import BAD_IMAGES, ODD_IMAGES
+from tests.images import BAD_IMAGES, ODD_IMAGES, encode
 from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_while_holding_a_message, loading, search
 from web.app import create_app
 
@@ -236,3 +237,17 @@ def test_workers_refuse_pickled_messages(make_stack, tmp_path):
     log = stack.log_paths["embed"]
     stack.wait_for(lambda: "untrusted content" in log.read_text(), "the worker to refuse the message")
     assert not marker.exists() and stack.processes["embed"].poll() is None
+
+
+def test_a_query_process_decodes_no_search_over_the_search_pixel_cap(make_stack):
+    """The web checks an upload's pixels, and so does the query process: a search from any client is decoded under
+    LOOKALIKE_MAX_SEARCH_PIXELS, not under the loads' LOOKALIKE_MAX_PIXELS."""
+    stack = make_stack(LOOKALIKE_MAX_SEARCH_PIXELS="1000000")
+    stack.start("index")
+    stack.start("query")
+    client = Client(stack.settings)
+    refused = client.follow(client.search(encode(Image.new("RGB", (1100, 1000), "red"), "PNG")), timeout=60)
+    assert refused["state"] == "failed" and refused["error"]["code"] == "too_large"
+    assert "over the cap of 1,000,000 pixels" in refused["error"]["message"]
+    at_the_cap = client.follow(client.search(encode(Image.new("RGB", (1000, 1000), "red"), "PNG")), timeout=60)
+    assert at_the_cap["state"] == "done", at_the_cap

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from flask import current_app
 from common.areas import CatalogError, locate, resolve_reference
 from common.errors import ErrorCode
 from common.filters import unknown_field
-from common.images import IMAGE_SUFFIXES, ImageError, check_size, thumbnail_jpeg
+from common.images import IMAGE_SUFFIXES, ImageError, check_size, read_image_file, thumbnail_jpeg
 from common.settings import Settings
 from protocol import keys
 from protocol.client import Client, ReadError
@@ -25,6 +27,7 @@ from protocol.readers import NoReaderAnswered, keeping_up
 from web.errors import ApiError, bad_parameter, not_found, unavailable
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
+DECODE_WAIT_SECONDS = 2  # how long an image waits for one of this process's LOOKALIKE_WEB_DECODES before a 503
 PREVIEW_SIDE = 320  # query previews and gallery thumbnails, CSS pixels (served at this size, shown smaller)
 LOADS_SHOWN = 20
 
@@ -40,6 +43,7 @@ class Service:
         self.jobs = self.client.jobs
         self.redis = self.jobs.redis
         self._form_secret: bytes | None = None
+        self._decodes = threading.BoundedSemaphore(settings.web_decodes)
 
     def form_secret(self, refresh: bool = False) -> bytes:
         """A random secret made once per Redis and shared by every web process (see web.csrf); `refresh` reads it
@@ -57,13 +61,29 @@ class Service:
         self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
         self.check_fields(filters)
         try:
-            preview = thumbnail_jpeg(
-                check_size(image, self.settings.max_upload), PREVIEW_SIDE, self.settings.max_pixels
-            )
+            check_size(image, self.settings.max_upload)
+            with self.decoding():
+                preview = thumbnail_jpeg(image, PREVIEW_SIDE, self.settings.max_search_pixels)
         except ImageError as error:
             raise ApiError.from_image_error(error) from error
         self.searchable()
         return self.client.search(image, k, filters, preview, min_seq)
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """One of this process's LOOKALIKE_WEB_DECODES decodes (each holds a decoded image); 503 busy when none is
+        free within DECODE_WAIT_SECONDS."""
+        if not self._decodes.acquire(timeout=DECODE_WAIT_SECONDS):
+            raise ApiError(
+                503,
+                ErrorCode.BUSY,
+                f"this web process is decoding {self.settings.web_decodes} images already; try again in a few seconds",
+                {"Retry-After": str(BUSY_RETRY_SECONDS)},
+            )
+        try:
+            yield
+        finally:
+            self._decodes.release()
 
     def refuse_when_busy(self) -> None:
         """Back-pressure: a search behind a queue this long would be answered after its shopper gave up."""
@@ -129,7 +149,10 @@ class Service:
 
     def thumbnail(self, path: Path, side: int) -> bytes:
         try:
-            return thumbnail_jpeg(path.read_bytes(), side, self.settings.max_pixels)
+            with self.decoding():
+                return thumbnail_jpeg(
+                    read_image_file(path, self.settings.max_image_bytes), side, self.settings.max_pixels
+                )
         except ImageError as error:
             raise not_found(f"{path.name} can't be shown: {error.message}") from error
         except OSError as error:  # removed or unreadable since it was found

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.areas import CatalogError, resolve_reference
 from common.errors import ErrorCode
-from common.images import ImageError, decode_image
+from common.images import ImageError, decode_image, read_image_file
 from common.model import EmbeddingModel
 from common.settings import Settings
 from common.vectors import encode_vector
@@ -38,9 +38,12 @@ def embed_items(
     for item in items:
         item_id, metadata = item["id"], item.get("metadata") or {}
         try:
-            data = resolve_reference(settings, item["area"], item["path"]).read_bytes()
+            data = read_image_file(resolve_reference(settings, item["area"], item["path"]), settings.max_image_bytes)
         except CatalogError as error:
             outcome.errors[item_id] = item_error(ErrorCode.OUTSIDE_ROOT, str(error))
+            continue
+        except ImageError as error:
+            outcome.errors[item_id] = error.as_dict()
             continue
         except OSError as error:
             reason = f"image {item['path']} can't be read: {error.strerror}"

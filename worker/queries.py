@@ -193,7 +193,7 @@ def _started(message: tuple[Any, ...], size: tuple[int, int]) -> Search | None:
         return None  # timed out while it waited, or answered already (a message given back twice)
     try:
         data = check_size(base64.b64decode(image, validate=True), settings.max_upload)
-        pixels = decode_image(data, size, settings.resize, settings.max_pixels)
+        pixels = decode_image(data, size, settings.resize, settings.max_search_pixels)
     except ImageError as error:
         jobs.fail(job_id, error.as_dict())
         return None
