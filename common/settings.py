@@ -116,7 +116,10 @@ class Settings:
         "10000", "per-item errors a job stores (its counts by code stay exact beyond)", minimum=1
     )
     api_key: str = variable(
-        "", "bearer token for the write endpoints (loads, deletes); empty: loopback clients only", secret=True
+        "",
+        "the key every write (loads, deletes) needs, as a Bearer token; empty: the key in DATA_DIR/api-key, which "
+        "`lookalike up` and `lookalike web` make at their first start",
+        secret=True,
     )
     max_catalog_upload: int = variable(str(2 * 1024**3), "largest catalogue upload (archive + CSV), bytes", minimum=1)
     web_threads: int = variable("8", "request threads of `lookalike web`", minimum=1)

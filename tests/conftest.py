@@ -12,6 +12,7 @@ import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
 
+from common.api_key import read_api_key
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
 from lookalike.up import start_workers
@@ -129,6 +130,7 @@ class Served(NamedTuple):
     url: str  # where `lookalike web` listens ("" without it)
     client: Client
     load: dict  # the finished job of the sample's load
+    api_key: str  # the key `lookalike web` made in the data folder at its first start, as a user's would ("" without)
 
 
 @contextmanager
@@ -141,7 +143,7 @@ def sample_service(redis_url: str, data_dir: Path, model: Path, shared_dir: Path
         url = stack.start_web(free_port()) if web else ""
         client = Client(stack.settings)
         job = client.follow(client.start_load(shared_dir / "data" / "fashion"), timeout=600)
-        yield Served(stack, url, client, job)
+        yield Served(stack, url, client, job, read_api_key(data_dir))
     finally:
         stack.stop()
 

@@ -112,8 +112,9 @@ def test_the_api_examples_work_against_the_running_service(served, shared_dir, t
     with tarfile.open(tmp_path / "shop.tar.gz", "w:gz") as archive:
         archive.add(images / "11013.jpg", "11013.jpg")
     script = api_examples().replace("http://127.0.0.1:8000", served.url)
+    environ = {"PATH": "/usr/bin:/bin", "LOOKALIKE_API_KEY": served.api_key}  # the key lookalike web made
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env={"PATH": "/usr/bin:/bin", "LOOKALIKE_API_KEY": ""})  # fmt: skip
+                            timeout=120, env=environ)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"deleted":"11013"' in result.stdout and '"status":"ok"' in result.stdout
     # put the sample back as the other tests know it

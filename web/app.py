@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry
 
+from common.api_key import read_api_key
 from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.client import Client
 from web.api import api
+from web.auth import is_write, require_writer
 from web.csrf import form_token, set_nonce_cookie
 from web.errors import register_error_handlers
 from web.metrics import RequestMetrics, SharedFigures
@@ -30,6 +33,8 @@ SECURITY_HEADERS = {
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
+    if not settings.api_key:  # the key `lookalike web` or `lookalike up` made at its first start, if any
+        settings = dataclasses.replace(settings, api_key=read_api_key(settings.data_dir))
     app = Flask(__name__)
     app.url_map.merge_slashes = False  # "/api/items//similar" is a 404 in JSON, not a redirect to an HTML page
     app.config["LOOKALIKE"] = settings
@@ -51,6 +56,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         g.started = time.perf_counter()
         g.upload_cap = settings.max_catalog_upload if request.endpoint in CATALOG_UPLOADS else settings.max_upload
         request.max_content_length = g.upload_cap + FORM_ALLOWANCE
+        if is_write():  # here, before a view reads the body: a 2 GB upload without the key is not parsed
+            require_writer()
 
     @app.after_request
     def finish(response: Response) -> Response:

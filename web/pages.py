@@ -9,8 +9,7 @@ from flask import Blueprint, Response, make_response, redirect, render_template,
 from common.errors import ErrorCode
 from protocol.jobs import FINISHED
 from web.api import present_item, present_job
-from web.auth import require_writer
-from web.csrf import require_form_token
+from web.auth import browser_signed_in, is_the_key, sign_in_browser, unauthorized
 from web.errors import ApiError, not_found
 from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id, parse_whole
 from web.service import PREVIEW_SIDE
@@ -114,11 +113,17 @@ def catalog() -> str:
     return render_template("catalog.html", **_catalog_context())
 
 
+@pages.post("/catalog/key")
+def sign_in() -> Response:
+    """The API key, once per browser session: then the catalogue form may be used (web.auth)."""
+    if not is_the_key(request.form.get("api_key", "")):
+        return _refused("catalog.html", unauthorized("that is not the API key"), _catalog_context())
+    return sign_in_browser(redirect(url_for("pages.catalog"), 303))
+
+
 @pages.post("/catalog")
 def start_load() -> Response:
     try:
-        require_form_token()
-        require_writer(form_key=True)
         load_from_request()
     except ApiError as error:
         return _refused("catalog.html", error, _catalog_context())
@@ -146,7 +151,10 @@ def thumbnail(reference: str) -> Response:
 
 
 def _refused(template: str, error: ApiError, context: dict[str, Any]) -> Response:
-    """The form's page again, with the reason in a sentence and the error's status and headers."""
+    """The form's page again, with the reason in a sentence and the error's status and headers (or JSON, to a client
+    that asks for it, as every other error)."""
+    if request.accept_mimetypes.best == "application/json":
+        raise error
     page = render_template(template, error=sentence(error.as_dict()["error"]), **context)
     return make_response(page, error.status, error.headers)
 
@@ -160,5 +168,5 @@ def _catalog_context() -> dict[str, Any]:
     return {
         "loads": [present_job(load) for load in service().loads()],
         "health": service().health(),
-        "needs_key": bool(settings.api_key),
+        "signed_in": browser_signed_in(),
     }
