@@ -10,9 +10,13 @@ from pathlib import Path
 from common.errors import LookalikeError
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, from_disk: bool = False) -> str:
+    """The file's sha256; `from_disk`: its cached pages are dropped first (flushed ones: call after an fsync), so
+    what is hashed is what the disk gives back."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
+        if from_disk and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -26,6 +26,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lookalike.client_cli import configure_duplicates, configure_ingest, configure_search
     from lookalike.export_cli import configure as export
+    from lookalike.index_cli import configure as index
     from lookalike.settings_cli import configure as settings
     from lookalike.up import configure as up
     from lookalike.web_cli import configure as web
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", "run a worker: embed, index (exactly one), query or replica", configure_worker),
         ("web", "serve the search pages and the JSON API (waitress)", web),
         ("up", "run everything on this machine (Redis included) until Ctrl-C", up),
+        ("index", "check an index folder's snapshot and log (read-only: beside a running owner too)", index),
         ("ingest", "load a catalogue through the queue, with a progress bar", configure_ingest),
         ("search", "find the catalogue items most like an image", configure_search),
         ("duplicates", "list catalogue items that look the same (near-duplicates)", configure_duplicates),

@@ -8,6 +8,7 @@ is written, so a replica that has just read `CURRENT` can finish reading it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -66,15 +67,43 @@ def current_name(directory: Path) -> str | None:
         return None
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A snapshot's manifest, after checking every file it lists against its sha256."""
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A file a snapshot's manifest lists, as it is on disk."""
+
+    path: Path
+    size: int | None  # None: missing
+    problem: str | None  # how it differs from its manifest; None: its size and sha256 are the manifest's
+
+
+def check_files(folder: Path, manifest: dict[str, Any], from_disk: bool = False) -> list[SnapshotFile]:
+    """Every file the manifest lists, with its size and sha256 compared; `from_disk`: read past the page cache."""
+    checked = []
+    for file_name, expected in manifest["files"].items():
+        path = folder / file_name
+        size = path.stat().st_size if path.is_file() else None
+        listed_size = manifest.get("sizes", {}).get(file_name, size)  # snapshots written before sizes were listed
+        if size is None:
+            problem = "missing"
+        elif size != listed_size:
+            problem = f"{size} bytes, its manifest says {listed_size}"
+        elif file_sha256(path, from_disk) != expected:
+            problem = "sha256 differs from its manifest"
+        else:
+            problem = None
+        checked.append(SnapshotFile(path, size, problem))
+    return checked
+
+
+def read_manifest(folder: Path, from_disk: bool = False) -> dict[str, Any]:
+    """A snapshot's manifest, after checking every file it lists against its size and sha256."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        for file_name, expected in manifest["files"].items():
-            if file_sha256(folder / file_name) != expected:
-                raise IndexStoreError(f"index file {folder / file_name} is damaged (sha256 differs from its manifest)")
+        damaged = [file for file in check_files(folder, manifest, from_disk) if file.problem]
     except (OSError, ValueError, KeyError) as error:
         raise IndexStoreError(f"index snapshot {folder} can't be read: {error}") from error
+    if damaged:
+        raise IndexStoreError(f"index file {damaged[0].path} is damaged ({damaged[0].problem})")
     return manifest
 
 
@@ -99,9 +128,10 @@ def read_snapshot(folder: Path, ef: int) -> Snapshot:
 def write_snapshot(
     directory: Path, index_id: str, seq: int, identity: ModelIdentity, index: VectorIndex, projection: Projection | None
 ) -> str:
-    """Write index + items + manifest to a new folder and switch `CURRENT` to it; returns the new name.
+    """Write index + items + manifest to a new folder, verify it, and switch `CURRENT` to it; returns the new name.
 
-    The snapshot before the previous one is removed: the previous one stays for readers that are loading it."""
+    The snapshot before the previous one is removed: the previous one stays for readers that are loading it. A
+    snapshot that does not read back as written raises IndexStoreError, and CURRENT stays as it was."""
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     index.save_vectors(staging / VECTORS)
     files = [VECTORS, ITEMS]
@@ -112,9 +142,14 @@ def write_snapshot(
         [item_id, item.label, item.metadata, item.image_sha256, item.metadata_sha256]
         for item_id, item in index.items.items()
     ]
-    (staging / ITEMS).write_text(json.dumps(items, separators=(",", ":")))
+    items_data = json.dumps(items, separators=(",", ":")).encode()
+    (staging / ITEMS).write_bytes(items_data)
     for name in files:
         fsync_path(staging / name)
+    # The items' sha256 is what was meant to be written; hnswlib writes its file itself, so that one is read back.
+    digests = {
+        name: hashlib.sha256(items_data).hexdigest() if name == ITEMS else file_sha256(staging / name) for name in files
+    }
     manifest = {
         "format": FORMAT,
         "index_id": index_id,
@@ -124,13 +159,15 @@ def write_snapshot(
         "model": asdict(identity),
         "params": asdict(index.params),
         "projection": projection.describe() if projection else None,
-        "files": {name: file_sha256(staging / name) for name in files},
+        "files": digests,
+        "sizes": {name: (staging / name).stat().st_size for name in files},
     }
     atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
     # A fresh name every time: the snapshot CURRENT names is never touched until CURRENT names another.
     final = directory / f"{PREFIX}{seq:020d}-{uuid.uuid4().hex[:8]}"
     staging.rename(final)
     fsync_path(directory)
+    read_manifest(final, from_disk=True)  # CURRENT only ever names a snapshot that reads back as it was written
     previous = current_name(directory)
     atomic_write_bytes(directory / CURRENT, final.name.encode())
     remove_snapshots(directory, keep={final.name, previous})

@@ -77,30 +77,37 @@ class DurableIndex(IndexState):
         directory.mkdir(parents=True, exist_ok=True)
         store = cls(directory, identity, params, snapshot_every, reduction)
         store._lock()
-        remove_snapshots(directory, keep={current_name(directory)})
-        store._load_snapshot()
+        try:
+            store._load()
+        except BaseException:  # refused (damage, a model mismatch found late): the next try must find no lock
+            store._release()
+            raise
+        return store
+
+    def _load(self) -> None:
+        remove_snapshots(self.directory, keep={current_name(self.directory)})
+        self._load_snapshot()
         replayed = 0
-        for change in store.wal.replay(after_seq=store.seq):
-            store.apply_change(change)
-            store.seq = change.seq
+        for change in self.wal.replay(after_seq=self.seq):
+            self.apply_change(change)
+            self.seq = change.seq
             replayed += 1
-        store.changes_since_snapshot = replayed
-        store.wal.start_file(store.seq + 1)
-        store._warn_about_reduction()
-        reduced = store._reduce_when_due()
-        made = not store.index_id
+        self.changes_since_snapshot = replayed
+        self.wal.start_file(self.seq + 1)
+        self._warn_about_reduction()
+        reduced = self._reduce_when_due()
+        made = not self.index_id
         if made:
-            store.index_id = uuid.uuid4().hex  # a new index (or one from before index ids)
-        if store.mismatch is None and (reduced or made or store.snapshot_identity != identity):
-            store.snapshot()  # records the model identity and index id from the very start, a new projection at once
+            self.index_id = uuid.uuid4().hex  # a new index (or one from before index ids)
+        if self.mismatch is None and (reduced or made or self.snapshot_identity != self.identity):
+            self.snapshot()  # records the model identity and index id from the very start, a new projection at once
         log.info(
             "index %s: %d items, %d changes replayed from the log%s",
-            directory,
-            len(store.index),
+            self.directory,
+            len(self.index),
             replayed,
-            f"; REFUSING WORK: {store.mismatch}" if store.mismatch else "",
+            f"; REFUSING WORK: {self.mismatch}" if self.mismatch else "",
         )
-        return store
 
     def check_usable(self) -> None:
         if self.mismatch:
@@ -125,7 +132,7 @@ class DurableIndex(IndexState):
         if self._reduce_when_due() or self.changes_since_snapshot >= self.snapshot_every:
             try:
                 self.snapshot()
-            except OSError as error:  # the changes are safe in the log; the next batch tries again
+            except (OSError, IndexStoreError) as error:  # the changes are safe in the log; the next batch tries again
                 log.error("index snapshot failed, the log keeps growing: %s", error)
                 remove_snapshots(self.directory, keep={self.snapshot_name(), None})
 
@@ -165,22 +172,32 @@ class DurableIndex(IndexState):
             )
 
     def snapshot(self) -> None:
-        """Write a snapshot of the index at `seq`, switch CURRENT to it, then cut the log."""
+        """Write a snapshot of the index at `seq`, verify it, switch CURRENT to it, then cut the log."""
         name = write_snapshot(self.directory, self.index_id, self.seq, self.identity, self.index, self.projection)
-        self.wal.start_file(self.seq + 1)
-        self.wal.drop_through(self.seq)
         self.changes_since_snapshot = 0
         self.snapshot_identity, self.snapshot_seq = self.identity, self.seq
         log.info("index snapshot %s: %d items", name, len(self.index))
         self.on_snapshot(name)
+        try:
+            self.wal.start_file(self.seq + 1)
+            self.wal.drop_through(self.seq)
+        except OSError as error:
+            # The snapshot is in place; the log it covers only costs replay time (records up to its seq are
+            # skipped), and the file written to stays open, so changes go on. The next snapshot cuts the log.
+            log.error("index snapshot %s is in place, but the log was not cut (it keeps growing): %s", name, error)
 
     def snapshot_name(self) -> str | None:
         return current_name(self.directory)
 
     def close(self) -> None:
         """A clean stop: snapshot what the log holds so the next start needs no replay."""
-        if self.changes_since_snapshot and self.mismatch is None:
-            self.snapshot()
+        try:
+            if self.changes_since_snapshot and self.mismatch is None:
+                self.snapshot()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         self.wal.close()
         if self._lock_file is not None:
             self._lock_file.close()
