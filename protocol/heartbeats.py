@@ -32,6 +32,14 @@ class Role(StrEnum):
 HEARTBEAT_SECONDS = 10
 SOONEST_SECONDS = 1  # a woken heartbeat still waits this long after the previous one
 ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # a process that missed this many seconds of beats counts as gone
+FORGET_SECONDS = 10 * ALIVE_SECONDS  # a beat this old is removed by whoever reads the beats (a process killed -9)
+
+# Removes a beat unless it was refreshed since it was read. KEYS: the workers hash. ARGV: (field, beat) pairs.
+FORGET_SCRIPT = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+"""
 
 
 def _field(role: str) -> str:
@@ -68,8 +76,19 @@ def forget_heartbeat(client: redis.Redis, role: str) -> None:
 
 
 def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
-    """The latest status of each worker process (of one role), newest first, seen at or after `since`."""
-    beats = [json.loads(value) for value in client.hvals(keys.WORKERS)]
+    """The latest status of each worker process (of one role), newest first, seen at or after `since`; beats
+    older than FORGET_SECONDS (processes that died without a word) are removed on the way."""
+    raw = client.hgetall(keys.WORKERS)
+    beats = [json.loads(value) for value in raw.values()]
+    forgotten = time.time() - FORGET_SECONDS
+    stale = [
+        part
+        for (field, value), beat in zip(raw.items(), beats, strict=True)
+        if beat["seen"] < forgotten
+        for part in (field, value)
+    ]
+    if stale:
+        client.eval(FORGET_SCRIPT, 1, keys.WORKERS, *stale)
     chosen = [beat for beat in beats if (role is None or beat["role"] == role) and beat["seen"] >= since]
     return sorted(chosen, key=lambda beat: beat["seen"], reverse=True)
 

@@ -23,6 +23,7 @@ from worker.owner import IndexOwner
 from worker.queries import QueryConsumer
 from worker.recovery import start_watching, watch_for_orphans
 from worker.replica import ReadGate, Replica
+from worker.watchdog import LoadWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def yield_the_cpu(niceness: int) -> None:
 
 
 def open_index_owner(app: Celery) -> IndexOwner:
-    """Open the index (taking its lock), give back orphaned messages, and publish a heartbeat."""
+    """Open the index (taking its lock), give back orphaned messages, publish a heartbeat, watch the loads."""
     settings = runtime.settings()
     owner = IndexOwner.open(settings, runtime.state().redis)
     runtime.state().owner = owner
@@ -155,4 +156,5 @@ def open_index_owner(app: Celery) -> IndexOwner:
     log.info("index owner %d: %s, %d items at change %d", os.getpid(), owner.model.path.name, len(owner.store.index),
              owner.store.seq)  # fmt: skip
     owner.on_change = start_heartbeat(runtime.state().redis, Role.INDEX, owner.heartbeat).set
+    LoadWatchdog(app, owner.jobs, settings).start()  # one owner, so one watchdog over the loads
     return owner

@@ -31,12 +31,31 @@ def owner() -> IndexOwner:
     return current
 
 
-@shared_task(name=Task.PLAN_LOAD)
-def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict[str, int]:
+def delivered_too_often(task: Any, job_id: str) -> bool:
+    """Count this start of the task; True once its message was handed out more than LOOKALIKE_MAX_DELIVERIES times
+    (the workers it was handed to died on it: out of memory, a crash in a decoder or the model)."""
+    return runtime.jobs().count_delivery(job_id, task.request.id) > runtime.settings().max_deliveries
+
+
+def worker_lost(ids: list[str]) -> dict[str, dict[str, str]]:
+    deliveries = runtime.settings().max_deliveries
+    message = (
+        f"a worker died on this item's batch {deliveries} times (out of memory, or a crash reading it); "
+        "check the image, or raise the workers' memory and load it again"
+    )
+    return {item_id: item_error(ErrorCode.WORKER_LOST, message) for item_id in ids}
+
+
+@shared_task(name=Task.PLAN_LOAD, bind=True)
+def plan_load(self: Any, job_id: str, source: str, metadata_csv: str | None = None) -> dict[str, int]:
     """Read the catalogue, refuse bad rows up front, and queue its items in batches of references."""
     jobs, settings = runtime.jobs(), runtime.settings()
     if not jobs.start(job_id):
         return {"total": 0}  # finished already: a redelivered message
+    if delivered_too_often(self, job_id):
+        message = f"a worker died reading catalogue {source} {settings.max_deliveries} times (out of memory?)"
+        jobs.fail(job_id, item_error(ErrorCode.WORKER_LOST, message))
+        return {"total": 0}
     try:
         plan = plan_catalog(settings, source, metadata_csv)
     except CatalogError as error:
@@ -47,24 +66,35 @@ def plan_load(job_id: str, source: str, metadata_csv: str | None = None) -> dict
         jobs.fail(job_id, item_error(ErrorCode.PLAN_FAILED, f"the catalogue could not be read: {error}"))
         return {"total": 0}
     jobs.record(job_id, planning_errors=plan.errors)
-    for start in range(0, len(plan.items), settings.batch):
-        batch = [item.as_message() for item in plan.items[start : start + settings.batch]]
-        embed_batch.delay(job_id, batch)
+    messages = [item.as_message() for item in plan.items]
+    jobs.remember_items(job_id, messages)  # what the watchdog re-queues should a message be lost
+    queued = 0
+    try:
+        for queued in range(0, len(messages), settings.batch):
+            embed_batch.delay(job_id, messages[queued : queued + settings.batch])
+        queued = len(messages)
+    except Exception as error:  # the items not queued are counted failed, or the load would wait for them for ever
+        log.exception("load %s: %d items could not be queued", job_id, len(messages) - queued)
+        reason = item_error(ErrorCode.ENQUEUE_FAILED, f"the item could not be queued: {error}; load it again")
+        jobs.record(job_id, errors={message["id"]: reason for message in messages[queued:]})
     jobs.set_total(job_id, plan.total)
-    log.info("load %s: %d items queued, %d rows refused", job_id, len(plan.items), len(plan.errors))
-    return {"total": plan.total, "queued": len(plan.items), "refused": len(plan.errors)}
+    log.info("load %s: %d items queued, %d rows refused", job_id, queued, len(plan.errors))
+    return {"total": plan.total, "queued": queued, "refused": len(plan.errors)}
 
 
-@shared_task(name=Task.EMBED_BATCH)
-def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
+@shared_task(name=Task.EMBED_BATCH, bind=True)
+def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
     jobs, state = runtime.jobs(), runtime.state()
     ids = [item["id"] for item in items]
-    known = {
-        item_id: tuple(value.decode().split(":"))
-        for item_id, value in zip(ids, state.redis.hmget(keys.CHECKSUMS, ids), strict=True)
-        if value is not None
-    }
+    if delivered_too_often(self, job_id):
+        jobs.record(job_id, errors=worker_lost(ids))
+        return {"changes": 0, "unchanged": 0, "failed": len(ids)}
     try:
+        known = {
+            item_id: tuple(value.decode().split(":"))
+            for item_id, value in zip(ids, state.redis.hmget(keys.CHECKSUMS, ids), strict=True)
+            if value is not None
+        }
         outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
     except Exception as error:  # every item must end up counted, or the load would never finish
         log.exception("load %s: a batch of %d could not be embedded", job_id, len(items))
@@ -72,12 +102,20 @@ def embed_batch(job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
         return {"changes": 0, "unchanged": 0, "failed": len(ids)}
     jobs.record(job_id, done=outcome.unchanged, errors=outcome.errors)
     if outcome.changes:
-        apply_changes.delay(job_id, outcome.changes)
+        try:
+            apply_changes.delay(job_id, outcome.changes)
+        except Exception as error:  # counted failed, or the load would wait for them for ever
+            log.exception("load %s: %d changes could not be sent to the index owner", job_id, len(outcome.changes))
+            reason = item_error(ErrorCode.ENQUEUE_FAILED, f"the item could not be queued: {error}; load it again")
+            jobs.record(job_id, errors={change["id"]: reason for change in outcome.changes})
     return {"changes": len(outcome.changes), "unchanged": len(outcome.unchanged), "failed": len(outcome.errors)}
 
 
-@shared_task(name=Task.APPLY_CHANGES)
-def apply_changes(job_id: str | None, changes: list[dict[str, Any]]) -> dict[str, int]:
+@shared_task(name=Task.APPLY_CHANGES, bind=True)
+def apply_changes(self: Any, job_id: str | None, changes: list[dict[str, Any]]) -> dict[str, int]:
+    if job_id and delivered_too_often(self, job_id):
+        runtime.jobs().record(job_id, errors=worker_lost([change["id"] for change in changes]))
+        return {"applied": 0, "failed": len(changes)}
     return owner().apply(job_id, changes)
 
 
@@ -125,16 +163,20 @@ def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = N
     """Walk the index in chunks of DUPLICATES_CHUNK items, each chunk a task of its own on the search queue."""
     jobs = runtime.jobs()
     try:
-        if after is None:
-            if not jobs.start(job_id):
-                return
-            if len(owner().store.index):  # an empty index: no total, the job finishes below with its result
-                jobs.set_total(job_id, len(owner().store.index))
-        pairs, looked_at = owner().duplicate_pairs(after, DUPLICATES_CHUNK, threshold, k)
+        _find_duplicates_after(job_id, threshold, k, after)
     except Exception as error:  # a job must never stay "running"
         log.exception("duplicates %s failed", job_id)
         jobs.fail(job_id, item_error(ErrorCode.DUPLICATES_FAILED, f"the near-duplicate search failed: {error}"))
-        return
+
+
+def _find_duplicates_after(job_id: str, threshold: float, k: int, after: str | None) -> None:
+    jobs = runtime.jobs()
+    if after is None:
+        if not jobs.start(job_id):
+            return
+        if len(owner().store.index):  # an empty index: no total, the job finishes below with its result
+            jobs.set_total(job_id, len(owner().store.index))
+    pairs, looked_at = owner().duplicate_pairs(after, DUPLICATES_CHUNK, threshold, k)
     jobs.add_rows(job_id, pairs)
     if len(looked_at) == DUPLICATES_CHUNK:
         # Counted short of the total (items a load adds meanwhile could reach it), so that only the last
