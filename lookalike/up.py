@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import redis
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             embedded.start()
             print(f"redis: {embedded.url} (embedded, data in {embedded.directory})", file=sys.stderr)
         redis_url = embedded.url if embedded else settings.redis_url
-        refuse_a_second_index_owner(redis_url)
+        refuse_a_second_index_owner(redis_url, settings.index_dir)
         extra = {name: environ[name] for name in environ if name.startswith("LOOKALIKE_")}
         extra["LOOKALIKE_REDIS_URL"] = redis_url
         stack = Stack(redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
@@ -143,15 +145,40 @@ def catalog_root(data_dir: Path, catalog: Path | None) -> Path:
     return root
 
 
-def refuse_a_second_index_owner(redis_url: str) -> None:
+def refuse_a_second_index_owner(redis_url: str, index_dir: Path) -> None:
     """One index owner per Redis: another one (a shared external Redis) would take our searches and changes."""
-    owners = alive(redis.Redis.from_url(redis_url, socket_connect_timeout=5), Role.INDEX)
+    beats = alive(redis.Redis.from_url(redis_url, socket_connect_timeout=5), Role.INDEX)
+    owners = [beat for beat in beats if owner_lives(beat, index_dir)]
     if owners:
         owner = owners[0]
         raise LookalikeError(
             f"an index worker already runs against {redis_url} (pid {owner['pid']} on {owner['host']}); stop it, or "
             "point LOOKALIKE_REDIS_URL at a Redis of this deployment's own"
         )
+
+
+def owner_lives(beat: dict[str, Any], index_dir: Path) -> bool:
+    """Whether the owner a recent heartbeat tells of still runs. A heartbeat outlives its process: after a power
+    cut, Redis's append-only file brings it back as fresh as it was. The owner of our own index folder proves its
+    life by the folder's lock; another index's owner on this host by its pid; one elsewhere can't be checked."""
+    from worker.snapshots import current_index_id
+    from worker.store import owner_holds_lock
+
+    if beat.get("index_id") and beat["index_id"] == current_index_id(index_dir):
+        return owner_holds_lock(index_dir)
+    if beat["host"] == socket.gethostname():
+        return pid_runs(beat["pid"])
+    return True
+
+
+def pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load(stack: Stack, catalog: Path) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -19,7 +22,7 @@ from common.errors import LookalikeError
 from common.settings import Settings
 from lookalike.redis_server import free_port
 from lookalike.stack import LOOKALIKE, Stack
-from lookalike.up import catalog_root
+from lookalike.up import catalog_root, owner_lives
 from protocol.client import Client
 from protocol.heartbeats import Role, alive
 from tests.test_project import REPO, readme_commands
@@ -130,6 +133,67 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
     finally:
         assert again.stop(signal.SIGINT) == 0
     assert not [pid for pid in processes if running(pid)], "lookalike up returned before all it started ended"
+
+
+def power_cut(pid: int) -> None:
+    """Every process of a `lookalike up` (Redis too) stopped where it is, then all killed: nothing cleans up."""
+    victims = {pid, *descendants(pid)}
+    for signum in (signal.SIGSTOP, signal.SIGKILL):
+        victims |= descendants(pid)  # any started while we looked
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signum)
+
+
+def test_after_a_power_cut_up_serves_again_at_once_with_every_item(tmp_path, pretrained_model, sample_images):
+    """The dead owner's heartbeat comes back from Redis's append-only file as fresh as it was, and must not keep
+    the restart waiting: the index folder's lock, free now, proves that no owner lives."""
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    for image in sorted(sample_images.glob("*.jpg"))[:12]:
+        shutil.copy(image, shop)
+    port = free_port()
+    argv = [LOOKALIKE, "up", "--port", str(port), "--model", str(pretrained_model), "--replicas", "0"]
+    began = time.monotonic()
+    first = Up(tmp_path, [*argv, "--catalog", str(shop)])
+    try:
+        first.wait_for_output(rf"lookalike is up: http://127.0.0.1:{port}/")
+        first_start = time.monotonic() - began
+        first.wait_for_output(r"load done: 12 indexed")
+        before = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": first.redis_url()})).stats()
+    finally:
+        power_cut(first.process.pid)
+    first.process.wait(30)
+
+    began = time.monotonic()
+    again = Up(tmp_path, argv)
+    try:
+        again.wait_for_output(rf"lookalike is up: http://127.0.0.1:{port}/", timeout=120)
+        restart = time.monotonic() - began
+        after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": again.redis_url()})).stats(min_seq=before["seq"])
+        assert (after["items"], after["seq"]) == (12, before["seq"]), "every acknowledged item is back"
+        photo = sorted(shop.iterdir())[5]
+        assert search(port, photo)["result"]["hits"][0]["id"] == photo.stem
+    finally:
+        assert again.stop(signal.SIGINT) == 0
+    assert restart < first_start + 10, f"the restart took {restart:.0f} s, the first start {first_start:.0f} s"
+
+
+def test_an_owners_heartbeat_counts_only_with_a_proof_of_life(tmp_path):
+    from tests.test_index import IDENTITY, PARAMS
+    from worker.store import DurableIndex
+
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    beat = {"index_id": store.index_id, "host": socket.gethostname(), "pid": os.getpid()}
+    assert owner_lives(beat, tmp_path), "the owner of this folder holds its lock"
+    store.close()
+    assert not owner_lives(beat, tmp_path), "no lock held: its heartbeat outlived it, whatever the pid"
+    other_index = {"index_id": "elsewhere", "host": socket.gethostname(), "pid": os.getpid()}
+    assert owner_lives(other_index, tmp_path), "another index's owner on this host: its pid runs"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    assert not owner_lives({**other_index, "pid": ended.pid}, tmp_path)
+    assert owner_lives({**other_index, "host": "another-machine"}, tmp_path), "can't be checked from here"
 
 
 def test_up_without_a_model_says_what_to_run(tmp_path):

@@ -76,6 +76,17 @@ class SnapshotFile:
     problem: str | None  # how it differs from its manifest; None: its size and sha256 are the manifest's
 
 
+def current_index_id(directory: Path) -> str | None:
+    """The id of the index in `directory` as its current snapshot's manifest says (unverified), or None."""
+    name = current_name(directory)
+    if name is None:
+        return None
+    try:
+        return json.loads((directory / name / MANIFEST).read_text()).get("index_id") or None
+    except (OSError, ValueError):
+        return None
+
+
 def check_files(folder: Path, manifest: dict[str, Any], from_disk: bool = False) -> list[SnapshotFile]:
     """Every file the manifest lists, with its size and sha256 compared; `from_disk`: read past the page cache."""
     checked = []
