@@ -22,6 +22,8 @@ from protocol.jobs import Jobs
 from tests.conftest import REPO
 from tests.poisoned_embedder import POISON
 from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS
+from worker import runtime, tasks
+from worker.embedding import BatchOutcome
 from worker.watchdog import REQUEUES, LoadWatchdog
 
 STALL = "5"  # LOOKALIKE_LOAD_STALL, seconds: the least it may be
@@ -149,3 +151,61 @@ def test_the_beats_of_processes_dead_for_long_are_removed_by_whoever_reads_them(
         client.hset("lookalike:workers", field, json.dumps({"role": "embed", "pid": 1, "seen": seen}))
     assert len(alive(client, "embed")) == 1
     assert sorted(client.hkeys("lookalike:workers")) == [b"embed:here:3", b"embed:quiet:2"]
+
+
+@pytest.fixture
+def tasks_here(module_redis, tmp_path, monkeypatch):
+    """The tasks run in this process (Celery's apply), with Redis for their job records and a catalogue root."""
+    client = redis.Redis.from_url(module_redis)
+    client.flushdb()
+    monkeypatch.setenv("LOOKALIKE_REDIS_URL", module_redis)
+    monkeypatch.setenv("LOOKALIKE_CATALOG_ROOT", str(tmp_path / "catalog"))
+    monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOOKALIKE_BATCH", "2")
+    for cached in (runtime.settings, runtime._process_state):
+        cached.cache_clear()
+    create_celery(runtime.settings())
+    yield runtime.jobs()
+    for cached in (runtime.settings, runtime._process_state):
+        cached.cache_clear()
+
+
+def refuse_after(calls: int):
+    """A stand-in for a task's `delay` whose publish fails after `calls` successes (Redis went away)."""
+    sent = []
+
+    def delay(*args):
+        if len(sent) == calls:
+            raise ConnectionError("Redis went away")
+        sent.append(args)
+
+    return delay
+
+
+def test_items_a_task_could_not_queue_on_are_counted_failed(tasks_here, tmp_path, monkeypatch):
+    jobs = tasks_here
+    shop = tmp_path / "catalog" / "shop"
+    shop.mkdir(parents=True)
+    for name in "abcde":
+        (shop / f"{name}.jpg").write_bytes(b"not decoded while planning")
+    load = jobs.create("load", {"source": "shop"})
+    monkeypatch.setattr(tasks.embed_batch, "delay", refuse_after(1))
+    tasks.plan_load.apply(args=[load, "shop"])
+    job = jobs.get(load)
+    assert job["progress"] == {"total": 5, "done": 0, "failed": 3}  # the first batch of two was queued
+    assert job["errors_by_code"] == {"enqueue_failed": 3}
+    assert sorted(jobs.missing_items(load), key=lambda item: item["id"]) == [
+        {"id": item_id, "area": "catalog", "path": f"shop/{item_id}.jpg", "metadata": {}} for item_id in "ab"
+    ]  # what the watchdog would queue again
+
+    embedded = BatchOutcome(changes=[{"op": "upsert", "id": "a"}, {"op": "upsert", "id": "b"}], unchanged=["c"])
+    monkeypatch.setattr(tasks, "embed_items", lambda *_: embedded)
+    monkeypatch.setattr(runtime, "embedding_model", lambda: None)
+    monkeypatch.setattr(tasks.apply_changes, "delay", refuse_after(0))
+    batch = jobs.create("load", {})
+    jobs.start(batch)
+    jobs.set_total(batch, 3)
+    tasks.embed_batch.apply(args=[batch, [{"id": item_id} for item_id in "abc"]])
+    job = jobs.get(batch)
+    assert (job["state"], job["progress"]) == ("partial", {"total": 3, "done": 1, "failed": 2})
+    assert job["errors_by_code"] == {"enqueue_failed": 2}
