@@ -105,6 +105,9 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
     demo = Up(tmp_path, run_command.split(), PORT=str(port), LOOKALIKE_MODEL=str(pretrained_model),
               LOOKALIKE_DEMO_CATALOG=str(catalog))  # fmt: skip
     try:
+        made = demo.wait_for_output(r"API key for loads and deletes \(shown only now; kept in (\S+)\): (\S+)")
+        key_file = Path(made.group(1))
+        assert key_file.read_text().strip() == made.group(2) and key_file.stat().st_mode & 0o777 == 0o600
         demo.wait_for_output(rf"lookalike is up: http://127.0.0.1:{port}/")
         demo.wait_for_output(r"load partial: 1,002 indexed, 43,444 failed of 44,446")
         health = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -124,6 +127,8 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
     again = Up(tmp_path, [LOOKALIKE, "up", *args])
     try:
         again.wait_for_output(r"load partial: 1,002 indexed")
+        assert made.group(2) not in again.out.read_text() + again.err.read_text()  # shown only when it was made
+        assert f"API key for loads and deletes: in {key_file}" in again.err.read_text()
         redis_url = again.redis_url()
         after = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": redis_url})).stats(min_seq=index["seq"])
         assert (after["items"], after["seq"]) == (1002, index["seq"]), "a restart embedded nothing again"
