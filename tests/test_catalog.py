@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,11 +15,15 @@ from common.settings import Settings
 from worker.catalog import plan_catalog
 
 
-@pytest.fixture
-def settings(tmp_path) -> Settings:
+def catalog_settings(tmp_path: Path, **env: str) -> Settings:
     root = tmp_path / "catalog"
     root.mkdir()
-    return Settings.from_env({"LOOKALIKE_CATALOG_ROOT": str(root), "LOOKALIKE_DATA_DIR": str(tmp_path / "data")})
+    return Settings.from_env({"LOOKALIKE_CATALOG_ROOT": str(root), "LOOKALIKE_DATA_DIR": str(tmp_path / "data"), **env})
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return catalog_settings(tmp_path)
 
 
 def jpeg(path: Path) -> Path:
@@ -137,3 +143,92 @@ def test_a_link_inside_the_root_that_points_outside_is_refused(settings):
         resolve_reference(settings, "catalog", "link.jpg")
     with pytest.raises(CatalogError, match="unknown catalogue area"):
         resolve_reference(settings, "home", "x.jpg")
+
+
+def sparse_archive(path: Path, name: str, size: int) -> Path:
+    """A .tar.gz of some 130 bytes whose one member is a GNU sparse file of `size` bytes, all holes."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[483:495] = tarfile.itn(size, 12, tarfile.GNU_FORMAT)  # the size it unpacks to; no data blocks follow
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)  # the header's checksum, as tarfile writes it
+    path.write_bytes(gzip.compress(bytes(header) + bytes(2 * tarfile.BLOCKSIZE)))
+    return path
+
+
+def test_an_archive_with_a_sparse_member_is_refused_before_anything_is_unpacked(settings):
+    archive = sparse_archive(settings.catalog_root / "bomb.tar.gz", "images/1.jpg", 4 * 2**30)
+    assert archive.stat().st_size < 200
+    with pytest.raises(CatalogError, match=r"archive bomb.tar.gz holds a sparse file \(images/1.jpg\)"):
+        plan_catalog(settings, "bomb.tar.gz")
+    assert not list(settings.archives_dir.rglob("*.jpg"))
+
+
+def small_archive(path: Path, members: dict[str, bytes], links: int = 0) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for number in range(links):
+            link = tarfile.TarInfo(f"link{number}.jpg")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("env", "members", "links", "refusal"),
+    [({"LOOKALIKE_MAX_ARCHIVE_MEMBERS": "3"}, 2, 2, "holds more than 3 members .LOOKALIKE_MAX_ARCHIVE_MEMBERS.; raise"),
+     ({"LOOKALIKE_MAX_ARCHIVE_BYTES": "1000"}, 2, 0, "unpacks to more than 1,000 bytes .LOOKALIKE_MAX_ARCHIVE_BYTES.")],
+    ids=["members", "bytes"],
+)  # fmt: skip
+def test_an_archive_over_a_cap_is_refused_naming_the_variable_before_anything_is_unpacked(
+    tmp_path, env, members, links, refusal
+):
+    settings = catalog_settings(tmp_path, **env)
+    root = settings.catalog_root
+    photos = {f"images/{number}.jpg": b"\xff\xd8" + bytes(600) for number in range(members)}
+    small_archive(root / "over.tar", photos, links)
+    with pytest.raises(CatalogError, match=f"archive over.tar {refusal}"):
+        plan_catalog(settings, "over.tar")
+    assert not list(settings.archives_dir.rglob("*.jpg"))
+    small_archive(root / "within.tar", dict(list(photos.items())[:1]))  # at the caps: unpacked
+    assert [item.id for item in plan_catalog(settings, "within.tar").items] == ["0"]
+
+
+@pytest.mark.parametrize(
+    ("env", "refusal"),
+    [({"LOOKALIKE_MAX_CSV_BYTES": "50"}, r"items.csv is 58 bytes, over LOOKALIKE_MAX_CSV_BYTES \(50\); raise it"),
+     ({"LOOKALIKE_MAX_CSV_ROWS": "3"}, r"items.csv has more than 3 rows \(LOOKALIKE_MAX_CSV_ROWS\); raise it")],
+    ids=["bytes", "rows"],
+)  # fmt: skip
+def test_a_csv_over_a_cap_is_refused_naming_the_variable(tmp_path, env, refusal):
+    settings = catalog_settings(tmp_path, **env)
+    root = settings.catalog_root
+    for item_id in "ABCD":
+        jpeg(root / "images" / f"{item_id}.jpg")
+    (root / "items.csv").write_text("id,name,colour\nA,one,red\nB,two,blue\nC,x,y,z,w\nD,four,grey\n")  # C counts too
+    with pytest.raises(CatalogError, match=refusal):
+        plan_catalog(settings, "items.csv")
+    (root / "items.csv").write_text("id,name,colour\nA,one,red\nB,two,blue\nC,3,x\n")  # within the caps
+    assert [item.id for item in plan_catalog(settings, "items.csv").items] == ["A", "B", "C"]
+
+
+def test_file_names_that_are_not_utf8_are_item_errors_and_the_rest_is_planned(settings):
+    folder = settings.catalog_root / "drop"
+    jpeg(folder / "fine.jpg")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as file:  # Latin-1, as an old camera names it
+        file.write(b"\xff\xd8 pretend")
+    archive = settings.catalog_root / "drop.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name in ("images/fine.jpg", "images/caf\udce9.jpg"):  # the second holds the byte 0xE9 as it is
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"\xff\xd8a"))
+    for source, shown in (("drop", "caf\\xe9.jpg"), ("drop.tar", "images/caf\\xe9.jpg")):
+        plan = plan_catalog(settings, source)
+        assert [item.id for item in plan.items] == ["fine"]
+        message = f"the file name {shown} is not valid UTF-8; rename the file to load it"
+        assert plan.errors == {shown: {"code": "invalid_name", "message": message}}

@@ -24,6 +24,7 @@ from lookalike.stack import Stack
 from protocol.client import Client
 from tests.conftest import BENCH
 from tests.images import BAD_IMAGES, ODD_IMAGES, encode
+from tests.test_catalog import sparse_archive
 from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_while_holding_a_message, loading, search
 from web.app import create_app
 
@@ -251,3 +252,37 @@ def test_a_query_process_decodes_no_search_over_the_search_pixel_cap(make_stack)
     assert "over the cap of 1,000,000 pixels" in refused["error"]["message"]
     at_the_cap = client.follow(client.search(encode(Image.new("RGB", (1000, 1000), "red"), "PNG")), timeout=60)
     assert at_the_cap["state"] == "done", at_the_cap
+
+
+def test_a_130_byte_archive_that_unpacks_to_4_gib_fails_its_load_with_bad_catalog(make_stack):
+    stack = make_stack()
+    stack.start("index")
+    stack.start("embed")
+    stack.settings.uploads_dir.mkdir(parents=True)
+    bomb = sparse_archive(stack.settings.uploads_dir / "bomb.tar.gz", "images/1.jpg", 4 * 2**30)
+    client = Client(stack.settings)
+    job = client.follow(client.start_load(bomb), timeout=120)
+    assert job["state"] == "failed" and job["error"]["code"] == "bad_catalog"
+    assert "holds a sparse file (images/1.jpg)" in job["error"]["message"]
+    assert not list(stack.settings.archives_dir.rglob("*.jpg"))
+
+
+def test_names_that_are_not_utf8_and_files_over_the_byte_cap_are_item_errors_and_the_rest_loads(make_stack, shared_dir):
+    photo = (shared_dir / "data" / "fashion" / "images" / "10186.jpg").read_bytes()
+    stack = make_stack(LOOKALIKE_MAX_IMAGE_BYTES=str(len(photo)))
+    stack.start("index")
+    stack.start("embed")
+    folder = stack.settings.uploads_dir / "drop"
+    folder.mkdir(parents=True)
+    (folder / "10186.jpg").write_bytes(photo)
+    (folder / "larger.jpg").write_bytes(photo + b"\0")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as file:
+        file.write(photo)
+    with (folder / "huge.jpg").open("wb") as file:
+        file.truncate(4 * 2**30)  # holes: nothing on disk
+    client = Client(stack.settings)
+    job = client.follow(client.start_load(folder), timeout=120)
+    assert job["progress"] == {"total": 4, "done": 1, "failed": 3}, job
+    assert job["errors_by_code"] == {"invalid_name": 1, "too_large": 2}
+    assert client.stats()["items"] == 1
+    assert peak_memory(stack.processes["embed"].pid) < WORKER_PEAK_BYTES

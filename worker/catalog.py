@@ -6,10 +6,10 @@ Items carry references to their images (see `common.areas`), never the image byt
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,6 +24,7 @@ from common.settings import Settings
 from protocol.jobs import item_error
 
 DATASET_CSV = "styles.csv"
+CSV_CHUNK_ROWS = 10_000  # rows parsed between two checks of LOOKALIKE_MAX_CSV_ROWS
 ID_COLUMN, IMAGE_COLUMN = "id", "image"
 
 
@@ -71,7 +72,7 @@ def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = Non
 def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
     """One row per product: `id`, optional `image` (relative to the CSV; default images/<id>.jpg), metadata."""
     plan = CatalogPlan()
-    rows = _read_rows(csv_path, plan)
+    rows = _read_rows(settings, csv_path, plan)
     if rows.empty and not plan.errors:
         return plan
     if ID_COLUMN not in rows.columns:
@@ -98,6 +99,13 @@ def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str,
     plan = CatalogPlan()
     seen: dict[str, Path] = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        if not _is_utf8(str(path.relative_to(folder))):
+            # Python hands an undecodable byte on as a lone surrogate, which no job record or message can carry
+            shown = os.fsencode(path.relative_to(folder)).decode("utf-8", "backslashreplace")
+            plan.errors[shown] = item_error(
+                ErrorCode.INVALID_NAME, f"the file name {shown} is not valid UTF-8; rename the file to load it"
+            )
+            continue
         item_id = path.stem
         if item_id in seen:
             plan.errors[str(path.relative_to(folder))] = item_error(
@@ -121,17 +129,45 @@ def _add(settings: Settings, plan: CatalogPlan, item_id: str, path: Path, shown:
     plan.items.append(CatalogItem(item_id, area, relative.as_posix(), metadata))
 
 
-def _read_rows(csv_path: Path, plan: CatalogPlan) -> pd.DataFrame:
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_rows(settings: Settings, csv_path: Path, plan: CatalogPlan) -> pd.DataFrame:
+    """The CSV's rows, refused whole over LOOKALIKE_MAX_CSV_BYTES (before reading) or LOOKALIKE_MAX_CSV_ROWS (as
+    soon as a chunk of rows passes it); a row with more fields than the header is a row error."""
+    malformed = 0
+
     def bad_line(fields: list[str]) -> None:
+        nonlocal malformed
+        malformed += 1
         row_id = fields[0] if fields else "?"
         plan.errors[f"{row_id} (malformed)"] = item_error(
             ErrorCode.INVALID_ROW, f"the row of id {row_id} has {len(fields)} fields, more than the header"
         )
 
     try:
-        return pd.read_csv(
-            csv_path, dtype=str, keep_default_na=False, engine="python", on_bad_lines=bad_line, skipinitialspace=True
-        )
+        size = csv_path.stat().st_size
+        if size > settings.max_csv_bytes:
+            raise CatalogError(
+                f"{csv_path.name} is {size:,} bytes, over LOOKALIKE_MAX_CSV_BYTES ({settings.max_csv_bytes:,}); "
+                "raise it to load this catalogue"
+            )
+        chunks, rows = [], 0
+        for chunk in pd.read_csv(csv_path, dtype=str, keep_default_na=False, engine="python", on_bad_lines=bad_line,
+                                 skipinitialspace=True, chunksize=CSV_CHUNK_ROWS):  # fmt: skip
+            chunks.append(chunk)
+            rows += len(chunk)
+            if rows + malformed > settings.max_csv_rows:
+                raise CatalogError(
+                    f"{csv_path.name} has more than {settings.max_csv_rows:,} rows (LOOKALIKE_MAX_CSV_ROWS); raise "
+                    "it to load this catalogue"
+                )
+        return pd.concat(chunks) if chunks else pd.DataFrame()
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
         raise CatalogError(f"{csv_path} can't be read as CSV: {error}") from error
     except pd.errors.EmptyDataError:
@@ -142,7 +178,7 @@ def _read_metadata(settings: Settings, metadata_csv: str) -> dict[str, dict[str,
     path = Path(metadata_csv) if Path(metadata_csv).is_absolute() else settings.catalog_root / metadata_csv
     locate(settings, path)
     ignored = CatalogPlan()
-    rows = _read_rows(path, ignored)
+    rows = _read_rows(settings, path, ignored)
     if ID_COLUMN not in rows.columns:
         raise CatalogError(f"{path} has no {ID_COLUMN!r} column")
     return {str(row.pop(ID_COLUMN)).strip(): _clean(row) for row in rows.to_dict("records")}
@@ -163,7 +199,7 @@ def unpack_archive(settings: Settings, archive: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=settings.archives_dir))
     try:
         with tarfile.open(archive) as tar:
-            for member in _safe_members(tar):
+            for member in _checked_members(settings, tar, archive.name):
                 tar.extract(member, staging, filter="data")
         staging.rename(target)  # atomic: the folder appears whole or not at all
     except (tarfile.TarError, OSError, EOFError) as error:
@@ -174,9 +210,30 @@ def unpack_archive(settings: Settings, archive: Path) -> Path:
     return target
 
 
-def _safe_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """Regular files with relative paths that stay inside: links, devices, `..` and absolute names are skipped."""
-    for member in tar:
-        name = PurePosixPath(member.name)
-        if member.isfile() and not name.is_absolute() and ".." not in name.parts:
-            yield member
+def _checked_members(settings: Settings, tar: tarfile.TarFile, name: str) -> list[tarfile.TarInfo]:
+    """The members to unpack, every header read and the archive's caps checked before any of them is unpacked."""
+    members, unpacked = [], 0
+    for count, member in enumerate(tar, start=1):  # links and other skipped members count too: each is a header
+        if count > settings.max_archive_members:
+            raise CatalogError(
+                f"archive {name} holds more than {settings.max_archive_members:,} members "
+                "(LOOKALIKE_MAX_ARCHIVE_MEMBERS); raise it to load this archive"
+            )
+        if not _is_safe(member):
+            continue
+        if member.issparse():  # a few bytes in the archive that unpack to gigabytes of holes
+            raise CatalogError(f"archive {name} holds a sparse file ({member.name}); pack it without --sparse")
+        unpacked += member.size
+        if unpacked > settings.max_archive_bytes:
+            raise CatalogError(
+                f"archive {name} unpacks to more than {settings.max_archive_bytes:,} bytes "
+                "(LOOKALIKE_MAX_ARCHIVE_BYTES); raise it to load this archive"
+            )
+        members.append(member)
+    return members
+
+
+def _is_safe(member: tarfile.TarInfo) -> bool:
+    """A regular file with a relative path that stays inside; links, devices, `..` and absolute names are skipped."""
+    name = PurePosixPath(member.name)
+    return member.isfile() and not name.is_absolute() and ".." not in name.parts
