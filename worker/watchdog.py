@@ -34,6 +34,7 @@ class LoadWatchdog:
         self.stall = settings.load_stall
         self.batch = settings.batch
         self.every = max(1.0, min(settings.load_stall / 5, 30.0))
+        self.waiting: dict[str, float] = {}  # load -> when a message of it was last seen waiting (monotonic)
 
     def start(self) -> None:
         threading.Thread(target=self.run, name="load-watchdog", daemon=True).start()
@@ -51,9 +52,17 @@ class LoadWatchdog:
     def check(self) -> int:
         """Rescue every stalled load; returns how many there were."""
         rescued = 0
-        for job_id in self.jobs.active_loads():
+        active = self.jobs.active_loads()
+        self.waiting = {job_id: seen for job_id, seen in self.waiting.items() if job_id in active}
+        for job_id in active:
             activity = self.jobs.activity(job_id)
-            if activity is None or activity.idle_seconds < self.stall or self.has_messages(job_id):
+            if activity is None or activity.idle_seconds < self.stall:
+                continue
+            # A load queued behind others waits without progress: its messages are looked for once a stall period.
+            if time.monotonic() - self.waiting.get(job_id, -self.stall) < self.stall:
+                continue
+            if self.has_messages(job_id):
+                self.waiting[job_id] = time.monotonic()
                 continue
             self.rescue(job_id, activity)
             rescued += 1
@@ -69,11 +78,13 @@ class LoadWatchdog:
         with self.app.connection_for_write() as connection:
             channel = connection.default_channel
             client = channel.client
-            for queue in (Queue.EMBED, Queue.INDEX):
+            if any(needle in raw for _, raw in client.hscan_iter(channel.unacked_key, count=SCAN_CHUNK)):
+                return True  # the held ones first: a few per worker
+            for queue in (Queue.EMBED, Queue.INDEX):  # newest first: a load waiting behind others is found soon
                 for start in range(0, client.llen(queue), SCAN_CHUNK):
                     if any(needle in raw for raw in client.lrange(queue, start, start + SCAN_CHUNK - 1)):
                         return True
-            return any(needle in raw for _, raw in client.hscan_iter(channel.unacked_key, count=SCAN_CHUNK))
+            return False
 
     def rescue(self, job_id: str, activity: LoadActivity) -> None:
         if activity.requeued >= REQUEUES:
