@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("Load: more clients than the search queue takes", ["load.py", "--clients", "150", "--seconds", "30"]),
     ("Index: hnswlib against exact search (real catalogue)", ["index_recall.py", "real"]),
     ("Search: the tutorial's all-pairs matrix against hnswlib", ["search_baseline.py"]),
+    ("Decode memory: large images that compress to almost nothing", ["decode_memory.py"]),
 ]
 MILLION = ("Index: hnswlib against exact search (1M synthetic)", ["index_recall.py", "synthetic"])
 LIBRARIES = ("onnxruntime", "tensorflow-cpu", "hnswlib", "numpy", "celery", "redis", "flask", "waitress", "pillow")
