@@ -128,6 +128,17 @@ def test_a_search_of_a_batch_naming_an_unknown_field_fails_alone(tmp_path):
     store.close()
 
 
+def test_the_owner_answers_a_read_waiting_for_a_change_it_never_made_as_a_bad_parameter(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    store.apply([upsert("p1", 1)])
+    assert IndexReader(store).get("p1", store.seq)["item"]["id"] == "p1"
+    refused = IndexReader(store).get("p1", store.seq + 1)["error"]
+    assert refused["code"] == "bad_parameter" and f"it is at change {store.seq}" in refused["message"]
+    following = IndexReader(store, caught_up=lambda seq, seconds: False)  # a replica: the change may still come
+    assert following.get("p1", store.seq + 1)["error"]["code"] == "behind"
+    store.close()
+
+
 def test_the_store_replays_its_log_after_a_crash(tmp_path):
     store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
     store.apply([upsert(f"p{seed}", seed, colour="red") for seed in range(10)])

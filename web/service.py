@@ -194,7 +194,7 @@ class Service:
             message = f"no index reader answered within {self.settings.call_timeout} s (busy or stopped)"
             raise unavailable(ErrorCode.NO_WORKER, message) from None
         except ReadError as error:  # behind the change asked for, or an index that can't be used: its reason
-            if error.code == ErrorCode.UNKNOWN_FIELD:  # a field the reader's last heartbeat did not have yet
+            if error.code in (ErrorCode.UNKNOWN_FIELD, ErrorCode.BAD_PARAMETER):  # the request's fault, not ours
                 raise ApiError(400, error.code, str(error)) from error
             raise unavailable(error.code, str(error)) from error
 

@@ -25,8 +25,9 @@ FACET_SECONDS = 30  # a count of facets walks every item; most changes barely mo
 
 
 class IndexReader:
-    """`caught_up(seq, seconds)` is true once the state holds change `seq`, waiting at most `seconds` for it;
-    `usable()` names why the state can't answer (another model's index, say), or is None."""
+    """`caught_up(seq, seconds)` is true once the state holds change `seq`, waiting at most `seconds` for it (without
+    one, the state is the owner's, which makes every change: one it doesn't hold was never made); `usable()` names
+    why the state can't answer (another model's index, say), or is None."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class IndexReader:
         wait_seconds: float = 1.0,
     ) -> None:
         self.state = state
+        self.owns = caught_up is None
         self.lock = lock or nullcontext()
         self.caught_up = caught_up or (lambda seq, seconds: state.seq >= seq)
         self.usable = usable
@@ -135,6 +137,9 @@ class IndexReader:
         problem = self.usable()
         if problem:
             return {"error": item_error(ErrorCode.INDEX_UNAVAILABLE, problem)}
+        if min_seq and self.owns and self.state.seq < min_seq:
+            message = f"min_seq {min_seq} is no change the index has made: it is at change {self.state.seq}"
+            return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
         if min_seq and not self.caught_up(min_seq, self.wait_seconds):
             message = f"this index reader is at change {self.state.seq}, not yet at {min_seq}"
             return {"error": item_error(ErrorCode.BEHIND, message)}
