@@ -164,9 +164,5 @@ def _form_context() -> dict[str, Any]:
 
 
 def _catalog_context() -> dict[str, Any]:
-    settings = service().settings
-    return {
-        "loads": [present_job(load) for load in service().loads()],
-        "health": service().health(),
-        "signed_in": browser_signed_in(),
-    }
+    loads = [present_job(load) for load in service().loads()]
+    return {"loads": loads, "health": service().health(), "signed_in": browser_signed_in()}
