@@ -30,9 +30,10 @@ SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 ITEM, PLANNING = "i:", "p:"  # how a failure is keyed: an item's id, or a row refused while planning
 SCAN_CHUNK = 1000
 
-# The keys every script below is given, in this order: the record, its parts (keys.PARTS), the list a waiting
-# client blocks on, the metrics, the active loads. ARGV starts with: now (ISO), now (epoch seconds), a load's
-# retention, the other jobs' time-to-live, the most errors stored, the job id.
+# The keys every script below is given, in this order: 1 the record, 2-10 its parts as keys.PARTS lists them
+# (2 done, 3 failed, 4 errors, 5 error ids, 6 error codes, 7 items, 8 deliveries, 9 preview, 10 rows), 11 the list
+# a waiting client blocks on, 12 the metrics, 13 the active loads. ARGV starts with: now (ISO), now (epoch
+# seconds), a load's retention, the other jobs' time-to-live, the most errors stored, the job id.
 SCRIPT_PRELUDE = """
 local PARTS = 10
 local function keep_for(ttl)
