@@ -55,3 +55,13 @@ def locate(settings: Settings, path: Path) -> tuple[str, Path]:
         f"{path} is outside the catalogue root {settings.catalog_root} (set LOOKALIKE_CATALOG_ROOT to a folder "
         "that holds it)"
     )
+
+
+def shown(settings: Settings, path: Path | str) -> str:
+    """A server path as clients may see it: `area/relative` under a catalogue area, else only its file name (an
+    answer or a job's error never shows where the server keeps its files)."""
+    try:
+        area, relative = locate(settings, Path(path))
+    except (CatalogError, OSError, ValueError):
+        return Path(path).name
+    return f"{area}/{relative.as_posix()}"

@@ -131,6 +131,26 @@ def test_sources_outside_the_root_and_unknown_forms_are_refused(settings, tmp_pa
         plan_catalog(settings, "noid.csv")
 
 
+def test_a_refused_catalogue_is_named_by_its_reference_never_a_server_path(settings, tmp_path):
+    root = settings.catalog_root
+    (root / "shop").mkdir()
+    (root / "shop" / "noid.csv").write_text("sku,image\n1,a.jpg\n")
+    (root / "shop" / "list.txt").write_text("1,2")
+    (root / "shop" / "broken.tar").write_bytes(b"not a tar archive at all" * 40)
+    (tmp_path / "elsewhere").mkdir()
+    sources = {
+        str(root / "shop" / "noid.csv"): "catalog/shop/noid.csv has no 'id' column",
+        str(root / "shop" / "list.txt"): "catalog/shop/list.txt is not a CSV file",
+        str(root / "shop" / "gone"): "catalogue catalog/shop/gone does not exist",
+        str(root / "shop" / "broken.tar"): "archive broken.tar can't be unpacked",
+        str(tmp_path / "elsewhere"): "elsewhere is outside the catalogue root (LOOKALIKE_CATALOG_ROOT)",
+    }
+    for source, message in sources.items():
+        with pytest.raises(CatalogError) as refused:
+            plan_catalog(settings, source)
+        assert str(refused.value).startswith(message) and str(tmp_path) not in str(refused.value)
+
+
 @pytest.mark.parametrize("reference", ["../x.jpg", "/etc/passwd", "a/../../x.jpg"])
 def test_references_are_resolved_only_inside_their_area(settings, reference):
     with pytest.raises(CatalogError, match="outside the catalogue root"):

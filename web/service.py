@@ -14,7 +14,7 @@ import celery.exceptions
 import redis
 from flask import current_app
 
-from common.areas import CatalogError, locate, resolve_reference
+from common.areas import CatalogError, resolve_reference, shown
 from common.errors import ErrorCode
 from common.filters import unknown_field
 from common.images import IMAGE_SUFFIXES, ImageError, check_size, read_image_file, thumbnail_jpeg
@@ -125,13 +125,7 @@ class Service:
 
     def reference(self, path: str | None) -> str | None:
         """A server path as `area/relative`, the way clients see catalogue files (never the server's folders)."""
-        if not path:
-            return path
-        try:
-            area, relative = locate(self.settings, Path(path))
-        except CatalogError:
-            return Path(path).name
-        return f"{area}/{relative.as_posix()}"
+        return shown(self.settings, path) if path else path
 
     def loads(self, limit: int = LOADS_SHOWN) -> list[dict[str, Any]]:
         return self.jobs.list_loads(limit)

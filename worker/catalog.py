@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from common.areas import ARCHIVE_SUFFIXES, CatalogError, locate
+from common.areas import ARCHIVE_SUFFIXES, CatalogError, locate, shown
 from common.errors import ErrorCode
 from common.files import file_sha256
 from common.images import IMAGE_SUFFIXES
@@ -54,9 +54,9 @@ class CatalogPlan:
 def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = None) -> CatalogPlan:
     """Read a catalogue source (absolute path, or relative to the catalogue root) into items and row errors."""
     path = Path(source) if Path(source).is_absolute() else settings.catalog_root / source
-    locate(settings, path)
+    _inside_an_area(settings, path)
     if not path.exists():
-        raise CatalogError(f"catalogue {source} does not exist")
+        raise CatalogError(f"catalogue {shown(settings, path)} does not exist")
     metadata = _read_metadata(settings, metadata_csv) if metadata_csv else None
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
         path = unpack_archive(settings, path)
@@ -66,7 +66,19 @@ def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = Non
         return _plan_csv(settings, path / DATASET_CSV)
     if path.is_dir():
         return _plan_folder(settings, path, metadata)
-    raise CatalogError(f"{source} is not a CSV file, a folder or a tar archive")
+    raise CatalogError(f"{shown(settings, path)} is not a CSV file, a folder or a tar archive")
+
+
+def _inside_an_area(settings: Settings, path: Path) -> None:
+    try:
+        locate(settings, path)
+    except CatalogError:
+        raise CatalogError(f"{path.name} is outside the catalogue root (LOOKALIKE_CATALOG_ROOT)") from None
+
+
+def _reason(error: Exception) -> str:
+    """An error in words for a job record: an OSError's text names a server path, its strerror doesn't."""
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
 def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
@@ -76,7 +88,8 @@ def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
     if rows.empty and not plan.errors:
         return plan
     if ID_COLUMN not in rows.columns:
-        raise CatalogError(f"{csv_path} has no {ID_COLUMN!r} column (columns: {', '.join(rows.columns)})")
+        columns = ", ".join(rows.columns)
+        raise CatalogError(f"{shown(settings, csv_path)} has no {ID_COLUMN!r} column (columns: {columns})")
     seen: set[str] = set()
     for row_number, row in enumerate(rows.to_dict("records"), start=2):
         item_id = str(row.pop(ID_COLUMN, "")).strip()
@@ -169,18 +182,18 @@ def _read_rows(settings: Settings, csv_path: Path, plan: CatalogPlan) -> pd.Data
                 )
         return pd.concat(chunks) if chunks else pd.DataFrame()
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
-        raise CatalogError(f"{csv_path} can't be read as CSV: {error}") from error
+        raise CatalogError(f"{shown(settings, csv_path)} can't be read as CSV: {_reason(error)}") from error
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
 
 
 def _read_metadata(settings: Settings, metadata_csv: str) -> dict[str, dict[str, Any]]:
     path = Path(metadata_csv) if Path(metadata_csv).is_absolute() else settings.catalog_root / metadata_csv
-    locate(settings, path)
+    _inside_an_area(settings, path)
     ignored = CatalogPlan()
     rows = _read_rows(settings, path, ignored)
     if ID_COLUMN not in rows.columns:
-        raise CatalogError(f"{path} has no {ID_COLUMN!r} column")
+        raise CatalogError(f"{shown(settings, path)} has no {ID_COLUMN!r} column")
     return {str(row.pop(ID_COLUMN)).strip(): _clean(row) for row in rows.to_dict("records")}
 
 
@@ -206,7 +219,7 @@ def unpack_archive(settings: Settings, archive: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         if target.exists():
             return target  # another load unpacked the same archive first
-        raise CatalogError(f"archive {archive.name} can't be unpacked: {error}") from error
+        raise CatalogError(f"archive {archive.name} can't be unpacked: {_reason(error)}") from error
     return target
 
 
