@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,15 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def side_by_side(*photos: Path) -> bytes:
+    """One PNG of the photos in a row (a shopper's photo that shows several products), pixels unchanged."""
+    images = [Image.open(photo).convert("RGB") for photo in photos]
+    row = Image.new("RGB", (sum(image.width for image in images), max(image.height for image in images)), "white")
+    for index, image in enumerate(images):
+        row.paste(image, (sum(other.width for other in images[:index]), 0))
+    return encode(row, "PNG")
 
 
 def sixteen_bit_gray() -> Image.Image:

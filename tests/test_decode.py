@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.images import ImageError, ResizePolicy, decode_image
+from common.images import MIN_CROP_SIDE, Crop, ImageError, ResizePolicy, decode_image, thumbnail_jpeg
 from tests.conftest import BENCH
 from tests.images import BAD_IMAGES, ODD_IMAGES, encode
 
@@ -46,6 +47,54 @@ def test_exif_orientation_is_applied(fmt, scale):
     exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
     pixels = decode_image(encode(image, fmt, exif=exif.tobytes()), (30, 60))
     assert pixels[:25].mean() > 200 and pixels[35:].mean() < 50  # the left half is now on top
+
+
+# Pillow's turn for each EXIF orientation undone: the image stored so that the orientation shows it upright.
+STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}  # fmt: skip
+
+
+def stored_with_orientation(upright: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright.transpose(STORED_AS[orientation]) if orientation in STORED_AS else upright
+    return encode(stored, "PNG", exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_crop_is_counted_in_pixels_of_the_image_as_shown_whatever_its_exif_orientation(orientation):
+    upright = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (90, 140, 3), dtype=np.uint8))
+    data = stored_with_orientation(upright, orientation)
+    pixels = decode_image(data, (50, 40), crop=Crop(17, 9, 50, 40))
+    assert np.array_equal(pixels, np.asarray(upright.crop((17, 9, 67, 49))))
+    with pytest.raises(ImageError, match="reaches outside the image, which is 140x90 pixels as shown"):
+        decode_image(data, (50, 40), crop=Crop(100, 0, 41, 40))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_crop_of_a_large_photo_keeps_the_detail_that_shrinking_the_whole_photo_first_would_lose(fmt):
+    photo = Image.new("RGB", (4000, 3000), (255, 255, 255))
+    for left in range(1000, 1400, 32):  # 16-pixel black stripes in a 400 x 400 box: grey at the whole photo's scale
+        photo.paste((0, 0, 0), (left, 1000, left + 16, 1400))
+    pixels = decode_image(encode(photo, fmt), (50, 50), crop=Crop(1000, 1000, 400, 400))
+    assert pixels.std() > 80 and 0.3 < (pixels < 128).mean() < 0.7, "stripes, not a grey blur"
+
+
+def test_a_crop_box_smaller_than_the_minimum_is_refused_naming_the_minimum():
+    data = encode(Image.new("RGB", (200, 100)), "PNG")
+    with pytest.raises(ImageError, match=f"at least {MIN_CROP_SIDE}x{MIN_CROP_SIDE}") as refused:
+        decode_image(data, SIZE, crop=Crop(0, 0, MIN_CROP_SIDE - 1, 60))
+    assert refused.value.code == "bad_parameter"
+    assert decode_image(data, SIZE, crop=Crop(0, 0, MIN_CROP_SIDE, MIN_CROP_SIDE)).shape == (32, 32, 3)
+
+
+def test_a_preview_shows_the_crop_box_it_searched():
+    data = encode(Image.new("RGB", (400, 200), (255, 255, 255)), "PNG")
+    preview = np.asarray(Image.open(io.BytesIO(thumbnail_jpeg(data, 100, outline=Crop(200, 0, 200, 200)))))
+    assert preview.shape == (50, 100, 3)
+    assert preview[25, 51][2] > 180 and preview[25, 51][0] < 120, "the box's left edge, in the accent blue"
+    assert preview[25, 75].min() > 240 and preview[25, 25].min() > 240, "inside and outside the box: the photo"
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "L", "P", "LA", "1", "I;16"])
