@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 
 from common.errors import ErrorCode, LookalikeError
-from common.images import check_size
+from common.images import Crop, check_size
 from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.connection import redis_client
@@ -61,13 +61,15 @@ class Client:
         filters: dict[str, str] | None = None,
         preview: bytes | None = None,
         min_seq: int = 0,
+        crop: Crop | None = None,
     ) -> str:
-        """Queue a search; `preview` (a small JPEG of the query) is kept with the job for pages to show."""
+        """Queue a search (of the part `crop` names, when given); `preview` (a small JPEG of the query) is kept with
+        the job for pages to show."""
         check_size(image, self.settings.max_upload)
         job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
         # A search no worker took in time is failed by its job record; its message must not run later for no one.
         encoded = base64.b64encode(image).decode()
-        arguments = (encoded, k, filters or {}, min_seq)
+        arguments = (encoded, k, filters or {}, min_seq, list(crop) if crop else None)
         self._enqueue(job_id, Task.SEARCH_IMAGE, *arguments, expires=self.settings.search_timeout)
         return job_id
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.images import side_by_side
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
@@ -67,6 +69,48 @@ def test_a_shopper_searches_with_a_photo_and_sees_the_gallery(page, served, shar
     cards.nth(1).locator("a").click()
     expect(page.locator("h2")).to_have_text("More like this")
     expect(page.locator(".gallery .card")).to_have_count(12)
+
+
+def test_a_shopper_draws_a_box_around_one_of_two_products_and_gets_that_ones_lookalikes(
+    page, served, shared_dir, tmp_path
+):
+    from playwright.sync_api import expect
+
+    photo = tmp_path / "two.png"  # a shirt on the left, a handbag on the right, 60 x 80 pixels each
+    photo.write_bytes(
+        side_by_side(*(shared_dir / "data" / "fashion" / "images" / f"{i}.jpg" for i in ("10186", "10227")))
+    )
+    page.goto(f"{served.url}/")
+    page.set_input_files("#image", str(photo))
+    preview = page.locator("#preview")
+    expect(preview).to_be_visible()
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
+
+    def drag(start: tuple[float, float], end: tuple[float, float]) -> None:
+        """From and to a point given as fractions of the preview's width and height."""
+        box = preview.bounding_box()
+        page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + end[0] * box["width"], box["y"] + end[1] * box["height"], steps=8)
+        page.mouse.up()
+
+    drag((0.1, 0.1), (0.4, 0.9))
+    expect(page.locator("#crop-box")).to_be_visible()
+    page.click("#crop-clear")  # changed their mind: the whole photo again
+    assert page.input_value("#crop") == "" and page.locator("#crop-box").is_hidden()
+    drag((0.5, 0), (1.2, 1.2))  # past the corner: the box stops at the photo's edges
+    assert page.input_value("#crop") == "60,0,60,80"
+    page.fill("input[name=k]", "3")
+    page.click("button[type=submit]")
+
+    cards = page.locator(".gallery .card")
+    expect(cards).to_have_count(3, timeout=30_000)
+    assert cards.first.locator("a").get_attribute("href") == "/items/10227"
+    expect(page.locator(".searched-box")).to_contain_text("box at 60,0, 60x80 pixels")
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".query img").evaluate("image => image.naturalWidth") == 120, "the preview, box drawn on it"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "results-crop.png", full_page=True)
 
 
 def test_a_file_that_is_not_an_image_is_explained(page, served, tmp_path):

@@ -10,6 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.settings import Settings
 from lookalike.redis_server import free_port
 from protocol.jobs import FINISHED
-from tests.images import BAD_IMAGES, encode
+from tests.images import BAD_IMAGES, encode, side_by_side
 from web.app import create_app
 
 MAX_UPLOAD = 200_000
@@ -28,6 +29,14 @@ FORM_TOKEN = re.compile(r'action="[^"]*\?csrf_token=([0-9a-f]+)"')
 
 def photo(shared_dir: Path, item_id: str = "10186") -> bytes:
     return (shared_dir / "data" / "fashion" / "images" / f"{item_id}.jpg").read_bytes()
+
+
+TWO_PRODUCTS = ("10186", "10227")  # a black shirt and a purple handbag, 60 x 80 pixels each
+
+
+def two_products(shared_dir: Path) -> bytes:
+    """A 120 x 80 photo of two catalogue products side by side."""
+    return side_by_side(*(shared_dir / "data" / "fashion" / "images" / f"{item}.jpg" for item in TWO_PRODUCTS))
 
 
 def app_for(redis_url: str, tmp_path: Path, shared_dir: Path, **env: str):
@@ -108,6 +117,27 @@ def test_a_min_seq_that_is_not_a_sequence_number_is_400(idle, shared_dir, min_se
     for response in (search(idle, photo(shared_dir), min_seq=min_seq), idle.get(f"/api/items/1?min_seq={min_seq}"),
                      idle.get(f"/api/items/1/similar?min_seq={min_seq}")):  # fmt: skip
         assert response.status_code == 400 and error_of(response) == "bad_parameter"
+
+
+@pytest.mark.parametrize(
+    ("crop", "reason"),
+    [
+        ("1,2,3", "four whole numbers"),
+        ("a,b,c,d", "four whole numbers"),
+        ("0,0,60.5,80", "four whole numbers"),
+        ("0,0,0,80", "must be positive, not 0x80"),
+        ("0,0,60,-80", "must be positive, not 60x-80"),
+        ("-1,0,60,80", "starts outside the image"),
+        ("70,0,60,80", "reaches outside the image, which is 120x80 pixels"),
+        ("0,0,31,80", "too small to search; make it at least 32x32"),
+    ],
+)
+def test_a_bad_crop_box_is_400_saying_what_is_wrong_with_it(idle, shared_dir, crop, reason):
+    response = search(idle, two_products(shared_dir), crop=crop)
+    assert response.status_code == 400 and error_of(response) == "bad_parameter"
+    assert reason in response.get_json()["error"]["message"]
+    form = idle.post("/search", data={"image": (io.BytesIO(two_products(shared_dir)), "two.png"), "crop": crop})
+    assert form.status_code == 400 and reason in form.get_data(as_text=True)
 
 
 def test_a_search_without_an_image_is_400(idle):
@@ -414,6 +444,26 @@ def test_the_form_redirects_to_a_job_page_that_shows_the_gallery(live, shared_di
     assert page.count('class="card"') == 4 and 'href="/items/10227"' in page
     preview = live.get(f"/jobs/{job_id}/preview.jpg")
     assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
+
+
+@pytest.mark.slow
+def test_a_crop_around_one_of_two_products_finds_that_product_and_the_result_names_the_box(live, shared_dir):
+    for crop, left, product in zip(("0,0,60,80", "60,0,60,80"), (0, 60), TWO_PRODUCTS, strict=True):
+        job = follow(live, search(live, two_products(shared_dir), k="3", crop=crop).location)
+        assert job["state"] == "done" and job["result"]["hits"][0]["id"] == product, job
+        assert job["result"]["crop"] == {"x": left, "y": 0, "width": 60, "height": 80}
+    whole = follow(live, search(live, two_products(shared_dir), k="3", crop="").location)  # the form without a box
+    assert whole["state"] == "done" and "crop" not in whole["result"]
+
+    form = {"image": (io.BytesIO(two_products(shared_dir)), "two.png"), "k": "3", "crop": "60,0,60,80"}
+    submitted = live.post("/search", data=form)
+    job_id = submitted.location.rsplit("/", 1)[1]
+    follow(live, f"/api/jobs/{job_id}")
+    page = live.get(submitted.location).get_data(as_text=True)
+    assert "searched only the box at 60,0, 60x80 pixels of your photo" in page and 'href="/items/10227"' in page
+    preview = np.asarray(Image.open(io.BytesIO(live.get(f"/jobs/{job_id}/preview.jpg").data)))
+    assert preview.shape == (80, 120, 3)
+    assert preview[40, 61, 2] > 180 and preview[40, 61, 0] < 120, "the box's left edge is drawn on the preview"
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ from common.images import ImageError
 
 log = logging.getLogger(__name__)
 
-# Image problems found before queueing: an empty upload is a bad request, the rest are about the content.
-IMAGE_ERROR_STATUS = {ErrorCode.EMPTY: 400, ErrorCode.TOO_LARGE: 413}
+# Image problems found before queueing: an empty upload or a crop box that does not fit it is a bad request, the rest
+# are about the content.
+IMAGE_ERROR_STATUS = {ErrorCode.EMPTY: 400, ErrorCode.BAD_PARAMETER: 400, ErrorCode.TOO_LARGE: 413}
 UNSUPPORTED_MEDIA = 415
 
 

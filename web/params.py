@@ -1,4 +1,4 @@
-"""Request parameters, checked: top-N, metadata filters, job and item ids."""
+"""Request parameters, checked: top-N, metadata filters, a crop box, job and item ids."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 
 from common import filters
 from common.filters import MAX_FIELD_LENGTH
+from common.images import Crop
 from web.errors import bad_parameter, not_found
 
 DEFAULT_K = 5
@@ -14,6 +15,7 @@ MAX_K = 100
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 MAX_SEQ = 10**18 - 1
 DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
+CROP = re.compile(r"\s*(-?[0-9]{1,9})\s*,\s*(-?[0-9]{1,9})\s*,\s*(-?[0-9]{1,9})\s*,\s*(-?[0-9]{1,9})\s*")
 
 
 def parse_whole(name: str, value: str | None, default: int, minimum: int, maximum: int) -> int:
@@ -33,6 +35,22 @@ def parse_k(value: str | None) -> int:
 def parse_min_seq(fields: Mapping[str, str]) -> int:
     """`min_seq`: the sequence number a write answered with; the read then sees that write (0: any reader)."""
     return parse_whole("min_seq", fields.get("min_seq"), 0, 0, MAX_SEQ)
+
+
+def parse_crop(value: str | None) -> Crop | None:
+    """`crop=x,y,w,h`: the part of the upload to search, in its pixels as shown (after its EXIF orientation); None
+    when not given. Whether it lies inside the image, and is large enough, is known once the image is decoded."""
+    if value is None or value.strip() == "":
+        return None
+    match = CROP.fullmatch(value)
+    if not match:
+        raise bad_parameter(f"crop must be four whole numbers x,y,w,h in pixels of the image, not {value[:40]!r}")
+    crop = Crop(*map(int, match.groups()))
+    if crop.width <= 0 or crop.height <= 0:
+        raise bad_parameter(f"the crop box's width and height must be positive, not {crop.width}x{crop.height}")
+    if crop.x < 0 or crop.y < 0:
+        raise bad_parameter(f"the crop box starts outside the image, at {crop.x},{crop.y}: x and y are 0 or more")
+    return crop
 
 
 def parse_filters(values: Iterable[str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from flask import current_app
 from common.areas import CatalogError, resolve_reference, shown
 from common.errors import ErrorCode
 from common.filters import unknown_field
-from common.images import IMAGE_SUFFIXES, ImageError, check_size, read_image_file, thumbnail_jpeg
+from common.images import IMAGE_SUFFIXES, Crop, ImageError, check_size, read_image_file, thumbnail_jpeg
 from common.settings import Settings
 from protocol import keys
 from protocol.client import Client, ReadError
@@ -56,18 +56,21 @@ class Service:
 
     # searches ------------------------------------------------------------------------------------------------
 
-    def submit_search(self, image: bytes, k: int, filters: dict[str, str], min_seq: int = 0) -> str:
-        """Check the upload is an image we can read, then queue it; the preview is made from the same decode."""
+    def submit_search(
+        self, image: bytes, k: int, filters: dict[str, str], min_seq: int = 0, crop: Crop | None = None
+    ) -> str:
+        """Check the upload is an image we can read (and the crop box fits it), then queue it; the preview, with the
+        box drawn on it, is made from the same decode."""
         self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
         self.check_fields(filters)
         try:
             check_size(image, self.settings.max_upload)
             with self.decoding():
-                preview = thumbnail_jpeg(image, PREVIEW_SIDE, self.settings.max_search_pixels)
+                preview = thumbnail_jpeg(image, PREVIEW_SIDE, self.settings.max_search_pixels, outline=crop)
         except ImageError as error:
             raise ApiError.from_image_error(error) from error
         self.searchable()
-        return self.client.search(image, k, filters, preview, min_seq)
+        return self.client.search(image, k, filters, preview, min_seq, crop)
 
     @contextmanager
     def decoding(self) -> Iterator[None]:

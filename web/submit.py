@@ -14,21 +14,22 @@ from werkzeug.datastructures import FileStorage
 from common.areas import ARCHIVE_SUFFIXES
 from common.errors import ErrorCode
 from web.errors import ApiError, bad_parameter
-from web.params import parse_filters, parse_k, parse_min_seq
+from web.params import parse_crop, parse_filters, parse_k, parse_min_seq
 from web.service import current_service as service
 
 
 def search_from_request() -> str:
-    """multipart `image`, `k` and repeated `filter=FIELD=VALUE` -> a queued search job's id."""
+    """multipart `image`, `k`, repeated `filter=FIELD=VALUE` and `crop=x,y,w,h` -> a queued search job's id."""
     k = parse_k(request.form.get("k"))
     filters = parse_filters(request.form.getlist("filter"))
     min_seq = parse_min_seq(request.form)
+    crop = parse_crop(request.form.get("crop"))
     upload = request.files.get("image")
     if upload is None or not upload.filename:
         raise ApiError(400, ErrorCode.MISSING_IMAGE, "send the image as the multipart file field `image`")
     # One byte past the cap is enough to know the upload is over it.
     data = upload.read(service().settings.max_upload + 1)
-    return service().submit_search(data, k, filters, min_seq)
+    return service().submit_search(data, k, filters, min_seq, crop)
 
 
 def load_from_request() -> str:

@@ -26,7 +26,7 @@ from celery import Celery, current_app
 from kombu import Connection, Consumer, Message
 
 from common.errors import ErrorCode
-from common.images import ImageError, check_size, decode_image
+from common.images import Crop, ImageError, check_size, decode_image
 from common.settings import Settings
 from common.vectors import encode_vector
 from protocol.jobs import item_error
@@ -63,6 +63,7 @@ class Search:
     filters: dict[str, str]
     min_seq: int
     pixels: np.ndarray
+    crop: Crop | None = None  # the part of the upload searched, None for the whole of it
 
 
 @dataclass
@@ -164,8 +165,9 @@ def _expired(message: Message) -> bool:
 
 
 def search_batch(messages: list[tuple[Any, ...]]) -> None:
-    """Each message: (job id, image as base64, k, filters, min_seq). The searches are embedded together and asked
-    for in one read per sequence number they wait for (nearly always one: 0, any reader's present state)."""
+    """Each message: (job id, image as base64, k, filters, min_seq, crop or None). The searches are embedded
+    together and asked for in one read per sequence number they wait for (nearly always one: 0, any reader's present
+    state)."""
     settings = runtime.settings()
     model = runtime.embedding_model(settings.query_threads)
     searches = [search for message in messages if (search := _started(message, model.contract.size))]
@@ -189,18 +191,21 @@ def _started(message: tuple[Any, ...], size: tuple[int, int]) -> Search | None:
     """The search a message asks for, decoded; None when there is nothing to do (or its job failed already)."""
     jobs, settings = runtime.jobs(), runtime.settings()
     job_id, image, k, filters, *rest = message
+    min_seq = rest[0] if rest else 0  # messages of older web processes end earlier
+    box = rest[1] if len(rest) > 1 else None
     if not jobs.start(job_id):
         return None  # timed out while it waited, or answered already (a message given back twice)
     try:
+        crop = Crop(*map(int, box)) if box else None
         data = check_size(base64.b64decode(image, validate=True), settings.max_upload)
-        pixels = decode_image(data, size, settings.resize, settings.max_search_pixels)
+        pixels = decode_image(data, size, settings.resize, settings.max_search_pixels, crop)
     except ImageError as error:
         jobs.fail(job_id, error.as_dict())
         return None
-    except ValueError as error:  # not base64: a message no web process made
+    except (ValueError, TypeError) as error:  # not base64, or a crop of other than four numbers: no web made it
         jobs.fail(job_id, item_error(ErrorCode.SEARCH_FAILED, f"the search message is damaged: {error}"))
         return None
-    return Search(job_id, k, filters or {}, rest[0] if rest else 0, pixels)
+    return Search(job_id, k, filters or {}, min_seq, pixels, crop)
 
 
 def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min_seq: int, timeout: float) -> None:
@@ -220,7 +225,7 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
         if isinstance(hits, dict):  # this search was refused (a filter naming no field of the catalogue)
             jobs.fail(search.job_id, hits["error"])
         else:
-            jobs.finish(search.job_id, {"hits": hits})
+            jobs.finish(search.job_id, {"hits": hits, **({"crop": search.crop.as_dict()} if search.crop else {})})
 
 
 def _fail(searches: list[Search], error: dict[str, str]) -> None:

@@ -4,13 +4,16 @@
 function previewChosenImage() {
   const input = document.getElementById("image");
   const drop = document.getElementById("drop");
+  const area = document.getElementById("crop-area");
   const preview = document.getElementById("preview");
-  if (!input || !drop || !preview) return;
+  if (!input || !drop || !area || !preview) return;
+  const cropper = drawCropBox(preview);
   const show = () => {
     const file = input.files && input.files[0];
     if (!file) return;
+    cropper.clear();
     preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
+    area.hidden = false;
   };
   input.addEventListener("change", show);
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
@@ -23,6 +26,55 @@ function previewChosenImage() {
       show();
     }
   });
+}
+
+// A box dragged on the preview becomes the form's `crop=x,y,w,h`, in pixels of the photo as shown (naturalWidth and
+// naturalHeight are after its EXIF orientation, as the server counts them).
+function drawCropBox(preview) {
+  const box = document.getElementById("crop-box");
+  const field = document.getElementById("crop");
+  const clearButton = document.getElementById("crop-clear");
+  let start = null;
+  const clamp = (value, low, high) => Math.min(Math.max(value, low), high);
+  const at = (event) => {
+    const rect = preview.getBoundingClientRect();
+    return { x: clamp(event.clientX - rect.left, 0, rect.width), y: clamp(event.clientY - rect.top, 0, rect.height) };
+  };
+  const place = (a, b) => {
+    Object.assign(box.style, {
+      left: `${Math.min(a.x, b.x)}px`, top: `${Math.min(a.y, b.y)}px`,
+      width: `${Math.abs(a.x - b.x)}px`, height: `${Math.abs(a.y - b.y)}px`,
+    });
+    box.hidden = false;
+  };
+  const clear = () => {
+    field.value = "";
+    box.hidden = true;
+    clearButton.hidden = true;
+  };
+  const finish = (end) => {
+    const rect = preview.getBoundingClientRect();
+    const scaleX = preview.naturalWidth / rect.width;
+    const scaleY = preview.naturalHeight / rect.height;
+    const left = Math.round(Math.min(start.x, end.x) * scaleX);
+    const top = Math.round(Math.min(start.y, end.y) * scaleY);
+    const width = Math.round(Math.max(start.x, end.x) * scaleX) - left;
+    const height = Math.round(Math.max(start.y, end.y) * scaleY) - top;
+    start = null;
+    if (width < 1 || height < 1) return clear();  // a click, not a box: the whole photo
+    field.value = `${left},${top},${width},${height}`;
+    clearButton.hidden = false;
+  };
+  preview.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    preview.setPointerCapture(event.pointerId);
+    start = at(event);
+  });
+  preview.addEventListener("pointermove", (event) => { if (start) place(start, at(event)); });
+  preview.addEventListener("pointerup", (event) => { if (start) finish(at(event)); });
+  preview.addEventListener("pointercancel", () => { if (start) { start = null; clear(); } });
+  clearButton.addEventListener("click", clear);
+  return { clear };
 }
 
 const FINISHED = ["done", "failed", "partial"];
