@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lookalike.export_cli import configure as export
     from lookalike.index_cli import configure as index
     from lookalike.settings_cli import configure as settings
+    from lookalike.tune_cli import configure as tune
     from lookalike.up import configure as up
     from lookalike.web_cli import configure as web
     from lookalike.worker_cli import configure_evaluate, configure_worker
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("search", "find the catalogue items most like an image", configure_search),
         ("duplicates", "list catalogue items that look the same (near-duplicates)", configure_duplicates),
         ("evaluate", "measure retrieval quality on a labelled catalogue", configure_evaluate),
+        ("tune", "learn a projection head from the catalogue's labels and write the tuned model", tune),
         ("settings", "print every LOOKALIKE_* setting as this environment gives it", settings),
     ]
     parser = OneLineParser(prog="lookalike", description="Self-hosted visual similarity search for products.")

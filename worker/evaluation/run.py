@@ -23,6 +23,7 @@ from common.settings import CORES, Settings
 from common.vectors import decode_vector, unit_rows
 from worker.catalog import plan_catalog
 from worker.embedding import embed_items
+from worker.evaluation.cache import EmbeddingCache
 from worker.evaluation.metrics import TOP_K, LabelQuality, exact_neighbours, label_quality, recall
 from worker.index import IndexParams, Item, VectorIndex
 from worker.projection import Projection
@@ -37,6 +38,7 @@ class Embeddings:
     metadata: list[dict[str, Any]]
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     seconds: float = 0.0
+    embedded: int = 0  # images the model ran on (the rest came from the cache)
 
 
 @dataclass
@@ -116,24 +118,39 @@ def embed_catalog(
     source: str | Path,
     metadata_csv: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> Embeddings:
-    """Plan and embed a catalogue in batches of `settings.batch`, exactly as a load does."""
+    """Plan and embed a catalogue in batches of `settings.batch`, exactly as a load does; with `cache`, only the
+    images it lacks are decoded and embedded, and their vectors are added to it."""
     started = time.perf_counter()
     plan = plan_catalog(settings, str(source), str(metadata_csv) if metadata_csv else None)
     ids, vectors, metadata = [], [], []
     errors = dict(plan.errors)
     messages = [item.as_message() for item in plan.items]
+    # A cached image is `known` with an empty metadata checksum: embed_items then reads and hashes it, and when the
+    # image is the same answers a change without a vector (as for new metadata), which the cache's vector fills.
+    known = {item_id: (image, "") for item_id, image in cache.known_images().items()} if cache else {}
+    embedded = 0
     for start in range(0, len(messages), settings.batch):
-        outcome = embed_items(messages[start : start + settings.batch], model, settings, known={})
+        outcome = embed_items(messages[start : start + settings.batch], model, settings, known=known)
         errors |= outcome.errors
         for change in outcome.changes:
+            if "vector" in change:
+                vector = decode_vector(change["vector"])
+                embedded += 1
+                if cache is not None:
+                    cache.add(change["id"], change["image_sha256"], vector)
+            else:
+                vector = cache.vector(change["image_sha256"])
             ids.append(change["id"])
-            vectors.append(decode_vector(change["vector"]))
+            vectors.append(vector)
             metadata.append(change["metadata"])
         if progress:
             progress(min(start + settings.batch, len(messages)), len(messages))
+    if cache is not None:
+        cache.save()
     matrix = np.vstack(vectors) if vectors else np.zeros((0, model.contract.dimension), np.float32)
-    return Embeddings(ids, unit_rows(matrix), metadata, errors, time.perf_counter() - started)
+    return Embeddings(ids, unit_rows(matrix), metadata, errors, time.perf_counter() - started, embedded)
 
 
 def reduce(embeddings: Embeddings, projection: Projection) -> Embeddings:
