@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", "run a worker: embed, index (exactly one), query or replica", configure_worker),
         ("web", "serve the search pages and the JSON API (waitress)", web),
         ("up", "run everything on this machine (Redis included) until Ctrl-C", up),
-        ("index", "check an index folder's snapshot and log (read-only: beside a running owner too)", index),
+        ("index", "build an index of another model beside the serving one, roll back, list, delete, check", index),
         ("ingest", "load a catalogue through the queue, with a progress bar", configure_ingest),
         ("search", "find the catalogue items most like an image", configure_search),
         ("duplicates", "list catalogue items that look the same (near-duplicates)", configure_duplicates),

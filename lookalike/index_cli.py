@@ -1,31 +1,113 @@
-"""`lookalike index check`: is an index folder sound? Read-only, so it runs beside a live owner too."""
+"""`lookalike index`: build an index of another model beside the serving one and switch to it, roll back, list and
+delete indexes (through the index owner), and check an index folder (read-only, beside a live owner too)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+INDEX_DIR_HELP = "the index folder (default LOOKALIKE_INDEX_DIR, else LOOKALIKE_DATA_DIR/index)"
 
 
 def configure(index: argparse.ArgumentParser) -> None:
     actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="build an index of MODEL beside the serving one (searches go on against it) and switch to it when "
+        "complete; the replaced index is kept for `lookalike index rollback`",
+    )
+    build.add_argument(
+        "--model",
+        type=Path,
+        help="the new model, at a path every embed worker reaches (default: the serving model: a rebuild with "
+        "today's settings, such as LOOKALIKE_PCA_DIM)",
+    )
+    build.add_argument("--wait", action="store_true", help="show the build's progress until it is switched in")
+    build.set_defaults(handler=run_build)
+    rollback = actions.add_parser("rollback", help="serve the index the last switch replaced again")
+    rollback.set_defaults(handler=run_rollback)
+    listing = actions.add_parser("list", help="the indexes in the index folder: serving, previous, building, kept")
+    listing.add_argument("--index-dir", type=Path, help=INDEX_DIR_HELP)
+    listing.set_defaults(handler=run_list)
+    delete = actions.add_parser("delete", help="delete a kept index, or the one being built (ending its build)")
+    delete.add_argument("index_id", help="the index's id, as `lookalike index list` shows it")
+    delete.set_defaults(handler=run_delete)
     check = actions.add_parser(
         "check",
-        help="report the snapshot (its files' sizes and sha256 verified) and each log file, without starting the "
-        "owner or taking its lock; exit 1 when damaged",
+        help="report the serving index's snapshot (its files' sizes and sha256 verified) and each log file, without "
+        "starting the owner or taking its lock; exit 1 when damaged",
     )
-    check.add_argument(
-        "--index-dir", type=Path, help="the index folder (default LOOKALIKE_INDEX_DIR, else LOOKALIKE_DATA_DIR/index)"
-    )
+    check.add_argument("--index-dir", type=Path, help=INDEX_DIR_HELP)
     check.set_defaults(handler=run_check)
 
 
-def run_check(args: argparse.Namespace) -> int:
+def _client():
     from common.settings import Settings
+    from protocol.client import Client
+
+    return Client(Settings.from_env(os.environ), timeout=60)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from protocol.heartbeats import Role, alive
+
+    client = _client()
+    model = str(args.model.resolve()) if args.model else None
+    started = client.build_index(model)
+    print(f"building index {started['index_id']} of {started['model']} beside the serving one")
+    if not args.wait:
+        print("`lookalike index list` or /healthz shows its progress; it is switched in when complete")
+        return 0
+    while True:
+        owners = alive(client.jobs.redis, Role.INDEX)
+        owner = owners[0] if owners else {}
+        if owner.get("index_id") == started["index_id"]:
+            print(f"switched: index {started['index_id']} serves, {owner.get('items')} items")
+            return 0
+        building = owner.get("building")
+        if owners and (building or {}).get("index_id") != started["index_id"]:
+            print(f"the build of index {started['index_id']} ended without a switch (deleted?)", file=sys.stderr)
+            return 1
+        if building:
+            print(f"  round {building['round']}: {building['items']:,} of {building['of']:,} items", flush=True)
+        time.sleep(2)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    answer = _client().rollback_index()
+    print(f"index {answer['serving']} serves again ({answer['model']}); {answer['previous']} is kept")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    answer = _client().delete_index(args.index_id)
+    print(f"deleted index {answer['deleted']} ({answer['folder']})")
+    return 0
+
+
+def _index_dir(args: argparse.Namespace) -> Path:
+    from common.settings import Settings
+
+    return args.index_dir or Settings.from_env(os.environ).index_dir
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from worker.aliases import describe
+
+    for row in describe(_index_dir(args)):
+        print(f"{row['index_id']}  {row['role']:<23} {row['items']:>9,} items  change {row['seq']:<8} "
+              f"{row['model']}  ({row['folder']})")  # fmt: skip
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from worker.aliases import serving_folder
     from worker.check import check_index
 
-    directory = args.index_dir or Settings.from_env(os.environ).index_dir
+    directory = serving_folder(_index_dir(args))
     check = check_index(directory)
     print("\n".join(check.lines))
     if check.damage:

@@ -161,10 +161,11 @@ def owner_lives(beat: dict[str, Any], index_dir: Path) -> bool:
     """Whether the owner a recent heartbeat tells of still runs. A heartbeat outlives its process: after a power
     cut, Redis's append-only file brings it back as fresh as it was. The owner of our own index folder proves its
     life by the folder's lock; another index's owner on this host by its pid; one elsewhere can't be checked."""
+    from worker.aliases import serving_folder
     from worker.snapshots import current_index_id
     from worker.store import owner_holds_lock
 
-    if beat.get("index_id") and beat["index_id"] == current_index_id(index_dir):
+    if beat.get("index_id") and beat["index_id"] == current_index_id(serving_folder(index_dir)):
         return owner_holds_lock(index_dir)
     if beat["host"] == socket.gethostname():
         return pid_runs(beat["pid"])

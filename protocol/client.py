@@ -136,6 +136,30 @@ class Client:
         finally:
             result.forget()
 
+    def build_index(self, model_file: str | None = None) -> dict[str, Any]:
+        """Start building an index of `model_file` (default: the serving model) beside the serving one, switched
+        in when complete: its `index_id`, `model` and first round's `job`."""
+        return self._ask_owner(Task.BUILD_INDEX, model_file)
+
+    def rollback_index(self) -> dict[str, Any]:
+        """Serve the index the last switch replaced again: `serving`, `model`, `seq`, `previous`."""
+        return self._ask_owner(Task.ROLLBACK_INDEX)
+
+    def delete_index(self, index_id: str) -> dict[str, Any]:
+        """Delete a kept index, or the one being built: `deleted`, `folder`."""
+        return self._ask_owner(Task.DELETE_INDEX, index_id)
+
+    def _ask_owner(self, task: Task, *args: Any) -> dict[str, Any]:
+        """The owner's answer; one with an `error` is raised as ReadError."""
+        result = self.celery.send_task(task, args=list(args))
+        try:
+            answer = result.get(timeout=self.timeout)
+        finally:
+            result.forget()
+        if "error" in answer:
+            raise ReadError(answer["error"]["code"], answer["error"]["message"])
+        return answer
+
     # messages --------------------------------------------------------------------------------------------------
 
     def _enqueue(self, job_id: str, task: Task, *args: Any, expires: float | None = None) -> None:

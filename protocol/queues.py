@@ -23,6 +23,10 @@ class Task(StrEnum):
     APPLY_CHANGES = "lookalike.apply_changes"
     DELETE_ITEMS = "lookalike.delete_items"
     WRITE_SNAPSHOT = "lookalike.write_snapshot"
+    BUILD_INDEX = "lookalike.build_index"
+    ADVANCE_BUILD = "lookalike.advance_build"
+    ROLLBACK_INDEX = "lookalike.rollback_index"
+    DELETE_INDEX = "lookalike.delete_index"
     SEARCH_IMAGE = "lookalike.search_image"
     NEAREST = "lookalike.nearest"
     SIMILAR_ITEMS = "lookalike.similar_items"
@@ -37,6 +41,10 @@ ROUTES: dict[Task, Queue] = {
     Task.APPLY_CHANGES: Queue.INDEX,
     Task.DELETE_ITEMS: Queue.INDEX,
     Task.WRITE_SNAPSHOT: Queue.INDEX,
+    Task.BUILD_INDEX: Queue.INDEX,
+    Task.ADVANCE_BUILD: Queue.INDEX,
+    Task.ROLLBACK_INDEX: Queue.INDEX,
+    Task.DELETE_INDEX: Queue.INDEX,
     Task.SEARCH_IMAGE: Queue.QUERY,
     # Reads: to the replicas; `protocol.readers` sends them to the owner's SEARCH queue when none keeps up.
     Task.NEAREST: Queue.READ,

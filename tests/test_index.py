@@ -201,7 +201,7 @@ def test_vectors_of_another_model_are_refused(tmp_path):
     store.close()
     other = ModelIdentity("b" * 64, DIM, "stretch")
     refused = DurableIndex.open(tmp_path, other, PARAMS)
-    assert "load the catalogue again into an empty LOOKALIKE_INDEX_DIR" in refused.mismatch
+    assert "`lookalike index build --model NEW.onnx` builds an index of the new model" in refused.mismatch
     with pytest.raises(IndexStoreError, match="holds 1 vectors of model aaaaaaaaaaaa"):
         refused.apply([upsert("b", 2)])
 

@@ -23,6 +23,9 @@ CANNED_ANSWERS = {
     Task.SIMILAR_ITEMS: {"hits": []},
     Task.INDEX_STATS: {"stats": {}},
     Task.DELETE_ITEMS: {"deleted": 0, "seq": 0},
+    Task.BUILD_INDEX: {"index_id": "new", "model": "new.onnx", "job": "job"},
+    Task.ROLLBACK_INDEX: {"serving": "old", "model": "old.onnx", "seq": 9, "previous": "new"},
+    Task.DELETE_INDEX: {"deleted": "new", "folder": "indexes/new"},
 }
 
 
@@ -82,13 +85,16 @@ def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(w
         "similar": ("10186",),
         "stats": (),
         "delete": (["10186"],),
+        "build_index": ("new.onnx",),
+        "rollback_index": (),
+        "delete_index": ("new",),
     }
     public = {name for name, _ in inspect.getmembers(Client, inspect.isfunction) if not name.startswith("_")}
     assert public - {"follow"} == set(calls), "a new client method: add it here"
     for name, arguments in calls.items():
         getattr(client, name)(*arguments)
     # only the workers send the rest: a load's batches and changes, query processes' reads, replicas' requests
-    workers_own = {Task.EMBED_BATCH, Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT}
+    workers_own = {Task.EMBED_BATCH, Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT, Task.ADVANCE_BUILD}
     assert {name for name, _ in recording.sent} == set(Task) - workers_own
     for name, queue in recording.sent:
         assert name in worker_app.tasks or name == TASK

@@ -203,7 +203,7 @@ def test_items_a_task_could_not_queue_on_are_counted_failed(tasks_here, tmp_path
 
     embedded = BatchOutcome(changes=[{"op": "upsert", "id": "a"}, {"op": "upsert", "id": "b"}], unchanged=["c"])
     monkeypatch.setattr(tasks, "embed_items", lambda *_: embedded)
-    monkeypatch.setattr(runtime, "embedding_model", lambda: None)
+    monkeypatch.setattr(runtime, "embedding_model", lambda **_: None)
     monkeypatch.setattr(tasks.apply_changes, "delay", refuse_after(0))
     batch = jobs.create("load", {})
     jobs.start(batch)

@@ -31,6 +31,7 @@ class Entry:
     changes: list[Change] | None = None
     snapshot: str | None = None
     projection: int = 0  # dimensions of the snapshot's PCA (0: none)
+    index_id: str = ""  # the snapshot's index: another one than a replica holds means a switch (`worker.aliases`)
 
     @property
     def first(self) -> int:
@@ -82,7 +83,7 @@ class ChangeFeed:
             self.published = -1
             log.warning("the change feed missed changes up to %d (replicas catch up later): %s", changes[-1].seq, error)
 
-    def mark_snapshot(self, name: str, seq: int, projection: int) -> None:
+    def mark_snapshot(self, name: str, seq: int, projection: int, index_id: str = "") -> None:
         """After a snapshot: tell the replicas, and drop what the snapshot covers."""
         try:
             if self.published < seq:
@@ -90,7 +91,7 @@ class ChangeFeed:
             last = self.redis.xrevrange(self.key, count=1)
             if last and _position(last[0][0]) >= (seq, 1):
                 return  # announced already (the owner started again without a new snapshot)
-            fields = {"snapshot": name, "projection": projection}
+            fields = {"snapshot": name, "projection": projection, "index_id": index_id}
             self.redis.xadd(self.key, fields, id=entry_id(seq, snapshot=True))
             self.redis.xtrim(self.key, minid=entry_id(seq, snapshot=True), approximate=False)
         except redis.RedisError as error:
@@ -123,4 +124,5 @@ def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     seq = _position(raw_id)[0]
     if b"records" in fields:
         return Entry(seq, changes=decode_records(fields[b"records"]))
-    return Entry(seq, snapshot=fields[b"snapshot"].decode(), projection=int(fields[b"projection"]))
+    index_id = fields.get(b"index_id", b"").decode()
+    return Entry(seq, snapshot=fields[b"snapshot"].decode(), projection=int(fields[b"projection"]), index_id=index_id)

@@ -1,71 +1,110 @@
 """The index owner: the one process that writes the durable index, publishes its changes to the replicas, and
-answers reads itself when no replica keeps up."""
+answers reads itself when no replica keeps up.
+
+It serves the index the alias names (`worker.aliases`) and builds a new one beside it when asked (a new model, a
+new export, INT8, PCA on or off): rounds of embed batches with the new model over the serving index's items, each
+round embedding what the new index still lacks or holds differently (writes made meanwhile, a round cut short by
+a restart); when a round leaves nothing to embed, the rest (deletes, new metadata) is applied and the new index is
+switched in, in one step between two tasks, so every read is answered wholly by one index. The replaced one is
+kept for a rollback.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
 
 import redis
-from celery import Celery
+from celery import Celery, current_app
 
 from common.errors import ErrorCode, LookalikeError
-from common.model import EmbeddingModel, load_model
+from common.model import EmbeddingModel, ModelError, load_model
 from common.settings import Settings
 from common.vectors import decode_vector
 from protocol import keys
 from protocol.heartbeats import Role
-from protocol.jobs import Jobs, item_error
-from protocol.queues import Queue
+from protocol.jobs import FINISHED, Jobs, item_error
+from protocol.queues import Queue, Task
+from worker.aliases import (
+    ADOPTED,
+    Alias,
+    Build,
+    alias_for_owner,
+    find_folder,
+    manifest,
+    new_folder,
+    remove_index,
+    write_alias,
+)
 from worker.feed import ChangeFeed
-from worker.index import IndexParams
+from worker.index import IndexParams, Item
 from worker.projection import Reduction
 from worker.reader import IndexReader
 from worker.recovery import give_back
 from worker.snapshots import ModelIdentity, ModelMismatch
-from worker.store import DurableIndex
+from worker.store import DurableIndex, take_lock
 from worker.wal import Change
 
 log = logging.getLogger(__name__)
 
+SERVING_FIELDS = ("index_id", "model", "model_sha256", "resize")  # keys.SERVING: what the embedders and searches use
+
 
 class IndexOwner:
-    def __init__(self, settings: Settings, model: EmbeddingModel, store: DurableIndex, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model: EmbeddingModel,
+        store: DurableIndex,
+        client: redis.Redis,
+        alias: Alias | None = None,
+    ) -> None:
         self.settings = settings
-        self.model = model
-        self.store = store
         self.redis = client
         self.jobs = Jobs.for_settings(client, settings)
-        self.reader = IndexReader(store, usable=lambda: store.mismatch)
         self.feed = ChangeFeed(client)
-        store.on_logged = lambda changes: self.feed.publish(changes, store.wal, store.snapshot_seq)
-        store.on_snapshot = lambda name: self.feed.mark_snapshot(name, store.seq, _reduced_to(store))
+        self.alias = alias or Alias(".")
+        self.building: DurableIndex | None = None  # the index being built beside the serving one
+        self.build_model: EmbeddingModel | None = None
+        self.replaced: ModelIdentity | None = None  # the model of the index the last switch replaced
+        self.advance_asked = 0.0  # when an `advance_build` was queued and not handled yet (0: none is)
+        self.lock_file: TextIO | None = None  # the index folder's lock, when the indexes are below it
         self.on_change: Callable[[], None] = lambda: None  # tells the heartbeat to publish the new item count
+        self._serve(model, store)
+
+    def _serve(self, model: EmbeddingModel, store: DurableIndex) -> None:
+        """Answer reads from `store` and publish its changes: the serving index from now on."""
+        self.model, self.store = model, store
+        self.reader = IndexReader(store, usable=lambda: store.mismatch)
+        store.on_logged = lambda changes: self.feed.publish(changes, store.wal, store.snapshot_seq)
+        store.on_snapshot = lambda name: self.feed.mark_snapshot(name, store.seq, _reduced_to(store), store.index_id)
 
     @classmethod
     def open(cls, settings: Settings, client: redis.Redis) -> IndexOwner:
-        # The model only for its identity (sha256, dimension) and its contract: the owner embeds nothing.
-        model = load_model(settings.model, ["cpu"], intra_op_threads=1)
-        identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
-        params = IndexParams(
-            dim=model.contract.dimension,
-            m=settings.hnsw_m,
-            ef_construction=settings.hnsw_ef_construction,
-            ef=settings.hnsw_ef,
-        )
-        reduction = None
-        if settings.pca_dim:
-            if settings.pca_dim >= model.contract.dimension:
-                raise LookalikeError(
-                    f"LOOKALIKE_PCA_DIM is {settings.pca_dim}, but the model's vectors have only "
-                    f"{model.contract.dimension} dimensions"
+        """Take the index folder's lock, open the index the alias names (and the one being built, if any)."""
+        settings.index_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = take_lock(settings.index_dir)
+        try:
+            alias = alias_for_owner(settings.index_dir)
+            model, store = open_index(settings, alias.serving)
+            owner = cls(settings, model, store, client, alias)
+            if model.path.resolve() != settings.model.resolve():
+                log.warning(
+                    "the serving index belongs to model %s, not LOOKALIKE_MODEL %s; `lookalike index build --model` "
+                    "builds an index of another model and switches to it",
+                    model.path,
+                    settings.model,
                 )
-            reduction = Reduction(settings.pca_dim, settings.pca_fit_items)
-        store = DurableIndex.open(settings.index_dir, identity, params, settings.snapshot_every, reduction)
-        owner = cls(settings, model, store, client)
+        except BaseException:
+            lock_file.close()
+            raise
+        owner.lock_file = lock_file
         owner.publish_checksums()
         restarted = owner.feed.catch_up(store.wal, store.seq, store.snapshot_seq)
         if restarted and store.mismatch is None:
@@ -73,8 +112,21 @@ class IndexOwner:
             store.index_id = uuid.uuid4().hex
             store.snapshot()  # announced in the feed, as every snapshot from now on
         elif store.snapshot_seq == store.seq:  # maybe written at start (a new model identity, a PCA fitted)
-            owner.feed.mark_snapshot(store.snapshot_name(), store.seq, _reduced_to(store))
+            owner.feed.mark_snapshot(store.snapshot_name(), store.seq, _reduced_to(store), store.index_id)
+        owner.publish_serving()
+        if alias.building is not None:
+            owner._resume_build()
         return owner
+
+    def publish_serving(self) -> None:
+        """Tell the embed workers and query processes which model the serving index belongs to."""
+        serving = {
+            "index_id": self.store.index_id,
+            "model": str(self.model.path),
+            "model_sha256": self.model.sha256,
+            "resize": self.store.identity.resize,
+        }
+        self.redis.set(keys.SERVING, json.dumps(serving))
 
     def publish_checksums(self) -> None:
         """Tell embed workers what the index holds, so a re-run load skips unchanged items."""
@@ -102,8 +154,21 @@ class IndexOwner:
         return restored
 
     def apply(self, job_id: str | None, messages: list[dict[str, Any]]) -> dict[str, int]:
-        """Log, apply and report a batch of upserts and deletes from the embed workers."""
-        identity = self.store.identity
+        """Log, apply and report a batch of upserts and deletes from the embed workers: to the serving index, or
+        to the one being built when the batch is one of its rounds'."""
+        build = self.alias.building
+        if build is not None and self.building is not None and job_id in build.jobs:
+            return self._apply_to(self.building, job_id, messages)
+        outdated = self._embedded_for_the_replaced_index(job_id, messages)
+        if outdated:
+            messages = [message for message in messages if message["id"] not in outdated]
+        outcome = self._apply_to(self.store, job_id, messages, serving=True)
+        return {**outcome, **({"embedding_again": len(outdated)} if outdated else {})}
+
+    def _apply_to(
+        self, store: DurableIndex, job_id: str | None, messages: list[dict[str, Any]], serving: bool = False
+    ) -> dict[str, int]:
+        identity = store.identity
         foreign = {
             message["id"]: item_error(
                 ErrorCode.MODEL_MISMATCH,
@@ -122,12 +187,12 @@ class IndexOwner:
                 f"item {message['id']} was deleted while this load read it; load the catalogue again to index it",
             )
             for message in messages
-            if message["op"] == "upsert" and not message.get("vector") and message["id"] not in self.store.index
+            if message["op"] == "upsert" and not message.get("vector") and message["id"] not in store.index
         }
         foreign = {**vanished, **foreign}
         try:
             changes = [_change(message) for message in messages if message["id"] not in foreign]
-            self.store.apply(changes)
+            store.apply(changes)
         except Exception as error:
             # Nothing is acknowledged as indexed: every item of the batch is reported failed, with the reason,
             # so that the load still finishes instead of waiting for items no one will index.
@@ -136,13 +201,47 @@ class IndexOwner:
             if job_id:
                 self.jobs.record(job_id, errors=failed)
             return {"applied": 0, "failed": len(failed)}
-        self._update_checksums(changes)
-        self.on_change()
+        if serving:
+            self._update_checksums(changes)
+            self._also_to_the_build(changes)
+            self.on_change()
         if job_id:
-            if changes:  # before the items are counted: a finished load always says which change to wait for
-                self.jobs.note_seq(job_id, self.store.seq)
+            if changes and serving:  # before the items are counted: a finished load says which change to wait for
+                self.jobs.note_seq(job_id, store.seq)
             self.jobs.record(job_id, done=[change.id for change in changes], errors=foreign)
         return {"applied": len(changes), "failed": len(foreign)}
+
+    def _also_to_the_build(self, changes: list[Change]) -> None:
+        """Deletes go to the index being built at once, and so do vectors when it belongs to the same model (a PCA
+        turned on or off); whatever else it lacks, the next round embeds."""
+        building = self.building
+        if building is None or not changes:
+            return
+        same_model = building.identity == self.store.identity
+        copies = [replace(change) for change in changes if change.op == "delete" or same_model]
+        try:
+            building.apply(copies)
+        except Exception as error:  # the serving index has the change; the build's next round finds it missing
+            log.warning("the index being built did not take %d changes (its next round makes up for them): %s",
+                        len(copies), error)  # fmt: skip
+
+    def _embedded_for_the_replaced_index(self, job_id: str | None, messages: list[dict[str, Any]]) -> set[str]:
+        """Upserts a load embedded with the model of the index just replaced (it read them before the switch):
+        sent to be embedded again with the serving model, for the same job, instead of failing."""
+        replaced = self.replaced
+        if replaced is None or not job_id:
+            return set()
+        again = [
+            reference
+            for message in messages
+            if message["op"] == "upsert"
+            and (message.get("model_sha256"), message.get("resize")) == (replaced.sha256, replaced.resize)
+            and (reference := _reference(message["id"], message.get("metadata") or {}))
+        ]
+        if again:
+            current_app.send_task(Task.EMBED_BATCH, args=[job_id, again, str(self.model.path)])
+            log.info("load %s: %d items embedded for the replaced index go to be embedded again", job_id, len(again))
+        return {reference["id"] for reference in again}
 
     def delete(self, ids: Iterable[str]) -> dict[str, int]:
         """Delete the items the index holds; `seq` is the change a read can wait for to see them gone."""
@@ -151,8 +250,163 @@ class IndexOwner:
             changes = [Change(op="delete", id=item_id) for item_id in present]
             self.store.apply(changes)
             self._update_checksums(changes)
+            self._also_to_the_build(changes)
             self.on_change()
         return {"deleted": len(present), "seq": self.store.seq}
+
+    # building beside, switching, rolling back -------------------------------------------------------------------
+
+    def build(self, model_file: str | None) -> dict[str, Any]:
+        """Start building an index of `model_file` (default: the serving model, with today's settings) beside the
+        serving one; it is switched in when complete."""
+        build = self.alias.building
+        if build is not None:
+            message = f"index {Path(build.folder).name} of {build.model} is being built; wait for it or delete it"
+            return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
+        folder = new_folder()
+        try:
+            model, store = open_index(self.settings, folder, Path(model_file) if model_file else self.model.path)
+        except (ModelError, LookalikeError, OSError) as error:
+            return {"error": item_error(ErrorCode.BAD_PARAMETER, str(error))}
+        self.building, self.build_model = store, model
+        self.alias.building = Build(folder, str(model.path))
+        self._start_round(self._differences()[0])
+        log.info("building index %s of %s beside %s", store.index_id, model.path, self.store.index_id)
+        return {"index_id": store.index_id, "model": str(model.path), "job": self.alias.building.jobs[-1]}
+
+    def _resume_build(self) -> None:
+        """After a restart: open the index being built again and go on with what it lacks, in a new round."""
+        build = self.alias.building
+        try:
+            self.build_model, self.building = open_index(self.settings, build.folder, Path(build.model))
+        except (ModelError, LookalikeError, OSError) as error:
+            log.error("the index being built in %s can't be opened (%s): the build is given up", build.folder, error)
+            self.alias.building = None
+            write_alias(self.settings.index_dir, self.alias)
+            return
+        if build.jobs:
+            reason = "the index owner restarted; the build goes on in a new round with what the index lacks"
+            self.jobs.fail(build.jobs[-1], item_error(ErrorCode.WORKER_LOST, reason))
+        self._start_round(self._differences()[0])
+        log.info("index %s: the build goes on, round %d", self.building.index_id, len(build.jobs))
+
+    def _start_round(self, items: list[dict[str, Any]]) -> None:
+        """Queue `items` to be embedded with the new model, as a job of their own (its progress is the build's)."""
+        build = self.alias.building
+        params = {"index_id": self.building.index_id, "model": build.model, "round": len(build.jobs) + 1}
+        job_id = self.jobs.create("build", params)
+        self.redis.persist(keys.job_key(job_id))  # a round runs as long as it must; finished, it expires as a search
+        build.jobs.append(job_id)
+        write_alias(self.settings.index_dir, self.alias)
+        self.jobs.start(job_id)
+        batch = self.settings.batch
+        for first in range(0, len(items), batch):
+            current_app.send_task(Task.EMBED_BATCH, args=[job_id, items[first : first + batch], build.model])
+        if items:
+            self.jobs.set_total(job_id, len(items))
+        else:
+            self.jobs.finish(job_id, {"embedded": 0})
+
+    def _differences(self, given_up: set[str] = frozenset()) -> tuple[list[dict[str, Any]], list[Change]]:
+        """What the index being built lacks: the serving items it must embed (not those in `given_up`), and the
+        changes it can make without embedding (new metadata for the same photo, items deleted since)."""
+        serving, building = self.store.index.items, self.building.index.items
+        embed, changes = [], []
+        for item_id, item in serving.items():
+            built = building.get(item_id)
+            if built is None or built.image_sha256 != item.image_sha256:
+                reference = _reference(item_id, item.metadata)
+                if item_id not in given_up and reference:
+                    embed.append(reference)
+            elif built.metadata_sha256 != item.metadata_sha256:
+                changes.append(_metadata_change(item_id, item))
+        changes += [Change(op="delete", id=item_id) for item_id in building if item_id not in serving]
+        return embed, changes
+
+    def advance_build(self) -> dict[str, Any]:
+        """When the build's round has finished: another round with what the index still lacks, or the switch."""
+        self.advance_asked = 0.0
+        build = self.alias.building
+        if build is None or self.building is None:
+            return {"building": None}
+        job = self.jobs.get(build.jobs[-1], error_limit=0)
+        if job is not None and job["state"] not in FINISHED:
+            return {"building": self.building.index_id, "round": len(build.jobs)}
+        failed = self.redis.hkeys(keys.job_key(build.jobs[-1], keys.FAILED))
+        given_up = {raw.decode()[2:] for raw in failed if raw.startswith(b"i:")}
+        embed, changes = self._differences(given_up)
+        if embed:
+            self._start_round(embed)
+            return {"building": self.building.index_id, "round": len(build.jobs)}
+        self.building.apply(changes)
+        return self._switch_to(self.build_model, self.building, previous=self.alias.serving)
+
+    def _switch_to(self, model: EmbeddingModel, store: DurableIndex, previous: str) -> dict[str, Any]:
+        """Serve `store` from now on, in one step for readers; the index it replaces is kept for a rollback."""
+        replaced = self.store
+        store.continue_after(replaced.seq)
+        self.alias = Alias(serving=self._folder_of(store), previous=previous)
+        write_alias(self.settings.index_dir, self.alias)  # the switch: a restart from here on serves `store`
+        self.building = self.build_model = None
+        self.replaced = replaced.identity
+        self._serve(model, store)
+        self.feed.published = max(self.feed.published, store.seq)  # the snapshot holds every change before it
+        self.feed.mark_snapshot(store.snapshot_name(), store.seq, _reduced_to(store), store.index_id)
+        self.publish_checksums()
+        self.publish_serving()
+        replaced.close()
+        self.on_change()
+        log.info("switched to index %s (%s, %d items, change %d); %s is kept for a rollback", store.index_id,
+                 model.path.name, len(store.index), store.seq, replaced.index_id)  # fmt: skip
+        return {"serving": store.index_id, "model": str(model.path), "seq": store.seq, "previous": replaced.index_id}
+
+    def rollback(self) -> dict[str, Any]:
+        """Serve the index the last switch replaced again (writes made since are not in it: load again)."""
+        if self.alias.building is not None:
+            message = "an index is being built: delete it (`lookalike index delete`) before rolling back"
+            return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
+        previous = self.alias.previous
+        if previous is None or manifest(self.settings.index_dir / previous) is None:
+            return {"error": item_error(ErrorCode.NOT_FOUND, "there is no previous index to roll back to")}
+        model, store = open_index(self.settings, previous)
+        return self._switch_to(model, store, previous=self.alias.serving)
+
+    def delete_index(self, index_id: str) -> dict[str, Any]:
+        """Delete a kept index, or the one being built (which ends its build); never the serving one."""
+        folder = find_folder(self.settings.index_dir, index_id)
+        if folder is None:
+            return {"error": item_error(ErrorCode.NOT_FOUND, f"no index {index_id!r} (see `lookalike index list`)")}
+        if folder == self.alias.serving:
+            return {"error": item_error(ErrorCode.BAD_PARAMETER, f"index {index_id} is serving: switch first")}
+        build = self.alias.building
+        if build is not None and build.folder == folder:
+            self.building.close()
+            self.building = self.build_model = self.alias.building = None
+            self.jobs.fail(build.jobs[-1], item_error(ErrorCode.NOT_FOUND, "the index being built was deleted"))
+        if self.alias.previous == folder:
+            self.alias.previous = None
+        write_alias(self.settings.index_dir, self.alias)
+        remove_index(self.settings.index_dir, folder)
+        return {"deleted": index_id, "folder": folder}
+
+    def build_progress(self) -> dict[str, Any] | None:
+        """The index being built, as /healthz shows it: its model, its items so far and its round's counts."""
+        build, building = self.alias.building, self.building
+        if build is None or building is None:
+            return None
+        job = self.jobs.get(build.jobs[-1], error_limit=0) if build.jobs else None
+        return {
+            "index_id": building.index_id,
+            "model": Path(build.model).name,
+            "model_sha256": building.identity.sha256,
+            "items": len(building.index),
+            "of": len(self.store.index),
+            "round": len(build.jobs),
+            "round_progress": job["progress"] if job else None,
+        }
+
+    def _folder_of(self, store: DurableIndex) -> str:
+        return store.directory.relative_to(self.settings.index_dir).as_posix()
 
     def snapshot(self) -> None:
         """A snapshot now (a replica that found changes missing from the feed asked for one)."""
@@ -197,10 +451,73 @@ class IndexOwner:
         """What the web's health check and search form need, without a round trip through the queue."""
         status = self.status()
         fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id", "snapshot")
-        return {**{key: status[key] for key in fields}, **self.reader.filterable()}
+        return {**{key: status[key] for key in fields}, "building": self.build_progress(), **self.reader.filterable()}
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self.store.close()
+            if self.building is not None:
+                self.building.close()
+        finally:
+            if self.lock_file is not None:
+                self.lock_file.close()
+
+
+def open_index(settings: Settings, folder: str, model_file: Path | None = None) -> tuple[EmbeddingModel, DurableIndex]:
+    """Open the index in `folder` (below the index folder, whose lock the caller holds) with its model: the one
+    its manifest names, else `model_file`, else LOOKALIKE_MODEL (a new index, or one from before manifests named
+    their model)."""
+    directory = settings.index_dir / folder
+    recorded = (manifest(directory) or {}).get("model_file")
+    if recorded and Path(recorded).is_file():
+        model_file = Path(recorded)
+    model_file = model_file or settings.model
+    # The model only for its identity (sha256, dimension) and its contract: the owner embeds nothing.
+    model = load_model(model_file, ["cpu"], intra_op_threads=1)
+    identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
+    params = IndexParams(
+        dim=model.contract.dimension,
+        m=settings.hnsw_m,
+        ef_construction=settings.hnsw_ef_construction,
+        ef=settings.hnsw_ef,
+    )
+    reduction = None
+    if settings.pca_dim:
+        if settings.pca_dim >= model.contract.dimension:
+            raise LookalikeError(
+                f"LOOKALIKE_PCA_DIM is {settings.pca_dim}, but the model's vectors have only "
+                f"{model.contract.dimension} dimensions"
+            )
+        reduction = Reduction(settings.pca_dim, settings.pca_fit_items)
+    store = DurableIndex.open(
+        directory,
+        identity,
+        params,
+        settings.snapshot_every,
+        reduction,
+        lock=False,
+        model_file=str(model.path),
+        index_id=Path(folder).name if folder != ADOPTED else "",
+    )
+    return model, store
+
+
+def _reference(item_id: str, metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """An indexed item as an embed batch takes it (its image's area and path are in its metadata), or None."""
+    area, _, path = str(metadata.get("image", "")).partition("/")
+    if not path:
+        return None
+    return {"id": item_id, "area": area, "path": path, "metadata": {k: v for k, v in metadata.items() if k != "image"}}
+
+
+def _metadata_change(item_id: str, item: Item) -> Change:
+    return Change(
+        op="upsert",
+        id=item_id,
+        metadata=item.metadata,
+        image_sha256=item.image_sha256,
+        metadata_sha256=item.metadata_sha256,
+    )
 
 
 def _change(message: dict[str, Any]) -> Change:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -17,7 +19,7 @@ from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.connection import redis_client
 from protocol.heartbeats import Role, forget_heartbeat, start_heartbeat
-from protocol.queues import Queue
+from protocol.queues import Queue, Task
 from worker import runtime
 from worker.owner import IndexOwner
 from worker.queries import QueryConsumer
@@ -26,6 +28,9 @@ from worker.replica import ReadGate, Replica
 from worker.watchdog import LoadWatchdog
 
 log = logging.getLogger(__name__)
+
+BUILD_CHECK_SECONDS = 2.0
+BUILD_ASK_AGAIN_SECONDS = 60.0  # an `advance_build` not handled by then (lost, or a long queue): another one
 
 
 def run_worker(kind: str, loglevel: str) -> int:
@@ -157,4 +162,21 @@ def open_index_owner(app: Celery) -> IndexOwner:
              owner.store.seq)  # fmt: skip
     owner.on_change = start_heartbeat(runtime.state().redis, Role.INDEX, owner.heartbeat).set
     LoadWatchdog(app, owner.jobs, settings).start()  # one owner, so one watchdog over the loads
+    threading.Thread(target=ask_to_advance_builds, args=(app, owner), name="builds", daemon=True).start()
     return owner
+
+
+def ask_to_advance_builds(app: Celery, owner: IndexOwner) -> None:
+    """While an index is being built, queue `advance_build` every BUILD_CHECK_SECONDS (one at a time): the owner,
+    between its tasks, starts the next round or switches when the round has finished. A round's last items may
+    fail in an embed worker, so the owner can't count on hearing of the end itself."""
+    while True:
+        time.sleep(BUILD_CHECK_SECONDS)
+        if owner.alias.building is None or time.monotonic() - owner.advance_asked < BUILD_ASK_AGAIN_SECONDS:
+            continue
+        owner.advance_asked = time.monotonic()
+        try:
+            app.send_task(Task.ADVANCE_BUILD)
+        except Exception as error:  # Redis away: asked again at the next look
+            log.warning("could not ask the index owner to advance its build: %s", error)
+            owner.advance_asked = 0.0

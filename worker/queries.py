@@ -219,6 +219,10 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
         _fail(searches, item_error(ErrorCode.TIMED_OUT, f"no index reader answered: {error}"))
         return
     if "error" in answer:
+        again = _embedded_again(model_sha256, group) if answer["error"]["code"] == ErrorCode.MODEL_MISMATCH else None
+        if again is not None:  # the index switched to another model while these were embedded
+            _answer_group(*again, min_seq, timeout)
+            return
         _fail(searches, answer["error"])
         return
     for search, hits in zip(searches, answer["answers"], strict=True):
@@ -226,6 +230,21 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
             jobs.fail(search.job_id, hits["error"])
         else:
             jobs.finish(search.job_id, {"hits": hits, **({"crop": search.crop.as_dict()} if search.crop else {})})
+
+
+def _embedded_again(
+    model_sha256: str, group: list[tuple[Search, np.ndarray]]
+) -> tuple[str, list[tuple[Search, np.ndarray]]] | None:
+    """The searches embedded with the serving index's model, when it is another than `model_sha256`; else None."""
+    model = runtime.embedding_model(runtime.settings().query_threads)
+    if model.sha256 == model_sha256:
+        return None
+    try:
+        vectors = model.embed(np.stack([search.pixels for search, _ in group]))
+    except Exception:  # decoded for the old model's input size: such a search fails with the mismatch it met
+        log.exception("a batch of %d searches could not be embedded again with %s", len(group), model.path.name)
+        return None
+    return model.sha256, [(search, vector) for (search, _), vector in zip(group, vectors, strict=True)]
 
 
 def _fail(searches: list[Search], error: dict[str, str]) -> None:

@@ -57,7 +57,10 @@ class IndexReader:
                 f"the query was embedded with model {model_sha256[:12]} / resize {resize}; the index holds model "
                 f"{identity.sha256[:12]} / resize {identity.resize}"
             )
-            return {"error": item_error(ErrorCode.MODEL_MISMATCH, message)}
+            # A replica may not have followed a switch to the query's model yet: the owner, which made the switch,
+            # answers it instead (or says model_mismatch).
+            code = ErrorCode.MODEL_MISMATCH if self.owns else ErrorCode.BEHIND
+            return {"error": item_error(code, message)}
         with self.lock:
             answers = []
             for query in queries:

@@ -22,6 +22,7 @@ from common.settings import Settings
 from protocol.heartbeats import Role, alive
 from protocol.queues import Queue, Task
 from worker import runtime
+from worker.aliases import serving_folder
 from worker.feed import ChangeFeed, Entry, entry_id
 from worker.index import IndexParams
 from worker.reader import IndexReader
@@ -41,7 +42,7 @@ class Replica(IndexState):
     def __init__(self, settings: Settings, client: redis.Redis, app: Celery) -> None:
         super().__init__(ModelIdentity("", 0, settings.resize), IndexParams(dim=1, ef=settings.hnsw_ef))
         self.settings = settings
-        self.directory = settings.index_dir
+        self.directory = settings.index_dir  # the serving index's folder, as the alias last said (`worker.aliases`)
         self.redis = client
         self.app = app
         self.feed = ChangeFeed(client)
@@ -62,7 +63,7 @@ class Replica(IndexState):
 
     def open(self) -> Replica:
         """Load the latest snapshot (waiting for the owner's first), then apply every change after it."""
-        while not self._load(current_name(self.directory)):
+        while not self._load(self._current()):
             log.info("replica: waiting for the index owner's first snapshot in %s", self.directory)
             time.sleep(WAIT_SECONDS)
         while self.follow_once(block_ms=None) or self._check_owner(now=True):
@@ -113,10 +114,12 @@ class Replica(IndexState):
         """Apply one entry in order; False when the replica had to reload a snapshot instead."""
         if entry.snapshot is not None:
             reduced = self.projection.dimension if self.projection else 0
-            if entry.projection == reduced:
+            if entry.projection == reduced and entry.index_id in ("", self.index_id):
                 return True
-            # The owner fitted a PCA and rebuilt its index: not one this replica would build from the changes.
-            if not (self._load(entry.snapshot, force=True) or self._load(current_name(self.directory), force=True)):
+            # The owner fitted a PCA and rebuilt its index, or switched to another index: not one this replica
+            # would build from the changes.
+            self._current()
+            if not (self._load(entry.snapshot, force=True) or self._load(self._current(), force=True)):
                 self.behind_since = 0.0  # it serves an index the owner no longer has: no reads until it loads one
                 time.sleep(WAIT_SECONDS)
             return False
@@ -134,7 +137,7 @@ class Replica(IndexState):
     def _close_gap(self, first: int) -> None:
         """Changes up to `first` are not in the stream: a snapshot must cover them."""
         self.behind_since = 0.0  # how long ago the missing changes were made is unknown: far behind, no reads
-        name = current_name(self.directory)
+        name = self._current()
         if name and name != self.snapshot and self._load(name) and self.seq + 1 >= first:
             return
         if time.monotonic() - self._asked_for_snapshot > SNAPSHOT_ASK_SECONDS:
@@ -158,7 +161,7 @@ class Replica(IndexState):
         owner_seq = self.owner_seq = owners[0].get("seq", self.seq)
         if owners[0].get("index_id") not in (None, self.index_id):
             log.warning("replica: the owner holds another index (%s): loading its snapshot", owners[0]["index_id"])
-            if not self._load(current_name(self.directory), force=True):
+            if not self._load(self._current(), force=True):
                 self.behind_since = 0.0
                 time.sleep(WAIT_SECONDS)
             return True
@@ -185,6 +188,11 @@ class Replica(IndexState):
             self.condition.notify_all()
         log.info("replica: loaded snapshot %s (%d items at change %d)", name, len(self.index), self.seq)
         return True
+
+    def _current(self) -> str | None:
+        """The name of the serving index's current snapshot, the alias read again (a switch moves it)."""
+        self.directory = serving_folder(self.settings.index_dir)
+        return current_name(self.directory)
 
     # reads ---------------------------------------------------------------------------------------------------
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from common.model import EmbeddingModel, load_model
 from common.settings import Settings
+from protocol import keys
 from protocol.connection import redis_client
 from protocol.jobs import Jobs
 
 REDIS_PATIENCE = 60  # seconds a worker's Redis calls keep trying while Redis restarts
+MODELS_KEPT = 2
 
 if TYPE_CHECKING:
     from worker.owner import IndexOwner
@@ -33,7 +37,7 @@ class ProcessState:
 
     redis: redis.Redis
     jobs: Jobs
-    model: EmbeddingModel | None = None
+    models: dict[Path, EmbeddingModel] = field(default_factory=dict)  # by file, the latest used last
     owner: IndexOwner | None = None
     replica: Replica | None = None
 
@@ -53,14 +57,25 @@ def jobs() -> Jobs:
     return state().jobs
 
 
-def embedding_model(threads: int | None = None) -> EmbeddingModel:
-    """This process's onnxruntime session, created on first use (after the fork) with `threads` intra-op threads
-    (default: LOOKALIKE_THREADS, the embed processes' share of the cores)."""
-    current = state()
-    if current.model is None:
-        config = settings()
-        current.model = load_model(config.model, config.providers, intra_op_threads=threads or config.threads)
-    return current.model
+def serving_model_file() -> Path:
+    """The model of the serving index, as its owner published it (LOOKALIKE_MODEL before any owner did)."""
+    serving = state().redis.get(keys.SERVING)
+    return Path(json.loads(serving)["model"]) if serving else settings().model
+
+
+def embedding_model(threads: int | None = None, model_file: Path | None = None) -> EmbeddingModel:
+    """This process's onnxruntime session of `model_file` (default: the serving index's model), created on first
+    use (after the fork) with `threads` intra-op threads (default: LOOKALIKE_THREADS, the embed processes' share of
+    the cores). Sessions of MODELS_KEPT models are kept: the serving one and the one an index is being built with."""
+    current, config = state(), settings()
+    model_file = model_file or serving_model_file()
+    model = current.models.pop(model_file, None)
+    if model is None:
+        model = load_model(model_file, config.providers, intra_op_threads=threads or config.threads)
+        while len(current.models) >= MODELS_KEPT:
+            current.models.pop(next(iter(current.models)))
+    current.models[model_file] = model
+    return model
 
 
 def reader() -> IndexReader:

@@ -137,7 +137,13 @@ def read_snapshot(folder: Path, ef: int) -> Snapshot:
 
 
 def write_snapshot(
-    directory: Path, index_id: str, seq: int, identity: ModelIdentity, index: VectorIndex, projection: Projection | None
+    directory: Path,
+    index_id: str,
+    seq: int,
+    identity: ModelIdentity,
+    index: VectorIndex,
+    projection: Projection | None,
+    model_file: str = "",
 ) -> str:
     """Write index + items + manifest to a new folder, verify it, and switch `CURRENT` to it; returns the new name.
 
@@ -168,6 +174,7 @@ def write_snapshot(
         "next_label": index.next_label,
         "items": len(index),
         "model": asdict(identity),
+        "model_file": model_file,  # where the owner opens the model the index belongs to (`worker.aliases`)
         "params": asdict(index.params),
         "projection": projection.describe() if projection else None,
         "files": digests,

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from worker.index import IndexParams, VectorIndex
 from worker.projection import Projection, Reduction
@@ -51,9 +51,11 @@ class DurableIndex(IndexState):
         params: IndexParams,
         snapshot_every: int,
         reduction: Reduction | None = None,
+        model_file: str = "",
     ) -> None:
         super().__init__(identity, params)
         self.directory = directory
+        self.model_file = model_file  # recorded in every snapshot's manifest
         self.snapshot_every = snapshot_every
         self.reduction = reduction
         self.changes_since_snapshot = 0
@@ -64,7 +66,7 @@ class DurableIndex(IndexState):
         # Told of every batch once it is durable, and of every snapshot once CURRENT names it (the change feed).
         self.on_logged: Callable[[list[Change]], None] = lambda changes: None
         self.on_snapshot: Callable[[str], None] = lambda name: None
-        self._lock_file = None
+        self._lock_file: TextIO | None = None
 
     @classmethod
     def open(
@@ -74,11 +76,19 @@ class DurableIndex(IndexState):
         params: IndexParams,
         snapshot_every: int = 20000,
         reduction: Reduction | None = None,
+        *,
+        lock: bool = True,
+        model_file: str = "",
+        index_id: str = "",
     ) -> DurableIndex:
-        """Take the owner's lock, load the latest snapshot, replay the log (and fit a PCA when one is due)."""
+        """Take the owner's lock (unless the caller holds the lock of a folder above: `lock=False`), load the
+        latest snapshot, replay the log (and fit a PCA when one is due); a new index gets `index_id` (default: a
+        new one)."""
         directory.mkdir(parents=True, exist_ok=True)
-        store = cls(directory, identity, params, snapshot_every, reduction)
-        store._lock()
+        store = cls(directory, identity, params, snapshot_every, reduction, model_file)
+        store.index_id = index_id
+        if lock:
+            store._lock_file = take_lock(directory)
         try:
             store._load()
         except BaseException:  # refused (damage, a model mismatch found late): the next try must find no lock
@@ -166,8 +176,8 @@ class DurableIndex(IndexState):
         if stored is not None and stored != wanted:
             log.warning(
                 "the index in %s holds vectors reduced by PCA to %d dimensions (configured: %s); it stays so, "
-                "since the model's own vectors are gone: load the catalogue into an empty LOOKALIKE_INDEX_DIR "
-                "to change it",
+                "since the model's own vectors are gone: `lookalike index build` makes an index beside it with "
+                "the configured PCA and switches to it",
                 self.directory,
                 stored,
                 wanted or "off",
@@ -175,7 +185,9 @@ class DurableIndex(IndexState):
 
     def snapshot(self) -> None:
         """Write a snapshot of the index at `seq`, verify it, switch CURRENT to it, then cut the log."""
-        name = write_snapshot(self.directory, self.index_id, self.seq, self.identity, self.index, self.projection)
+        name = write_snapshot(
+            self.directory, self.index_id, self.seq, self.identity, self.index, self.projection, self.model_file
+        )
         self.changes_since_snapshot = 0
         self.snapshot_identity, self.snapshot_seq = self.identity, self.seq
         log.info("index snapshot %s: %d items", name, len(self.index))
@@ -187,6 +199,13 @@ class DurableIndex(IndexState):
             # The snapshot is in place; the log it covers only costs replay time (records up to its seq are
             # skipped), and the file written to stays open, so changes go on. The next snapshot cuts the log.
             log.error("index snapshot %s is in place, but the log was not cut (it keeps growing): %s", name, error)
+
+    def continue_after(self, seq: int) -> None:
+        """Number this index's next changes after `seq` (the index it replaces has made changes up to there), and
+        snapshot it: sequence numbers never go back when another index is switched in, so a `min_seq` a client
+        holds keeps its meaning and the change feed's IDs keep growing."""
+        self.seq = max(self.seq, seq + 1)
+        self.snapshot()
 
     def snapshot_name(self) -> str | None:
         return current_name(self.directory)
@@ -218,16 +237,6 @@ class DurableIndex(IndexState):
             "pca": self.projection.describe() if self.projection else None,
         }
 
-    def _lock(self) -> None:
-        self._lock_file = open(self.directory / LOCK, "a")  # noqa: SIM115 - held until close()
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise IndexStoreError(
-                f"another index worker owns {self.directory} (one writer per index: stop it first)"
-            ) from None
-
     def _load_snapshot(self) -> None:
         name = self.snapshot_name()
         if name is None:
@@ -242,9 +251,21 @@ class DurableIndex(IndexState):
             self.mismatch = (
                 f"the index in {self.directory} holds {snapshot.items} vectors of model {stored.sha256[:12]} "
                 f"(resize {stored.resize}), not of the configured model {configured.sha256[:12]} "
-                f"(resize {configured.resize}); load the catalogue again into an empty LOOKALIKE_INDEX_DIR"
+                f"(resize {configured.resize}); set LOOKALIKE_MODEL back to the model it was built with, then "
+                "`lookalike index build --model NEW.onnx` builds an index of the new model beside it and switches"
             )
         self.adopt(snapshot)
+
+
+def take_lock(directory: Path) -> TextIO:
+    """The owner's lock on `directory`, held while the returned file stays open."""
+    lock_file = open(directory / LOCK, "a")  # noqa: SIM115 - held until the owner closes it
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise IndexStoreError(f"another index worker owns {directory} (one writer per index: stop it first)") from None
+    return lock_file
 
 
 def owner_holds_lock(directory: Path) -> bool:

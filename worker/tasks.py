@@ -7,6 +7,7 @@ created (`protocol.celery_app.create_celery`), and this module builds no app of 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from celery import shared_task
@@ -83,7 +84,9 @@ def plan_load(self: Any, job_id: str, source: str, metadata_csv: str | None = No
 
 
 @shared_task(name=Task.EMBED_BATCH, bind=True)
-def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
+def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]], model: str | None = None) -> dict[str, int]:
+    """Embed a batch with the serving index's model, or with `model` for an index being built (every item then:
+    what the serving index holds says nothing of the new one)."""
     jobs, state = runtime.jobs(), runtime.state()
     ids = [item["id"] for item in items]
     if delivered_too_often(self, job_id):
@@ -93,9 +96,10 @@ def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]]) -> dict[str
         known = {
             item_id: tuple(value.decode().split(":"))
             for item_id, value in zip(ids, state.redis.hmget(keys.CHECKSUMS, ids), strict=True)
-            if value is not None
+            if value is not None and model is None
         }
-        outcome = embed_items(items, runtime.embedding_model(), runtime.settings(), known)
+        embedder = runtime.embedding_model(model_file=Path(model) if model else None)
+        outcome = embed_items(items, embedder, runtime.settings(), known)
     except Exception as error:  # every item must end up counted, or the load would never finish
         log.exception("load %s: a batch of %d could not be embedded", job_id, len(items))
         jobs.record(job_id, errors={item_id: item_error(ErrorCode.EMBED_FAILED, str(error)) for item_id in ids})
@@ -127,6 +131,26 @@ def delete_items(ids: list[str]) -> dict[str, int]:
 @shared_task(name=Task.WRITE_SNAPSHOT)
 def write_snapshot() -> None:
     owner().snapshot()
+
+
+@shared_task(name=Task.BUILD_INDEX)
+def build_index(model: str | None = None) -> dict[str, Any]:
+    return owner().build(model)
+
+
+@shared_task(name=Task.ADVANCE_BUILD)
+def advance_build() -> dict[str, Any]:
+    return owner().advance_build()
+
+
+@shared_task(name=Task.ROLLBACK_INDEX)
+def rollback_index() -> dict[str, Any]:
+    return owner().rollback()
+
+
+@shared_task(name=Task.DELETE_INDEX)
+def delete_index(index_id: str) -> dict[str, Any]:
+    return owner().delete_index(index_id)
 
 
 # Reads, answered by a replica or the owner: the same answers from either (`worker.reader`).

@@ -1,0 +1,159 @@
+"""Model changes without downtime, with real processes: an index of another model is built beside the serving one
+while searches go on, writes made meanwhile reach it, it is switched in, the replica follows, a rollback serves
+the old one again; an owner killed in the middle of a build goes on with what the new index lacks; an index
+folder from before aliases is adopted in place."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import redis
+
+from common.model import load_model
+from common.settings import Settings
+from lookalike.stack import Stack
+from protocol.client import Client
+from protocol.heartbeats import Role
+from protocol.queues import Queue, Task
+from tests.onnx_models import pooling_model
+from tests.test_scale_out import ask, loaded_stack
+from tests.test_worker import SAMPLE_SIZE, image_bytes
+from web.app import create_app
+from worker.aliases import ADOPTED, read_alias
+from worker.index import IndexParams
+from worker.owner import IndexOwner
+from worker.snapshots import ModelIdentity
+from worker.store import DurableIndex
+from worker.wal import Change
+
+
+def another_model(model: Path, folder: Path) -> Path:
+    """The same network under another sha256: its vectors are those of `model`, but the index must not know it."""
+    graph = onnx.load(str(model))
+    graph.doc_string = "the same weights, exported again"
+    path = folder / "again.onnx"
+    onnx.save(graph, str(path))
+    return path
+
+
+def owner_beat(stack: Stack) -> dict:
+    return stack.heartbeat(Role.INDEX)[0]
+
+
+def searching(client: Client, photo: bytes, stop: threading.Event, failures: list, answered: list) -> None:
+    while not stop.is_set():
+        job = client.follow(client.search(photo, 3), timeout=60)
+        if job["state"] != "done" or job["result"]["hits"][0]["id"] != "10186":
+            failures.append(job)
+        answered.append(job["id"])
+
+
+def switched(stack: Stack, index_id: str) -> dict | None:
+    beat = owner_beat(stack)
+    return beat if beat["index_id"] == index_id else None
+
+
+def replica_follows(stack: Stack, client: Client, model_sha256: str) -> dict:
+    """Wait for the replica to hold the owner's index, then compare the two item by item, vector by vector."""
+    stack.wait_for(
+        lambda: any(beat["model_sha256"] == model_sha256 for beat in stack.heartbeat(Role.REPLICA)),
+        "the replica to follow the switch",
+    )
+    seq = owner_beat(stack)["seq"]
+    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, seq, True)["stats"]
+    replica = ask(client, Queue.READ, Task.INDEX_STATS, seq, True)["stats"]
+    assert (owner["model_sha256"], replica["model_sha256"]) == (model_sha256, model_sha256)
+    assert replica["digest"] == owner["digest"] and replica["items"] == owner["items"]
+    return owner
+
+
+@pytest.mark.slow
+def test_an_index_of_another_model_is_built_beside_switched_in_followed_and_rolled_back(
+    make_stack, shared_dir, pretrained_model, tmp_path
+):
+    """Searches go on all along and none fails; a delete and a load made during the build are in the new index;
+    /healthz shows the build's progress; the replica follows the switch and the rollback."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir)
+    old = owner_beat(stack)
+    new_model = another_model(pretrained_model, tmp_path)
+    stop, failures, answered = threading.Event(), [], []
+    searcher = threading.Thread(
+        target=searching, args=(client, image_bytes(shared_dir, "10186"), stop, failures, answered)
+    )
+    searcher.start()
+    try:
+        started = client.build_index(str(new_model))
+        building = stack.wait_for(lambda: (owner_beat(stack).get("building") or {}).get("items"), "a build's items")
+        health = create_app(stack.settings).test_client().get("/healthz").get_json()
+        assert health["index"]["index_id"] == old["index_id"]
+        assert health["index"]["building"]["index_id"] == started["index_id"] and building <= SAMPLE_SIZE
+        assert health["index"]["building"]["of"] == SAMPLE_SIZE
+
+        deleted = client.delete(["10227"])  # writes while the new index is being built
+        folder = stack.settings.uploads_dir / "more"
+        folder.mkdir(parents=True)
+        (folder / "new-10279.jpg").write_bytes(image_bytes(shared_dir, "10279"))
+        more = client.follow(client.start_load(folder), timeout=120)
+        assert more["state"] == "done" and more["seq"] > deleted["seq"]
+
+        beat = stack.wait_for(lambda: switched(stack, started["index_id"]), "the switch", timeout=300)
+    finally:
+        stop.set()
+        searcher.join(90)
+    assert failures == [] and len(answered) > 3
+    assert beat["model"] == new_model.name and beat["seq"] > more["seq"]  # sequence numbers go on
+    assert beat["items"] == SAMPLE_SIZE  # one deleted, one loaded
+    assert client.get_item("10227", min_seq=more["seq"]) is None and client.get_item("new-10279") is not None
+    new = replica_follows(stack, client, beat["model_sha256"])
+    assert new["model_sha256"] != old["model_sha256"]
+    job = client.follow(client.search(image_bytes(shared_dir, "10186"), 3), timeout=60)
+    assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
+
+    rolled = client.rollback_index()
+    assert rolled["serving"] == old["index_id"] and rolled["seq"] > beat["seq"]
+    replica_follows(stack, client, old["model_sha256"])
+    job = client.follow(client.search(image_bytes(shared_dir, "10186"), 3), timeout=60)
+    assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
+    assert client.delete_index(started["index_id"])["folder"] == f"indexes/{started['index_id']}"
+    assert not (stack.settings.index_dir / "indexes" / started["index_id"]).exists()
+
+
+@pytest.mark.slow
+def test_an_owner_killed_in_the_middle_of_a_build_goes_on_with_what_the_new_index_lacks(
+    make_stack, shared_dir, pretrained_model, tmp_path
+):
+    stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_BATCH="16")
+    started = client.build_index(str(another_model(pretrained_model, tmp_path)))
+    stack.wait_for(lambda: (owner_beat(stack).get("building") or {}).get("items", 0) >= 64, "the build to begin")
+    stack.kill("index")
+    stack.start("index")
+    beat = stack.wait_for(lambda: switched(stack, started["index_id"]), "the switch", timeout=300)
+    assert beat["items"] == SAMPLE_SIZE
+    rounds = read_alias(stack.settings.index_dir)
+    assert rounds.building is None and rounds.serving == f"indexes/{started['index_id']}"
+    replica_follows(stack, client, beat["model_sha256"])
+
+
+def test_an_index_folder_from_before_aliases_is_adopted_in_place(tmp_path, module_redis):
+    """No ALIAS, the index's files in the index folder itself: the owner serves it where it is, as "."."""
+    client = redis.Redis.from_url(module_redis)
+    client.flushdb()
+    model = load_model(pooling_model(tmp_path / "model.onnx"))
+    settings = Settings.from_env({"LOOKALIKE_DATA_DIR": str(tmp_path), "LOOKALIKE_MODEL": str(model.path)})
+    identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
+    legacy = DurableIndex.open(settings.index_dir, identity, IndexParams(dim=identity.dimension))
+    legacy.apply([Change(op="upsert", id="p1", metadata={}, vector=np.ones(identity.dimension, dtype=np.float32))])
+    legacy.close()
+    assert not (settings.index_dir / "ALIAS").exists()
+
+    owner = IndexOwner.open(settings, client)
+    try:
+        assert read_alias(settings.index_dir).serving == ADOPTED
+        assert owner.store.directory == settings.index_dir and list(owner.store.index.items) == ["p1"]
+        assert owner.store.index_id == legacy.index_id and not (settings.index_dir / "indexes").exists()
+    finally:
+        owner.close()
