@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+    from common.model import EmbeddingModel
     from common.settings import Settings
+    from worker.evaluation.cache import EmbeddingCache
     from worker.evaluation.run import Embeddings
 
 HOLDOUT_SHARE = 0.1
@@ -158,7 +160,9 @@ def parse_weights(pairs: Sequence[str], labels: Sequence[str]) -> dict[str, floa
     return weights
 
 
-def embed_with_bar(settings: Settings, model: Any, catalog: Path, metadata: Path | None, cache: Any) -> Embeddings:
+def embed_with_bar(
+    settings: Settings, model: EmbeddingModel, catalog: Path, metadata: Path | None, cache: EmbeddingCache
+) -> Embeddings:
     from tqdm import tqdm
 
     from worker.evaluation.run import embed_catalog
@@ -245,7 +249,7 @@ def gate(quality: dict[str, dict[str, Any]], allowed: Sequence[str]) -> list[str
     ]
 
 
-def parity_images(settings: Settings, model: Any, held: Embeddings) -> np.ndarray:
+def parity_images(settings: Settings, model: EmbeddingModel, held: Embeddings) -> np.ndarray:
     """A few held-out images, decoded as the workers decode them, to check the written model against its parts."""
     import numpy as np
 
