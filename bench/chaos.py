@@ -213,8 +213,9 @@ def print_report(report: dict) -> None:
     print(f"| load time | {report['load_seconds']} s, ended `{load['state']}` |")
     victims = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
     print(f"| kills | {len(report['kills'])} ({report['kills_during_load']} while loading): {victims} |")
-    print(f"| items | {load['total']:,} total: {load['indexed']:,} indexed, {load['failed']:,} failed "
-          f"{load['failed_by_code'] or ''}; index holds {load['index_items']:,} |")  # fmt: skip
+    codes = f" {load['failed_by_code']}" if load["failed_by_code"] else ""
+    print(f"| items | {load['total']:,} total: {load['indexed']:,} indexed, {load['failed']:,} failed{codes}; "
+          f"the index holds {load['index_items']:,} |")  # fmt: skip
     print(f"| searches | {searches['answered']:,} answered, {searches['failed after acceptance']:,} failed after "
           f"acceptance, refused: {searches['refused by code'] or 'none'} |")  # fmt: skip
     for check, held in load["checks"].items():
