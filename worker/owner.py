@@ -354,6 +354,7 @@ class IndexOwner:
         self.feed.mark_snapshot(store.snapshot_name(), store.seq, _reduced_to(store), store.index_id)
         self.publish_checksums()
         self.publish_serving()
+        replaced.on_logged, replaced.on_snapshot = (lambda changes: None), (lambda name: None)  # off the feed now
         replaced.close()
         self.on_change()
         log.info("switched to index %s (%s, %d items, change %d); %s is kept for a rollback", store.index_id,
