@@ -56,6 +56,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     client = _client()
     model = str(args.model.resolve()) if args.model else None
+    asked = time.time()
     started = client.build_index(model)
     print(f"building index {started['index_id']} of {started['model']} beside the serving one")
     if not args.wait:
@@ -68,7 +69,8 @@ def run_build(args: argparse.Namespace) -> int:
             print(f"switched: index {started['index_id']} serves, {owner.get('items')} items")
             return 0
         building = owner.get("building")
-        if owners and (building or {}).get("index_id") != started["index_id"]:
+        heard_since = owner.get("seen", 0) > asked  # an older heartbeat may not show the build yet
+        if heard_since and (building or {}).get("index_id") != started["index_id"]:
             print(f"the build of index {started['index_id']} ended without a switch (deleted?)", file=sys.stderr)
             return 1
         if building:

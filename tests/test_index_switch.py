@@ -5,6 +5,7 @@ folder from before aliases is adopted in place."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import redis
 
 from common.model import load_model
 from common.settings import Settings
-from lookalike.stack import Stack
+from lookalike.stack import LOOKALIKE, Stack
 from protocol.client import Client
 from protocol.heartbeats import Role
 from protocol.queues import Queue, Task
@@ -126,16 +127,23 @@ def test_an_index_of_another_model_is_built_beside_switched_in_followed_and_roll
 def test_an_owner_killed_in_the_middle_of_a_build_goes_on_with_what_the_new_index_lacks(
     make_stack, shared_dir, pretrained_model, tmp_path
 ):
+    """`lookalike index build --wait` follows it through the restart until the switch."""
     stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_BATCH="16")
-    started = client.build_index(str(another_model(pretrained_model, tmp_path)))
-    stack.wait_for(lambda: (owner_beat(stack).get("building") or {}).get("items", 0) >= 64, "the build to begin")
+    command = [LOOKALIKE, "index", "build", "--model", str(another_model(pretrained_model, tmp_path)), "--wait"]
+    waiting = subprocess.Popen(command, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    building = stack.wait_for(lambda: owner_beat(stack).get("building") or {}, "the build to begin")
+    stack.wait_for(lambda: (owner_beat(stack).get("building") or {}).get("items", 0) >= 64, "the build to get going")
     stack.kill("index")
     stack.start("index")
-    beat = stack.wait_for(lambda: switched(stack, started["index_id"]), "the switch", timeout=300)
-    assert beat["items"] == SAMPLE_SIZE
-    rounds = read_alias(stack.settings.index_dir)
-    assert rounds.building is None and rounds.serving == f"indexes/{started['index_id']}"
+    output, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0 and f"switched: index {building['index_id']} serves, 1002 items" in output, output
+    beat = owner_beat(stack)
+    assert beat["index_id"] == building["index_id"] and beat["items"] == SAMPLE_SIZE
+    alias = read_alias(stack.settings.index_dir)
+    assert alias.building is None and alias.serving == f"indexes/{building['index_id']}"
     replica_follows(stack, client, beat["model_sha256"])
+    listed = subprocess.run([LOOKALIKE, "index", "list"], env=stack.env, capture_output=True, text=True, check=True)
+    assert f"{building['index_id']}  serving" in listed.stdout and "previous (for rollback)" in listed.stdout
 
 
 def test_an_index_folder_from_before_aliases_is_adopted_in_place(tmp_path, module_redis):

@@ -271,6 +271,7 @@ class IndexOwner:
         self.building, self.build_model = store, model
         self.alias.building = Build(folder, str(model.path))
         self._start_round(self._differences()[0])
+        self.on_change()  # the heartbeat shows the build at once
         log.info("building index %s of %s beside %s", store.index_id, model.path, self.store.index_id)
         return {"index_id": store.index_id, "model": str(model.path), "job": self.alias.building.jobs[-1]}
 
