@@ -94,6 +94,12 @@ def write_tuned_model(
     signature = (tf.TensorSpec((None, source.contract.dimension), tf.float32, name=HEAD_INPUT),)
     head_proto, _ = tf2onnx.convert.from_keras(head, input_signature=signature, opset=opset)
     head_proto.ir_version = backbone.ir_version
+    # tf2onnx declares domains the head never uses (ai.onnx.ml 2), which merging refuses beside another version of
+    # them (an INT8 backbone declares ai.onnx.ml 5): keep only those its nodes use.
+    used = {node.domain or "" for node in head_proto.graph.node} | {""}
+    kept = [entry for entry in head_proto.opset_import if (entry.domain or "") in used]
+    del head_proto.opset_import[:]
+    head_proto.opset_import.extend(kept)
     head_proto = onnx.compose.add_prefix(head_proto, HEAD_PREFIX)
     _rename_output(backbone, BACKBONE_OUTPUT)  # the merged model's output takes the backbone's output name
     merged = onnx.compose.merge_models(backbone, head_proto, io_map=[(BACKBONE_OUTPUT, HEAD_PREFIX + HEAD_INPUT)])

@@ -110,3 +110,21 @@ def test_a_weight_for_a_label_that_is_not_tuned_is_refused_in_one_line(tmp_path,
     result = tune(tmp_path, shared_dir, pretrained_model, tmp_path / "out.onnx", "--weight", "usage=2")
     assert result.returncode == 1
     assert result.stderr.strip() == "lookalike tune: error: --weight usage=2: 'usage' is not a --label of this run"
+
+
+@pytest.mark.slow
+def test_an_int8_model_is_tuned_too(tuned, shared_dir, pretrained_model, sample_images):
+    """Its graph declares other versions of the domains tf2onnx declares for the head (ai.onnx.ml 5 against 2)."""
+    data_dir, _ = tuned
+    int8 = data_dir / "int8.onnx"
+    quantised = subprocess.run([LOOKALIKE, "export", "--quantize", "int8", "--model", pretrained_model, "--calibration",
+                                sample_images, "--calibration-images", "16", "--out", int8], capture_output=True,
+                               text=True)  # fmt: skip
+    assert quantised.returncode == 0, quantised.stderr
+    out = data_dir / "int8_tuned.onnx"
+    allowed = [argument for label in LABELS for argument in ("--allow-loss", label)]
+    result = tune(data_dir, shared_dir, int8, out, "--epochs", "1", *allowed)
+    assert result.returncode == 0, result.stderr
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["source_model"]["sha256"] == file_sha256(int8)
+    assert load_model(out, ["cpu"]).contract.dimension == 256
