@@ -66,8 +66,9 @@ def test_a_running_web_process_loads_no_worker_module_while_it_serves(served, tm
     port = free_port()
     imports = tmp_path / "imports.txt"
     with open(imports, "w") as err:
-        web = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "lookalike.cli", "web", "--port", str(port)],
-                               env=served.stack.env, stderr=err, stdout=subprocess.DEVNULL)  # fmt: skip
+        command = [sys.executable, "-X", "importtime", "-X", "faulthandler", "-m", "lookalike.cli", "web",
+                   "--port", str(port)]  # fmt: skip
+        web = subprocess.Popen(command, env=served.stack.env, stderr=err, stdout=subprocess.DEVNULL)
     try:
         Stack.wait_for(lambda: _status(port, "GET", "/healthz") == 200, "the web to answer", process=web)
         photo = (shared_dir / "data" / "fashion" / "images" / "10186.jpg").read_bytes()
@@ -77,7 +78,13 @@ def test_a_running_web_process_loads_no_worker_module_while_it_serves(served, tm
             assert _status(port, "GET", path) == 200, path
     finally:
         web.send_signal(signal.SIGINT)
-        web.wait(30)
+        try:
+            web.wait(60)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler writes every thread's stack on SIGABRT
+            web.send_signal(signal.SIGABRT)
+            web.wait(10)
+            stacks = [line for line in imports.read_text().splitlines() if "import time:" not in line]
+            raise AssertionError("`lookalike web` did not stop on SIGINT:\n" + "\n".join(stacks[-80:])) from None
     loaded = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in imports.read_text().splitlines() if "|" in line}
     assert "flask" in loaded and "protocol" in loaded  # the listing is real
     assert loaded & NOT_IN_THE_WEB == set()
