@@ -18,7 +18,7 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
-from common.files import atomic_write_bytes
+from common.files import atomic_write_bytes, file_sha256
 from common.model import EmbeddingModel, load_model
 from common.vectors import unit_rows
 from export.card import contract_fields, write_card
@@ -100,6 +100,10 @@ def write_tuned_model(
     kept = [entry for entry in head_proto.opset_import if (entry.domain or "") in used]
     del head_proto.opset_import[:]
     head_proto.opset_import.extend(kept)
+    # The head alone as well: an index of the source model becomes one of the tuned model by running it on the
+    # vectors the index holds (`worker.reprojection`), without embedding the catalogue again.
+    head_file = head_path(out)
+    atomic_write_bytes(head_file, head_proto.SerializeToString())
     head_proto = onnx.compose.add_prefix(head_proto, HEAD_PREFIX)
     _rename_output(backbone, BACKBONE_OUTPUT)  # the merged model's output takes the backbone's output name
     merged = onnx.compose.merge_models(backbone, head_proto, io_map=[(BACKBONE_OUTPUT, HEAD_PREFIX + HEAD_INPUT)])
@@ -112,6 +116,7 @@ def write_tuned_model(
     difference = float(np.abs(tuned.embed(parity_images) - expected).max())
     if difference > PARITY_BOUND:
         out.unlink()
+        head_file.unlink()
         raise ExportError(f"the tuned model differs from backbone + head by {difference:.2g} (bound {PARITY_BOUND})")
     carried = {key: source.card[key] for key in CARRIED_FIELDS if source.card and key in source.card}
     return write_card(
@@ -121,10 +126,16 @@ def write_tuned_model(
             "precision": "fp32",
             **contract_fields(tuned.contract),
             "source_model": {"file": source.path.name, "sha256": source.sha256},
+            "head_model": {"file": head_file.name, "sha256": file_sha256(head_file)},
             **fields,
             "parity": {"max_abs_difference": difference, "bound": PARITY_BOUND, "images": len(parity_images)},
         },
     )
+
+
+def head_path(tuned: Path) -> Path:
+    """Where the tuned model's head is written alone, beside it."""
+    return tuned.with_name(f"{tuned.stem}.head.onnx")
 
 
 def _principal_axes(unit_vectors: np.ndarray, dim: int) -> np.ndarray:
