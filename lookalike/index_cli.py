@@ -56,25 +56,26 @@ def run_build(args: argparse.Namespace) -> int:
 
     client = _client()
     model = str(args.model.resolve()) if args.model else None
-    asked = time.time()
     started = client.build_index(model)
+    answered = time.time()  # a heartbeat taken before the answer may not show the build yet
     print(f"building index {started['index_id']} of {started['model']} beside the serving one")
     if not args.wait:
         print("`lookalike index list` or /healthz shows its progress; it is switched in when complete")
         return 0
+    shown = False  # whether a heartbeat has shown this build
     while True:
         owners = alive(client.jobs.redis, Role.INDEX)
         owner = owners[0] if owners else {}
         if owner.get("index_id") == started["index_id"]:
             print(f"switched: index {started['index_id']} serves, {owner.get('items')} items")
             return 0
-        building = owner.get("building")
-        heard_since = owner.get("seen", 0) > asked  # an older heartbeat may not show the build yet
-        if heard_since and (building or {}).get("index_id") != started["index_id"]:
+        building = owner.get("building") or {}
+        if building.get("index_id") == started["index_id"]:
+            shown = True
+            print(f"  round {building['round']}: {building['items']:,} of {building['of']:,} items", flush=True)
+        elif owner and (shown or owner["seen"] > answered):
             print(f"the build of index {started['index_id']} ended without a switch (deleted?)", file=sys.stderr)
             return 1
-        if building:
-            print(f"  round {building['round']}: {building['items']:,} of {building['of']:,} items", flush=True)
         time.sleep(2)
 
 

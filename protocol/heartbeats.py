@@ -56,8 +56,9 @@ def start_heartbeat(
     def beat() -> None:
         while True:
             try:
+                seen = time.time()  # before the status is taken: a reader compares it with what it asked since
                 payload = {"role": role, "pid": os.getpid(), "host": socket.gethostname(), **status()}
-                client.hset(keys.WORKERS, name, json.dumps({**payload, "seen": time.time()}))
+                client.hset(keys.WORKERS, name, json.dumps({**payload, "seen": seen}))
             except redis.RedisError as error:
                 log.warning("heartbeat to Redis failed: %s", error)
             except Exception:  # a status callback must never stop the heartbeat

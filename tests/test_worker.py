@@ -157,10 +157,18 @@ def loading(make_stack, shared_dir, done_at: int) -> tuple[Stack, Client, str]:
 def freeze_while_holding_a_message(stack: Stack, kind: str, queue: str) -> None:
     """SIGSTOP the worker at a moment when it has taken a message from `queue` and not acknowledged it."""
     group = stack.processes[kind].pid
+
+    def holding() -> bool:
+        return any(json.loads(entry)[2] == queue for entry in stack.redis.hvals("unacked"))
+
     for _ in range(500):
         os.killpg(group, signal.SIGSTOP)
-        if any(json.loads(entry)[2] == queue for entry in stack.redis.hvals("unacked")):
-            return
+        # An acknowledgement sent just before the stop may still be on its way to Redis: held, and still held a
+        # moment later, is held by the stopped worker
+        if holding():
+            time.sleep(0.1)
+            if holding():
+                return
         os.killpg(group, signal.SIGCONT)
         time.sleep(0.005)
     raise AssertionError(f"the {kind} worker never held a message from {queue!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -76,6 +77,7 @@ class IndexOwner:
         self.advance_asked = 0.0  # when an `advance_build` was queued and not handled yet (0: none is)
         self.lock_file: TextIO | None = None  # the index folder's lock, when the indexes are below it
         self.on_change: Callable[[], None] = lambda: None  # tells the heartbeat to publish the new item count
+        self.switching = threading.Lock()  # a heartbeat shows the index before a switch or after it, never neither
         self._serve(model, store)
 
     def _serve(self, model: EmbeddingModel, store: DurableIndex) -> None:
@@ -344,6 +346,14 @@ class IndexOwner:
 
     def _switch_to(self, model: EmbeddingModel, store: DurableIndex, previous: str) -> dict[str, Any]:
         """Serve `store` from now on, in one step for readers; the index it replaces is kept for a rollback."""
+        with self.switching:
+            replaced = self._switch_serving(model, store, previous)
+        self.on_change()
+        log.info("switched to index %s (%s, %d items, change %d); %s is kept for a rollback", store.index_id,
+                 model.path.name, len(store.index), store.seq, replaced.index_id)  # fmt: skip
+        return {"serving": store.index_id, "model": str(model.path), "seq": store.seq, "previous": replaced.index_id}
+
+    def _switch_serving(self, model: EmbeddingModel, store: DurableIndex, previous: str) -> DurableIndex:
         replaced = self.store
         store.continue_after(replaced.seq)
         self.alias = Alias(serving=self._folder_of(store), previous=previous)
@@ -357,10 +367,7 @@ class IndexOwner:
         self.publish_serving()
         replaced.on_logged, replaced.on_snapshot = (lambda changes: None), (lambda name: None)  # off the feed now
         replaced.close()
-        self.on_change()
-        log.info("switched to index %s (%s, %d items, change %d); %s is kept for a rollback", store.index_id,
-                 model.path.name, len(store.index), store.seq, replaced.index_id)  # fmt: skip
-        return {"serving": store.index_id, "model": str(model.path), "seq": store.seq, "previous": replaced.index_id}
+        return replaced
 
     def rollback(self) -> dict[str, Any]:
         """Serve the index the last switch replaced again (writes made since are not in it: load again)."""
@@ -451,6 +458,10 @@ class IndexOwner:
 
     def heartbeat(self) -> dict[str, Any]:
         """What the web's health check and search form need, without a round trip through the queue."""
+        with self.switching:
+            return self._heartbeat()
+
+    def _heartbeat(self) -> dict[str, Any]:
         status = self.status()
         fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id", "snapshot")
         return {**{key: status[key] for key in fields}, "building": self.build_progress(), **self.reader.filterable()}
