@@ -25,6 +25,7 @@ class Task(StrEnum):
     WRITE_SNAPSHOT = "lookalike.write_snapshot"
     BUILD_INDEX = "lookalike.build_index"
     ADVANCE_BUILD = "lookalike.advance_build"
+    REPROJECT_BATCH = "lookalike.reproject_batch"
     ROLLBACK_INDEX = "lookalike.rollback_index"
     DELETE_INDEX = "lookalike.delete_index"
     SEARCH_IMAGE = "lookalike.search_image"
@@ -43,6 +44,7 @@ ROUTES: dict[Task, Queue] = {
     Task.WRITE_SNAPSHOT: Queue.INDEX,
     Task.BUILD_INDEX: Queue.INDEX,
     Task.ADVANCE_BUILD: Queue.INDEX,
+    Task.REPROJECT_BATCH: Queue.INDEX,
     Task.ROLLBACK_INDEX: Queue.INDEX,
     Task.DELETE_INDEX: Queue.INDEX,
     Task.SEARCH_IMAGE: Queue.QUERY,

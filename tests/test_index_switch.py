@@ -150,6 +150,32 @@ def test_an_owner_killed_in_the_middle_of_a_build_goes_on_with_what_the_new_inde
     assert f"{building['index_id']}  serving" in listed.stdout and "previous (for rollback)" in listed.stdout
 
 
+@pytest.mark.slow
+def test_a_tuned_model_of_the_serving_model_is_built_from_the_stored_vectors_without_embedding_again(
+    make_stack, shared_dir, pretrained_model, tmp_path
+):
+    """The head alone runs on the vectors the serving index holds: no embed batch, and the vectors are the tuned
+    model's own (a catalogue photo searched with the tuned model finds itself at a similarity of 1)."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir)
+    tuned = tmp_path / "tuned.onnx"
+    losses = [argument for label in ("articleType", "gender") for argument in ("--allow-loss", label)]
+    subprocess.run(
+        [LOOKALIKE, "tune", "--model", pretrained_model, "--catalog", shared_dir / "data" / "fashion", "--label",
+         "articleType", "--label", "gender", "--epochs", "2", *losses, "--out", tuned],
+        env=stack.env, check=True, capture_output=True,
+    )  # fmt: skip
+    old = owner_beat(stack)
+    started = client.build_index(str(tuned))
+    beat = stack.wait_for(lambda: switched(stack, started["index_id"]), "the switch", timeout=300)
+    assert beat["items"] == SAMPLE_SIZE and beat["model_sha256"] == load_model(tuned, ["cpu"]).sha256
+    owner_log = stack.log_paths["index"].read_text()
+    assert f"index {started['index_id']} re-projects the vectors of index {old['index_id']}" in owner_log
+    assert f"index {started['index_id']}, round 1: {SAMPLE_SIZE} items to re-project, 0 to embed" in owner_log
+    job = client.follow(client.search(image_bytes(shared_dir, "10186"), 3), timeout=60)
+    assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
+    assert job["result"]["hits"][0]["score"] > 0.999
+
+
 def test_an_index_folder_from_before_aliases_is_adopted_in_place(tmp_path, module_redis):
     """No ALIAS, the index's files in the index folder itself: the owner serves it where it is, as "."."""
     client = redis.Redis.from_url(module_redis)

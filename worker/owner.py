@@ -2,11 +2,8 @@
 answers reads itself when no replica keeps up.
 
 It serves the index the alias names (`worker.aliases`) and builds a new one beside it when asked (a new model, a
-new export, INT8, PCA on or off): rounds of embed batches with the new model over the serving index's items, each
-round embedding what the new index still lacks or holds differently (writes made meanwhile, a round cut short by
-a restart); when a round leaves nothing to embed, the rest (deletes, new metadata) is applied and the new index is
-switched in, in one step between two tasks, so every read is answered wholly by one index. The replaced one is
-kept for a rollback.
+new export, INT8, a tuned head, PCA on or off: `worker.builds`); when the build is complete it switches to it, in
+one step between two tasks, so every read is answered wholly by one index. The replaced one is kept for a rollback.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,31 +21,27 @@ import redis
 from celery import Celery, current_app
 
 from common.errors import ErrorCode, LookalikeError
-from common.model import EmbeddingModel, ModelError, load_model
+from common.model import EmbeddingModel, ModelError
 from common.settings import Settings
 from common.vectors import decode_vector
 from protocol import keys
 from protocol.heartbeats import Role
-from protocol.jobs import FINISHED, Jobs, item_error
+from protocol.jobs import Jobs, item_error
 from protocol.queues import Queue, Task
 from worker.aliases import (
-    ADOPTED,
     Alias,
-    Build,
     alias_for_owner,
     find_folder,
     manifest,
-    new_folder,
     remove_index,
     write_alias,
 )
+from worker.builds import IndexBuild, reference_of
 from worker.feed import ChangeFeed
-from worker.index import IndexParams, Item
-from worker.projection import Reduction
 from worker.reader import IndexReader
 from worker.recovery import give_back
 from worker.snapshots import ModelIdentity, ModelMismatch
-from worker.store import DurableIndex, take_lock
+from worker.store import DurableIndex, open_index, take_lock
 from worker.wal import Change
 
 log = logging.getLogger(__name__)
@@ -71,8 +63,7 @@ class IndexOwner:
         self.jobs = Jobs.for_settings(client, settings)
         self.feed = ChangeFeed(client)
         self.alias = alias or Alias(".")
-        self.building: DurableIndex | None = None  # the index being built beside the serving one
-        self.build_model: EmbeddingModel | None = None
+        self.build: IndexBuild | None = None  # the index being built beside the serving one
         self.replaced: ModelIdentity | None = None  # the model of the index the last switch replaced
         self.advance_asked = 0.0  # when an `advance_build` was queued and not handled yet (0: none is)
         self.lock_file: TextIO | None = None  # the index folder's lock, when the indexes are below it
@@ -158,9 +149,8 @@ class IndexOwner:
     def apply(self, job_id: str | None, messages: list[dict[str, Any]]) -> dict[str, int]:
         """Log, apply and report a batch of upserts and deletes from the embed workers: to the serving index, or
         to the one being built when the batch is one of its rounds'."""
-        build = self.alias.building
-        if build is not None and self.building is not None and job_id in build.jobs:
-            return self._apply_to(self.building, job_id, messages)
+        if self.build is not None and self.build.owns(job_id):
+            return self._apply_to(self.build.store, job_id, messages)
         outdated = self._embedded_for_the_replaced_index(job_id, messages)
         if outdated:
             messages = [message for message in messages if message["id"] not in outdated]
@@ -214,18 +204,8 @@ class IndexOwner:
         return {"applied": len(changes), "failed": len(foreign)}
 
     def _also_to_the_build(self, changes: list[Change]) -> None:
-        """Deletes go to the index being built at once, and so do vectors when it belongs to the same model (a PCA
-        turned on or off); whatever else it lacks, the next round embeds."""
-        building = self.building
-        if building is None or not changes:
-            return
-        same_model = building.identity == self.store.identity
-        copies = [replace(change) for change in changes if change.op == "delete" or same_model]
-        try:
-            building.apply(copies)
-        except Exception as error:  # the serving index has the change; the build's next round finds it missing
-            log.warning("the index being built did not take %d changes (its next round makes up for them): %s",
-                        len(copies), error)  # fmt: skip
+        if self.build is not None and changes:
+            self.build.take(changes, self.store)
 
     def _embedded_for_the_replaced_index(self, job_id: str | None, messages: list[dict[str, Any]]) -> set[str]:
         """Upserts a load embedded with the model of the index just replaced (it read them before the switch):
@@ -238,7 +218,7 @@ class IndexOwner:
             for message in messages
             if message["op"] == "upsert"
             and (message.get("model_sha256"), message.get("resize")) == (replaced.sha256, replaced.resize)
-            and (reference := _reference(message["id"], message.get("metadata") or {}))
+            and (reference := reference_of(message["id"], message.get("metadata") or {}))
         ]
         if again:
             current_app.send_task(Task.EMBED_BATCH, args=[job_id, again, str(self.model.path)])
@@ -258,91 +238,57 @@ class IndexOwner:
 
     # building beside, switching, rolling back -------------------------------------------------------------------
 
-    def build(self, model_file: str | None) -> dict[str, Any]:
+    def build_index(self, model_file: str | None) -> dict[str, Any]:
         """Start building an index of `model_file` (default: the serving model, with today's settings) beside the
         serving one; it is switched in when complete."""
-        build = self.alias.building
-        if build is not None:
-            message = f"index {Path(build.folder).name} of {build.model} is being built; wait for it or delete it"
+        if self.build is not None:
+            message = (
+                f"index {self.build.index_id} of {self.build.record.model} is being built; wait for it or delete it"
+            )
             return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
-        folder = new_folder()
         try:
-            model, store = open_index(self.settings, folder, Path(model_file) if model_file else self.model.path)
+            build = IndexBuild.begin(self.settings, self.jobs, Path(model_file) if model_file else self.model.path,
+                                     self.store, self._save_alias)  # fmt: skip
         except (ModelError, LookalikeError, OSError) as error:
             return {"error": item_error(ErrorCode.BAD_PARAMETER, str(error))}
-        self.building, self.build_model = store, model
-        self.alias.building = Build(folder, str(model.path))
-        self._start_round(self._differences()[0])
+        self.build, self.alias.building = build, build.record
+        build.next_round(self.store)
         self.on_change()  # the heartbeat shows the build at once
-        log.info("building index %s of %s beside %s", store.index_id, model.path, self.store.index_id)
-        return {"index_id": store.index_id, "model": str(model.path), "job": self.alias.building.jobs[-1]}
+        log.info("building index %s of %s beside %s", build.index_id, build.model.path, self.store.index_id)
+        return {"index_id": build.index_id, "model": str(build.model.path), "job": build.record.jobs[-1]}
 
     def _resume_build(self) -> None:
         """After a restart: open the index being built again and go on with what it lacks, in a new round."""
-        build = self.alias.building
+        record = self.alias.building
         try:
-            self.build_model, self.building = open_index(self.settings, build.folder, Path(build.model))
+            self.build = IndexBuild.resume(self.settings, self.jobs, record, self.store, self._save_alias)
         except (ModelError, LookalikeError, OSError) as error:
-            log.error("the index being built in %s can't be opened (%s): the build is given up", build.folder, error)
+            log.error("the index being built in %s can't be opened (%s): the build is given up", record.folder, error)
             self.alias.building = None
-            write_alias(self.settings.index_dir, self.alias)
+            self._save_alias()
             return
-        if build.jobs:
-            reason = "the index owner restarted; the build goes on in a new round with what the index lacks"
-            self.jobs.fail(build.jobs[-1], item_error(ErrorCode.WORKER_LOST, reason))
-        self._start_round(self._differences()[0])
-        log.info("index %s: the build goes on, round %d", self.building.index_id, len(build.jobs))
-
-    def _start_round(self, items: list[dict[str, Any]]) -> None:
-        """Queue `items` to be embedded with the new model, as a job of their own (its progress is the build's)."""
-        build = self.alias.building
-        params = {"index_id": self.building.index_id, "model": build.model, "round": len(build.jobs) + 1}
-        job_id = self.jobs.create("build", params)
-        self.redis.persist(keys.job_key(job_id))  # a round runs as long as it must; finished, it expires as a search
-        build.jobs.append(job_id)
-        write_alias(self.settings.index_dir, self.alias)
-        self.jobs.start(job_id)
-        batch = self.settings.batch
-        for first in range(0, len(items), batch):
-            current_app.send_task(Task.EMBED_BATCH, args=[job_id, items[first : first + batch], build.model])
-        if items:
-            self.jobs.set_total(job_id, len(items))
-        else:
-            self.jobs.finish(job_id, {"embedded": 0})
-
-    def _differences(self, given_up: set[str] = frozenset()) -> tuple[list[dict[str, Any]], list[Change]]:
-        """What the index being built lacks: the serving items it must embed (not those in `given_up`), and the
-        changes it can make without embedding (new metadata for the same photo, items deleted since)."""
-        serving, building = self.store.index.items, self.building.index.items
-        embed, changes = [], []
-        for item_id, item in serving.items():
-            built = building.get(item_id)
-            if built is None or built.image_sha256 != item.image_sha256:
-                reference = _reference(item_id, item.metadata)
-                if item_id not in given_up and reference:
-                    embed.append(reference)
-            elif built.metadata_sha256 != item.metadata_sha256:
-                changes.append(_metadata_change(item_id, item))
-        changes += [Change(op="delete", id=item_id) for item_id in building if item_id not in serving]
-        return embed, changes
+        self.build.next_round(self.store)
+        log.info("index %s: the build goes on, round %d", self.build.index_id, len(record.jobs))
 
     def advance_build(self) -> dict[str, Any]:
-        """When the build's round has finished: another round with what the index still lacks, or the switch."""
+        """When the build's round is over: another round with what the index still lacks, or the switch."""
         self.advance_asked = 0.0
-        build = self.alias.building
-        if build is None or self.building is None:
+        build = self.build
+        if build is None:
             return {"building": None}
-        job = self.jobs.get(build.jobs[-1], error_limit=0)
-        if job is not None and job["state"] not in FINISHED:
-            return {"building": self.building.index_id, "round": len(build.jobs)}
-        failed = self.redis.hkeys(keys.job_key(build.jobs[-1], keys.FAILED))
-        given_up = {raw.decode()[2:] for raw in failed if raw.startswith(b"i:")}
-        embed, changes = self._differences(given_up)
-        if embed:
-            self._start_round(embed)
-            return {"building": self.building.index_id, "round": len(build.jobs)}
-        self.building.apply(changes)
-        return self._switch_to(self.build_model, self.building, previous=self.alias.serving)
+        if not build.round_over() or build.next_round(self.store, build.given_up()):
+            return {"building": build.index_id, "round": len(build.record.jobs)}
+        build.complete(self.store)
+        return self._switch_to(build.model, build.store, previous=self.alias.serving)
+
+    def reproject(self, job_id: str, ids: list[str]) -> dict[str, int]:
+        """A re-projection batch of the build's round (one of a build deleted since changes nothing)."""
+        if self.build is None or not self.build.owns(job_id):
+            return {"reprojected": 0, "left": len(ids)}
+        return self.build.reproject(job_id, ids, self.store)
+
+    def _save_alias(self) -> None:
+        write_alias(self.settings.index_dir, self.alias)
 
     def _switch_to(self, model: EmbeddingModel, store: DurableIndex, previous: str) -> dict[str, Any]:
         """Serve `store` from now on, in one step for readers; the index it replaces is kept for a rollback."""
@@ -358,7 +304,7 @@ class IndexOwner:
         store.continue_after(replaced.seq)
         self.alias = Alias(serving=self._folder_of(store), previous=previous)
         write_alias(self.settings.index_dir, self.alias)  # the switch: a restart from here on serves `store`
-        self.building = self.build_model = None
+        self.build = None
         self.replaced = replaced.identity
         self._serve(model, store)
         self.feed.published = max(self.feed.published, store.seq)  # the snapshot holds every change before it
@@ -387,32 +333,18 @@ class IndexOwner:
             return {"error": item_error(ErrorCode.NOT_FOUND, f"no index {index_id!r} (see `lookalike index list`)")}
         if folder == self.alias.serving:
             return {"error": item_error(ErrorCode.BAD_PARAMETER, f"index {index_id} is serving: switch first")}
-        build = self.alias.building
-        if build is not None and build.folder == folder:
-            self.building.close()
-            self.building = self.build_model = self.alias.building = None
-            self.jobs.fail(build.jobs[-1], item_error(ErrorCode.NOT_FOUND, "the index being built was deleted"))
+        if self.build is not None and self.build.record.folder == folder:
+            self.build.end("the index being built was deleted")
+            self.build = self.alias.building = None
         if self.alias.previous == folder:
             self.alias.previous = None
-        write_alias(self.settings.index_dir, self.alias)
+        self._save_alias()
         remove_index(self.settings.index_dir, folder)
         return {"deleted": index_id, "folder": folder}
 
     def build_progress(self) -> dict[str, Any] | None:
-        """The index being built, as /healthz shows it: its model, its items so far and its round's counts."""
-        build, building = self.alias.building, self.building
-        if build is None or building is None:
-            return None
-        job = self.jobs.get(build.jobs[-1], error_limit=0) if build.jobs else None
-        return {
-            "index_id": building.index_id,
-            "model": Path(build.model).name,
-            "model_sha256": building.identity.sha256,
-            "items": len(building.index),
-            "of": len(self.store.index),
-            "round": len(build.jobs),
-            "round_progress": job["progress"] if job else None,
-        }
+        """The index being built, as /healthz shows it, or None."""
+        return self.build.progress(self.store) if self.build is not None else None
 
     def _folder_of(self, store: DurableIndex) -> str:
         return store.directory.relative_to(self.settings.index_dir).as_posix()
@@ -469,68 +401,11 @@ class IndexOwner:
     def close(self) -> None:
         try:
             self.store.close()
-            if self.building is not None:
-                self.building.close()
+            if self.build is not None:
+                self.build.store.close()
         finally:
             if self.lock_file is not None:
                 self.lock_file.close()
-
-
-def open_index(settings: Settings, folder: str, model_file: Path | None = None) -> tuple[EmbeddingModel, DurableIndex]:
-    """Open the index in `folder` (below the index folder, whose lock the caller holds) with its model: the one
-    its manifest names, else `model_file`, else LOOKALIKE_MODEL (a new index, or one from before manifests named
-    their model)."""
-    directory = settings.index_dir / folder
-    recorded = (manifest(directory) or {}).get("model_file")
-    if recorded and Path(recorded).is_file():
-        model_file = Path(recorded)
-    model_file = model_file or settings.model
-    # The model only for its identity (sha256, dimension) and its contract: the owner embeds nothing.
-    model = load_model(model_file, ["cpu"], intra_op_threads=1)
-    identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
-    params = IndexParams(
-        dim=model.contract.dimension,
-        m=settings.hnsw_m,
-        ef_construction=settings.hnsw_ef_construction,
-        ef=settings.hnsw_ef,
-    )
-    reduction = None
-    if settings.pca_dim:
-        if settings.pca_dim >= model.contract.dimension:
-            raise LookalikeError(
-                f"LOOKALIKE_PCA_DIM is {settings.pca_dim}, but the model's vectors have only "
-                f"{model.contract.dimension} dimensions"
-            )
-        reduction = Reduction(settings.pca_dim, settings.pca_fit_items)
-    store = DurableIndex.open(
-        directory,
-        identity,
-        params,
-        settings.snapshot_every,
-        reduction,
-        lock=False,
-        model_file=str(model.path),
-        index_id=Path(folder).name if folder != ADOPTED else "",
-    )
-    return model, store
-
-
-def _reference(item_id: str, metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """An indexed item as an embed batch takes it (its image's area and path are in its metadata), or None."""
-    area, _, path = str(metadata.get("image", "")).partition("/")
-    if not path:
-        return None
-    return {"id": item_id, "area": area, "path": path, "metadata": {k: v for k, v in metadata.items() if k != "image"}}
-
-
-def _metadata_change(item_id: str, item: Item) -> Change:
-    return Change(
-        op="upsert",
-        id=item_id,
-        metadata=item.metadata,
-        image_sha256=item.image_sha256,
-        metadata_sha256=item.metadata_sha256,
-    )
 
 
 def _change(message: dict[str, Any]) -> Change:

@@ -22,6 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from common.errors import LookalikeError
+from common.model import EmbeddingModel, load_model
+from common.settings import Settings
+from worker.aliases import ADOPTED, manifest
 from worker.index import IndexParams, VectorIndex
 from worker.projection import Projection, Reduction
 from worker.snapshots import (
@@ -283,3 +287,42 @@ def owner_holds_lock(directory: Path) -> bool:
             return True
         fcntl.flock(probe, fcntl.LOCK_UN)
         return False
+
+
+def open_index(settings: Settings, folder: str, model_file: Path | None = None) -> tuple[EmbeddingModel, DurableIndex]:
+    """Open the index in `folder` (below the index folder, whose lock the caller holds) with its model: the one
+    its manifest names, else `model_file`, else LOOKALIKE_MODEL (a new index, or one from before manifests named
+    their model)."""
+    directory = settings.index_dir / folder
+    recorded = (manifest(directory) or {}).get("model_file")
+    if recorded and Path(recorded).is_file():
+        model_file = Path(recorded)
+    model_file = model_file or settings.model
+    # The model only for its identity (sha256, dimension) and its contract: the owner embeds nothing.
+    model = load_model(model_file, ["cpu"], intra_op_threads=1)
+    identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
+    params = IndexParams(
+        dim=model.contract.dimension,
+        m=settings.hnsw_m,
+        ef_construction=settings.hnsw_ef_construction,
+        ef=settings.hnsw_ef,
+    )
+    reduction = None
+    if settings.pca_dim:
+        if settings.pca_dim >= model.contract.dimension:
+            raise LookalikeError(
+                f"LOOKALIKE_PCA_DIM is {settings.pca_dim}, but the model's vectors have only "
+                f"{model.contract.dimension} dimensions"
+            )
+        reduction = Reduction(settings.pca_dim, settings.pca_fit_items)
+    store = DurableIndex.open(
+        directory,
+        identity,
+        params,
+        settings.snapshot_every,
+        reduction,
+        lock=False,
+        model_file=str(model.path),
+        index_id=Path(folder).name if folder != ADOPTED else "",
+    )
+    return model, store

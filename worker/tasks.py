@@ -135,12 +135,17 @@ def write_snapshot() -> None:
 
 @shared_task(name=Task.BUILD_INDEX)
 def build_index(model: str | None = None) -> dict[str, Any]:
-    return owner().build(model)
+    return owner().build_index(model)
 
 
 @shared_task(name=Task.ADVANCE_BUILD)
 def advance_build() -> dict[str, Any]:
     return owner().advance_build()
+
+
+@shared_task(name=Task.REPROJECT_BATCH)
+def reproject_batch(job_id: str, ids: list[str]) -> dict[str, int]:
+    return owner().reproject(job_id, ids)
 
 
 @shared_task(name=Task.ROLLBACK_INDEX)

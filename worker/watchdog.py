@@ -61,30 +61,12 @@ class LoadWatchdog:
             # A load queued behind others waits without progress: its messages are looked for once a stall period.
             if time.monotonic() - self.waiting.get(job_id, -self.stall) < self.stall:
                 continue
-            if self.has_messages(job_id):
+            if holds_messages(self.app, job_id):
                 self.waiting[job_id] = time.monotonic()
                 continue
             self.rescue(job_id, activity)
             rescued += 1
         return rescued
-
-    def has_messages(self, job_id: str) -> bool:
-        """Whether a message of this load waits in a queue or is held by a worker (kombu's unacked hash).
-
-        Celery writes a task's arguments as text in the message's `argsrepr` header, the job id (32 random hex
-        digits) first: a raw message that contains it is this load's.
-        """
-        needle = job_id.encode()
-        with self.app.connection_for_write() as connection:
-            channel = connection.default_channel
-            client = channel.client
-            if any(needle in raw for _, raw in client.hscan_iter(channel.unacked_key, count=SCAN_CHUNK)):
-                return True  # the held ones first: a few per worker
-            for queue in (Queue.EMBED, Queue.INDEX):  # newest first: a load waiting behind others is found soon
-                for start in range(0, client.llen(queue), SCAN_CHUNK):
-                    if any(needle in raw for raw in client.lrange(queue, start, start + SCAN_CHUNK - 1)):
-                        return True
-            return False
 
     def rescue(self, job_id: str, activity: LoadActivity) -> None:
         if activity.requeued >= REQUEUES:
@@ -120,3 +102,22 @@ class LoadWatchdog:
         log.warning("load %s: %d items lost %d times are failed as lost", job_id, len(missing), REQUEUES + 1)
         if self.jobs.activity(job_id) is not None:  # items it can't name (a load planned before it kept them)
             self.jobs.fail(job_id, item_error(ErrorCode.LOST, "some of the load's items were lost; load it again"))
+
+
+def holds_messages(app: Celery, job_id: str) -> bool:
+    """Whether a message of this job waits in a queue or is held by a worker (kombu's unacked hash).
+
+    Celery writes a task's arguments as text in the message's `argsrepr` header, the job id (32 random hex
+    digits) first: a raw message that contains it is this job's.
+    """
+    needle = job_id.encode()
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        if any(needle in raw for _, raw in client.hscan_iter(channel.unacked_key, count=SCAN_CHUNK)):
+            return True  # the held ones first: a few per worker
+        for queue in (Queue.EMBED, Queue.INDEX):  # newest first: a load waiting behind others is found soon
+            for start in range(0, client.llen(queue), SCAN_CHUNK):
+                if any(needle in raw for raw in client.lrange(queue, start, start + SCAN_CHUNK - 1)):
+                    return True
+        return False
