@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.settings import Settings
+    from worker.evaluation.calibration import Calibration
 
 
 def configure_worker(worker: argparse.ArgumentParser) -> None:
@@ -59,6 +64,13 @@ def configure_evaluate(evaluate: argparse.ArgumentParser) -> None:
         "(default LOOKALIKE_PCA_DIM)",
     )
     evaluate.add_argument("--json", type=Path, help="write every figure as JSON here")
+    evaluate.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit, from the labels, the similarity below which a neighbour is more often wrong than right, and store "
+        "it with the serving index (needs one --model, the serving index's, and at most one --resize and --pca): "
+        "searches then say when nothing close was found",
+    )
     evaluate.set_defaults(handler=run_evaluate)
 
 
@@ -75,6 +87,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from worker.evaluation.report import as_json, markdown, unused_labels, weakest_values
     from worker.evaluation.run import Plan, run_plan
 
+    if args.calibrate and (len(args.model) > 1 or len(args.resize or []) > 1 or len(args.pca or []) > 1):
+        print("--calibrate fits one setting: give one --model (the serving index's) and at most one --resize and "
+              "--pca", file=sys.stderr)  # fmt: skip
+        return 2
     # The files named here are read where they are: the catalogue root is the whole file system unless set.
     settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": "/", **os.environ})
     plan = Plan(
@@ -87,6 +103,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         pca_dims=args.pca or (),
         ms=args.m or (),
         efs=args.ef or (),
+        calibrate=args.calibrate,
     )
     evaluations = list(run_plan(settings, plan, say=lambda line: print(line, file=sys.stderr)))
     print(markdown(evaluations))
@@ -96,4 +113,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(line)
     if args.json:
         args.json.write_text(as_json(evaluations))
+    if args.calibrate:
+        return store_calibration(settings, evaluations[0].calibration)
+    return 0
+
+
+def store_calibration(settings: Settings, calibration: Calibration) -> int:
+    """Print the thresholds, then send the calibration to the index owner to store with the serving index."""
+    import celery.exceptions
+
+    from protocol.client import Client, ReadError
+
+    summary = calibration.summary()
+    print(f"no close match below similarity {summary['threshold']:.3f} (a neighbour sharing "
+          f"{' and '.join(summary['labels'])} is more often wrong than right there)")  # fmt: skip
+    for value, threshold in summary["values"].items():
+        print(f"  {value}: {threshold:.3f}")
+    print(f"{summary['no_close_match']:.1%} of the catalogue's own photos would find no close match")
+    try:
+        stored = Client(settings).calibrate_index(calibration.as_dict())
+    except ReadError as error:
+        print(f"the index owner refused the calibration ({error.code}): {error}", file=sys.stderr)
+        return 1
+    except celery.exceptions.TimeoutError:
+        print("no index owner answered: is `lookalike worker index` running against LOOKALIKE_REDIS_URL?",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"stored with index {stored['index_id']}: searches now say when there is no close match")
     return 0

@@ -149,6 +149,11 @@ class Client:
         """Delete a kept index, or the one being built: `deleted`, `folder`."""
         return self._ask_owner(Task.DELETE_INDEX, index_id)
 
+    def calibrate_index(self, calibration: dict[str, Any]) -> dict[str, Any]:
+        """Store a calibration (`lookalike evaluate --calibrate`) with the serving index: `index_id`, `calibration`
+        (its thresholds); refused (ReadError `model_mismatch`) when it was fitted for other vectors than the index's."""
+        return self._ask_owner(Task.CALIBRATE_INDEX, calibration)
+
     def _ask_owner(self, task: Task, *args: Any) -> dict[str, Any]:
         """The owner's answer; one with an `error` is raised as ReadError."""
         result = self.celery.send_task(task, args=list(args))

@@ -28,6 +28,7 @@ class Task(StrEnum):
     REPROJECT_BATCH = "lookalike.reproject_batch"
     ROLLBACK_INDEX = "lookalike.rollback_index"
     DELETE_INDEX = "lookalike.delete_index"
+    CALIBRATE_INDEX = "lookalike.calibrate_index"
     SEARCH_IMAGE = "lookalike.search_image"
     NEAREST = "lookalike.nearest"
     SIMILAR_ITEMS = "lookalike.similar_items"
@@ -47,6 +48,7 @@ ROUTES: dict[Task, Queue] = {
     Task.REPROJECT_BATCH: Queue.INDEX,
     Task.ROLLBACK_INDEX: Queue.INDEX,
     Task.DELETE_INDEX: Queue.INDEX,
+    Task.CALIBRATE_INDEX: Queue.INDEX,
     Task.SEARCH_IMAGE: Queue.QUERY,
     # Reads: to the replicas; `protocol.readers` sends them to the owner's SEARCH queue when none keeps up.
     Task.NEAREST: Queue.READ,

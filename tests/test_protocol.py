@@ -26,6 +26,7 @@ CANNED_ANSWERS = {
     Task.BUILD_INDEX: {"index_id": "new", "model": "new.onnx", "job": "job"},
     Task.ROLLBACK_INDEX: {"serving": "old", "model": "old.onnx", "seq": 9, "previous": "new"},
     Task.DELETE_INDEX: {"deleted": "new", "folder": "indexes/new"},
+    Task.CALIBRATE_INDEX: {"index_id": "old", "calibration": {}},
 }
 
 
@@ -88,6 +89,7 @@ def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(w
         "build_index": ("new.onnx",),
         "rollback_index": (),
         "delete_index": ("new",),
+        "calibrate_index": ({"format": "lookalike-calibration/1"},),
     }
     public = {name for name, _ in inspect.getmembers(Client, inspect.isfunction) if not name.startswith("_")}
     assert public - {"follow"} == set(calls), "a new client method: add it here"

@@ -28,6 +28,7 @@ from protocol import keys
 from protocol.heartbeats import Role
 from protocol.jobs import Jobs, item_error
 from protocol.queues import Queue, Task
+from worker import calibrations
 from worker.aliases import (
     Alias,
     alias_for_owner,
@@ -75,6 +76,7 @@ class IndexOwner:
         """Answer reads from `store` and publish its changes: the serving index from now on."""
         self.model, self.store = model, store
         self.reader = IndexReader(store, usable=lambda: store.mismatch)
+        self.reader.calibration = calibrations.stored_with(store)  # each index has its own, or none
         store.on_logged = lambda changes: self.feed.publish(changes, store.wal, store.snapshot_seq)
         store.on_snapshot = lambda name: self.feed.mark_snapshot(name, store.seq, _reduced_to(store), store.index_id)
 
@@ -120,6 +122,18 @@ class IndexOwner:
             "resize": self.store.identity.resize,
         }
         self.redis.set(keys.SERVING, json.dumps(serving))
+        calibrations.publish(self.redis, self.store.index_id, self.reader.calibration)
+
+    def calibrate(self, calibration: dict[str, Any]) -> dict[str, Any]:
+        """Store a calibration with the serving index (refused when fitted for other vectors), used by every reader."""
+        try:
+            fitted = calibrations.store_with(self.store, calibration)
+        except calibrations.CalibrationRefused as error:
+            return {"error": item_error(error.code, str(error))}
+        self.reader.calibration = fitted
+        self.publish_serving()
+        self.on_change()
+        return {"index_id": self.store.index_id, "calibration": fitted.summary()}
 
     def publish_checksums(self) -> None:
         """Tell embed workers what the index holds, so a re-run load skips unchanged items."""
@@ -396,7 +410,9 @@ class IndexOwner:
     def _heartbeat(self) -> dict[str, Any]:
         status = self.status()
         fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id", "snapshot")
-        return {**{key: status[key] for key in fields}, "building": self.build_progress(), **self.reader.filterable()}
+        calibration = self.reader.calibration.summary() if self.reader.calibration else None
+        return {**{key: status[key] for key in fields}, "building": self.build_progress(), "calibration": calibration,
+                **self.reader.filterable()}  # fmt: skip
 
     def close(self) -> None:
         try:

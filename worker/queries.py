@@ -225,11 +225,13 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
             return
         _fail(searches, answer["error"])
         return
-    for search, hits in zip(searches, answer["answers"], strict=True):
+    verdicts = answer.get("verdicts") or [None] * len(searches)  # close_match and threshold, when calibrated
+    for search, hits, verdict in zip(searches, answer["answers"], verdicts, strict=True):
         if isinstance(hits, dict):  # this search was refused (a filter naming no field of the catalogue)
             jobs.fail(search.job_id, hits["error"])
         else:
-            jobs.finish(search.job_id, {"hits": hits, **({"crop": search.crop.as_dict()} if search.crop else {})})
+            crop = {"crop": search.crop.as_dict()} if search.crop else {}
+            jobs.finish(search.job_id, {"hits": hits, **(verdict or {}), **crop})
 
 
 def _embedded_again(

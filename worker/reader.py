@@ -17,7 +17,8 @@ from typing import Any
 from common.errors import ErrorCode
 from common.vectors import decode_vector
 from protocol.jobs import item_error
-from worker.index import UnknownField
+from worker.evaluation.calibration import Calibration
+from worker.index import Hit, UnknownField
 from worker.state import IndexState
 
 FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
@@ -27,7 +28,8 @@ FACET_SECONDS = 30  # a count of facets walks every item; most changes barely mo
 class IndexReader:
     """`caught_up(seq, seconds)` is true once the state holds change `seq`, waiting at most `seconds` for it (without
     one, the state is the owner's, which makes every change: one it doesn't hold was never made); `usable()` names
-    why the state can't answer (another model's index, say), or is None."""
+    why the state can't answer (another model's index, say), or is None. With a `calibration` (the serving index's,
+    `lookalike evaluate --calibrate`), every hit carries its confidence and every answer whether it is a close match."""
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class IndexReader:
         self.caught_up = caught_up or (lambda seq, seconds: state.seq >= seq)
         self.usable = usable
         self.wait_seconds = wait_seconds
+        self.calibration: Calibration | None = None
         self._facets: tuple[int, float, int, dict[str, list[str]]] = (-1, 0.0, 0, {})  # seq, when, items, facets
         self._facets_lock = threading.Lock()
 
@@ -62,16 +65,20 @@ class IndexReader:
             code = ErrorCode.MODEL_MISMATCH if self.owns else ErrorCode.BEHIND
             return {"error": item_error(code, message)}
         with self.lock:
-            answers = []
+            answers, verdicts = [], []
             for query in queries:
                 vector = self.state.to_index_space(decode_vector(query["vector"]))
                 try:
                     hits = self.state.index.search(vector, query["k"], query.get("filters") or {})
                 except UnknownField as error:  # this search only: the others of the batch are answered
                     answers.append({"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))})
+                    verdicts.append(None)
                     continue
-                answers.append([hit.as_dict() for hit in hits])
-            return {"answers": answers, "seq": self.state.seq}
+                found, verdict = self.judged(hits)
+                answers.append(found)
+                verdicts.append(verdict)
+            calibrated = {"verdicts": verdicts} if self.calibration else {}
+            return {"answers": answers, "seq": self.state.seq, **calibrated}
 
     def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int) -> dict[str, Any]:
         """'More like this': the item's own vector as the query, the item itself left out."""
@@ -86,7 +93,15 @@ class IndexReader:
                 hits = index.search(index.vector(item_id), k, filters, exclude=item_id)
             except UnknownField as error:
                 return {"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))}
-            return {"hits": [hit.as_dict() for hit in hits], "seq": self.state.seq}
+            found, verdict = self.judged(hits)
+            return {"hits": found, "seq": self.state.seq, **(verdict or {})}
+
+    def judged(self, hits: list[Hit]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """The hits as an answer gives them, each with its confidence when calibrated; and the verdict (`close_match`,
+        `threshold`), None when uncalibrated."""
+        found = [hit.as_dict() for hit in hits]
+        calibration = self.calibration
+        return found, calibration.annotate(found) if calibration else None
 
     def get(self, item_id: str, min_seq: int) -> dict[str, Any]:
         refused = self.refusal(min_seq)

@@ -23,6 +23,7 @@ from protocol.heartbeats import Role, alive
 from protocol.queues import Queue, Task
 from worker import runtime
 from worker.aliases import serving_folder
+from worker.calibrations import PublishedCalibration
 from worker.feed import ChangeFeed, Entry, entry_id
 from worker.index import IndexParams
 from worker.reader import IndexReader
@@ -55,6 +56,7 @@ class Replica(IndexState):
         self.behind_since: float | None = None
         self.condition = threading.Condition(threading.RLock())
         self.reader = IndexReader(self, self.condition, self.caught_up)
+        self.calibration = PublishedCalibration(client)
         self.taking_reads = False
         self._asked_for_snapshot = 0.0
         self._owner_checked = 0.0
@@ -94,6 +96,7 @@ class Replica(IndexState):
     def follow_once(self, block_ms: int | None) -> bool:
         """Apply the entries that follow (waiting up to `block_ms` for one); True when there were any."""
         self.head = max(self.feed.head(), self.owner_seq)
+        self.reader.calibration = self.calibration.for_index(self.index_id)
         self._note_lag()
         entries = self.feed.read(self.position, block_ms=block_ms)
         for raw_id, entry in entries:

@@ -158,6 +158,11 @@ def delete_index(index_id: str) -> dict[str, Any]:
     return owner().delete_index(index_id)
 
 
+@shared_task(name=Task.CALIBRATE_INDEX)
+def calibrate_index(calibration: dict[str, Any]) -> dict[str, Any]:
+    return owner().calibrate(calibration)
+
+
 # Reads, answered by a replica or the owner: the same answers from either (`worker.reader`).
 @shared_task(name=Task.NEAREST)
 def nearest(model_sha256: str, resize: str, queries: list[dict[str, Any]], min_seq: int = 0) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from common.vectors import decode_vector, unit_rows
 from worker.catalog import plan_catalog
 from worker.embedding import embed_items
 from worker.evaluation.cache import EmbeddingCache
+from worker.evaluation.calibration import Calibration, fit_calibration, neighbour_similarities, with_random_pairs
 from worker.evaluation.metrics import TOP_K, LabelQuality, exact_neighbours, label_quality, recall
 from worker.index import IndexParams, Item, VectorIndex
 from worker.projection import Projection
@@ -51,6 +52,7 @@ class Evaluation:
     embed_seconds: float
     labels: list[LabelQuality]
     ann: list[dict[str, Any]]  # per index: recall@10 against exact search, queries per second, size
+    calibration: Calibration | None = None  # "no close match", when asked for (`--calibrate`)
 
     @property
     def name(self) -> str:
@@ -64,6 +66,7 @@ class Evaluation:
             "embed_seconds": round(self.embed_seconds, 1),
             "labels": [quality.as_dict() for quality in self.labels],
             "ann": self.ann,
+            **({"calibration": self.calibration.summary()} if self.calibration else {}),
         }
 
 
@@ -80,6 +83,7 @@ class Plan:
     pca_dims: Sequence[int] = ()
     ms: Sequence[int] = ()
     efs: Sequence[int] = ()
+    calibrate: bool = False  # fit "no close match" from the labels too (one model, resize and PCA)
 
 
 def run_plan(settings: Settings, plan: Plan, say: Callable[[str], None] = print) -> Iterator[Evaluation]:
@@ -109,7 +113,8 @@ def run_plan(settings: Settings, plan: Plan, say: Callable[[str], None] = print)
                     for m in plan.ms or [settings.hnsw_m]
                     for ef in plan.efs or [settings.hnsw_ef]
                 ]
-                yield evaluate(indexed, plan.labels, asked, index_params, setting)
+                identity = (model.sha256, resize, dimension) if plan.calibrate else None
+                yield evaluate(indexed, plan.labels, asked, index_params, setting, identity)
 
 
 def embed_catalog(
@@ -192,8 +197,11 @@ def evaluate(
     queries: Embeddings | None = None,
     index_params: Sequence[IndexParams] = (),
     setting: dict[str, Any] | None = None,
+    calibrate_for: tuple[str, str, int] | None = None,
 ) -> Evaluation:
-    """Leave-one-out over the catalogue (or `queries` against it): quality per label, then each index against exact."""
+    """Leave-one-out over the catalogue (or `queries` against it): quality per label, then each index against exact;
+    with `calibrate_for` (the vectors' model sha256, resize policy and PCA dimension), "no close match" is fitted
+    from the same neighbours."""
     leave_one_out = queries is None
     asking = catalogue if queries is None else queries
     exact_started = time.perf_counter()
@@ -232,4 +240,11 @@ def evaluate(
                 "MiB": round(index_mebibytes(index), 1),
             }
         )
-    return Evaluation(setting or {}, len(catalogue.ids), len(catalogue.errors), catalogue.seconds, qualities, ann)
+    calibration = None
+    if calibrate_for is not None:
+        pairs = with_random_pairs(exact, len(catalogue.ids), leave_one_out)
+        similarities = neighbour_similarities(asking.vectors, catalogue.vectors, pairs)
+        calibration = fit_calibration(labels, asking.metadata, catalogue.metadata, pairs, similarities, calibrate_for)
+    return Evaluation(
+        setting or {}, len(catalogue.ids), len(catalogue.errors), catalogue.seconds, qualities, ann, calibration
+    )

@@ -1,0 +1,152 @@
+"""Calibration ("no close match"): the fit on synthetic neighbours whose answer is known, and end to end with real
+processes: a calibration stored with the serving index gives every hit a confidence, says when nothing close was
+found (the page too), survives an owner restart, is used by the replica, and is refused when fitted for other
+vectors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.stack import LOOKALIKE
+from protocol.client import ReadError
+from protocol.heartbeats import Role
+from protocol.queues import Queue, Task
+from tests.test_scale_out import ask, loaded_stack
+from tests.test_worker import image_bytes, search
+from web.app import create_app
+from worker.aliases import serving_folder
+from worker.evaluation.calibration import (
+    MIN_VALUE_ITEMS,
+    Calibration,
+    fit_calibration,
+    fit_curve,
+    read_calibration,
+    write_calibration,
+)
+
+IDENTITY = ("a" * 64, "stretch", 0)
+
+
+def test_the_threshold_is_where_a_neighbour_becomes_right_more_often_than_wrong():
+    rng = np.random.default_rng(3)
+    similarities = rng.uniform(0, 1, 20_000)
+    right = rng.uniform(0, 1, similarities.size) < 1 / (1 + np.exp(-30 * (similarities - 0.6)))
+    curve = fit_curve(similarities, right)
+    assert curve.threshold == pytest.approx(0.6, abs=0.03)
+    assert curve.confidence(0.2) < 0.05 < 0.95 < curve.confidence(0.95)
+    assert all(np.diff(curve.probabilities) >= 0) and len(curve.similarities) <= 64
+
+
+def test_a_curve_never_right_at_half_calls_nothing_close_and_one_always_right_calls_everything_close():
+    similarities = np.linspace(0, 1, 500)
+    assert fit_curve(similarities, np.zeros(500, dtype=bool)).threshold == 1.0
+    assert fit_curve(similarities, np.ones(500, dtype=bool)).threshold == -1.0
+
+
+def catalogue_of(values: list[str]) -> list[dict[str, str]]:
+    return [{"kind": value} for value in values]
+
+
+def test_a_value_with_enough_items_gets_its_own_fit_and_the_others_use_the_overall_one():
+    """A neighbour that is a shirt is right from similarity 0.8 up, a hat from 0.4 up; the wrong neighbours are socks,
+    too few for a fit of their own."""
+    kinds = ["shirt"] * MIN_VALUE_ITEMS + ["hat"] * MIN_VALUE_ITEMS + ["sock"] * (MIN_VALUE_ITEMS // 2)
+    rng = np.random.default_rng(5)
+    neighbours = rng.integers(0, 2 * MIN_VALUE_ITEMS, size=(4000, 1))  # a shirt or a hat, at random
+    similarities = rng.uniform(0.2, 1.0, size=(4000, 1))
+    cut = {"shirt": 0.8, "hat": 0.4}
+    queries = [{"kind": kinds[position] if score >= cut[kinds[position]] else "sock"}
+               for position, score in zip(neighbours[:, 0], similarities[:, 0], strict=True)]  # fmt: skip
+    calibration = fit_calibration(["kind"], queries, catalogue_of(kinds), neighbours, similarities, IDENTITY)
+    assert set(calibration.values) == {"shirt", "hat"}
+    assert calibration.values["shirt"].threshold == pytest.approx(0.8, abs=0.05)
+    assert calibration.values["hat"].threshold == pytest.approx(0.4, abs=0.05)
+    assert calibration.curve_for({"kind": "sock"}) is calibration.overall
+    assert calibration.items == len(queries) and 0 <= calibration.no_close_match <= 1
+
+    hits = [{"id": "1", "score": 0.7, "metadata": {"kind": "shirt"}}, {"id": "2", "score": 0.6, "metadata": {}}]
+    verdict = calibration.annotate(hits)
+    assert verdict == {"close_match": False, "threshold": calibration.values["shirt"].threshold}
+    assert hits[0]["confidence"] < 0.5 and 0 <= hits[1]["confidence"] <= 1
+    hat = [{"id": "3", "score": 0.7, "metadata": {"kind": "hat"}}]
+    assert calibration.annotate(hat)["close_match"] and hat[0]["confidence"] > 0.5
+
+
+def test_a_calibration_is_stored_whole_and_knows_the_vectors_it_was_fitted_for(tmp_path):
+    kinds = ["a", "b"] * 60
+    neighbours = np.array([[(row + 2) % len(kinds), (row + 1) % len(kinds)] for row in range(len(kinds))])
+    similarities = np.tile([0.9, 0.3], (len(kinds), 1))
+    calibration = fit_calibration(["kind"], catalogue_of(kinds), catalogue_of(kinds), neighbours, similarities,
+                                  IDENTITY)  # fmt: skip
+    write_calibration(tmp_path, calibration)
+    assert read_calibration(tmp_path) == calibration and read_calibration(tmp_path / "elsewhere") is None
+    assert calibration.mismatch(*IDENTITY) is None
+    problem = calibration.mismatch("b" * 64, "stretch", 0)
+    assert "model aaaaaaaaaaaa" in problem and "lookalike evaluate --calibrate" in problem
+    assert "PCA 64" in calibration.mismatch("a" * 64, "stretch", 64)
+    with pytest.raises(ValueError):
+        Calibration.from_dict({"format": "something else"})
+
+
+def flat_photo(colour: tuple[int, int, int]) -> bytes:
+    """A photo of nothing in the catalogue: one colour, no product."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 400), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def replica_confidence(client, item_id: str) -> bool:
+    hits = ask(client, Queue.READ, Task.SIMILAR_ITEMS, item_id, 3, {}, 0)["hits"]
+    return all("confidence" in hit for hit in hits)
+
+
+@pytest.mark.slow
+def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared_dir, pretrained_model):
+    """`lookalike evaluate --calibrate` on the shared sample stores articleType's fit with the serving index: a
+    catalogue photo is a close match with its confidence, a flat grey photo is not (and its page says so); the
+    replica and, after a restart, the owner use it; a calibration of other vectors is refused."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir)
+    photo = image_bytes(shared_dir, "10186")
+    before = search(client, photo)
+    assert before["state"] == "done" and "close_match" not in before["result"]
+    assert all("confidence" not in hit for hit in before["result"]["hits"])
+    assert create_app(stack.settings).test_client().get("/healthz").get_json()["index"]["calibration"] is None
+
+    command = [LOOKALIKE, "evaluate", "--model", pretrained_model, "--catalog", shared_dir / "data" / "fashion",
+               "--label", "articleType", "--calibrate"]  # fmt: skip
+    calibrated = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=600)
+    assert calibrated.returncode == 0, calibrated.stderr
+    assert "no close match below similarity" in calibrated.stdout and "stored with index" in calibrated.stdout
+    assert "of the catalogue's own photos would find no close match" in calibrated.stdout
+    # the replica answers the searches: it takes the published calibration within about a second
+    stack.wait_for(lambda: replica_confidence(client, "10186"), "the replica to use the calibration", timeout=30)
+
+    found = search(client, photo)["result"]
+    assert found["close_match"] is True and found["hits"][0]["id"] == "10186"
+    assert found["hits"][0]["confidence"] > 0.5 and all(0 <= hit["confidence"] <= 1 for hit in found["hits"])
+    nothing = search(client, flat_photo((128, 128, 128)))
+    assert nothing["result"]["close_match"] is False
+    assert nothing["result"]["hits"][0]["score"] < nothing["result"]["threshold"]
+    web = create_app(stack.settings).test_client()
+    page = web.get(f"/jobs/{nothing['id']}").get_data(as_text=True)
+    assert "No close match" in page and "<details>" in page and "likely the same kind" in page
+    assert "No close match" not in web.get(f"/jobs/{search(client, photo)['id']}").get_data(as_text=True)
+    health = web.get("/healthz").get_json()["index"]["calibration"]
+    assert health["labels"] == ["articleType"] and health["threshold"] == found["threshold"]
+
+    stored = json.loads((serving_folder(stack.settings.index_dir) / "calibration.json").read_text())
+    with pytest.raises(ReadError) as refused:
+        client.calibrate_index({**stored, "model_sha256": "0" * 64})
+    assert refused.value.code == "model_mismatch" and "fitted with model 000000000000" in str(refused.value)
+
+    stack.kill("index")
+    stack.start("index")
+    stack.wait_for(lambda: (stack.heartbeat(Role.INDEX) or [{}])[0].get("calibration"), "the owner's calibration")
+    hits = ask(client, Queue.SEARCH, Task.SIMILAR_ITEMS, "10186", 3, {}, 0)["hits"]
+    assert all("confidence" in hit for hit in hits)
