@@ -96,7 +96,8 @@ def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(w
     for name, arguments in calls.items():
         getattr(client, name)(*arguments)
     # only the workers send the rest: a load's batches and changes, query processes' reads, replicas' requests
-    workers_own = {Task.EMBED_BATCH, Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT, Task.ADVANCE_BUILD}
+    workers_own = {Task.EMBED_BATCH, Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT, Task.ADVANCE_BUILD,
+                   Task.REPROJECT_BATCH}  # fmt: skip
     assert {name for name, _ in recording.sent} == set(Task) - workers_own
     for name, queue in recording.sent:
         assert name in worker_app.tasks or name == TASK
