@@ -151,6 +151,22 @@ def test_an_owner_killed_in_the_middle_of_a_build_goes_on_with_what_the_new_inde
 
 
 @pytest.mark.slow
+def test_a_round_whose_messages_were_lost_ends_after_the_stall_and_the_next_one_embeds_what_it_missed(
+    make_stack, shared_dir, pretrained_model, tmp_path
+):
+    """Redis handed the round's batches to a worker that died before kombu recorded them: nothing is queued or
+    held, and no one will ever count those items. The build goes on without an owner restart."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_LOAD_STALL="5")
+    stack.kill("embed")
+    started = client.build_index(str(another_model(pretrained_model, tmp_path)))
+    assert stack.redis.delete(Queue.EMBED) == 1  # the round's batches, lost
+    stack.start("embed")
+    beat = stack.wait_for(lambda: switched(stack, started["index_id"]), "the switch", timeout=300)
+    assert beat["items"] == SAMPLE_SIZE
+    assert f"index {started['index_id']}: round 1 lost its messages" in stack.log_paths["index"].read_text()
+
+
+@pytest.mark.slow
 def test_a_tuned_model_of_the_serving_model_is_built_from_the_stored_vectors_without_embedding_again(
     make_stack, shared_dir, pretrained_model, tmp_path
 ):
