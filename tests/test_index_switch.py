@@ -191,6 +191,16 @@ def test_a_tuned_model_of_the_serving_model_is_built_from_the_stored_vectors_wit
     assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
     assert job["result"]["hits"][0]["score"] > 0.999
 
+    # Serving another model now: the raw index, kept for a rollback, still has the vectors to re-project
+    again = client.build_index(str(another_model(pretrained_model, tmp_path)))
+    stack.wait_for(lambda: switched(stack, again["index_id"]), "the switch to another export", timeout=300)
+    retuned = client.build_index(str(tuned))
+    beat = stack.wait_for(lambda: switched(stack, retuned["index_id"]), "the switch back to the tuned model")
+    assert beat["items"] == SAMPLE_SIZE
+    assert f"index {retuned['index_id']} re-projects the vectors of index {old['index_id']}" in (
+        stack.log_paths["index"].read_text()
+    )
+
 
 def test_an_index_folder_from_before_aliases_is_adopted_in_place(tmp_path, module_redis):
     """No ALIAS, the index's files in the index folder itself: the owner serves it where it is, as "."."""
