@@ -1,8 +1,10 @@
 """A projection head learned from the shop's labels on a model's frozen embeddings, and the tuned model it makes.
 
 The head is unit length -> a linear map (started at the training vectors' principal axes, so that it begins where
-the model is) -> unit length, trained with one cosine-softmax classifier per label, their losses summed with the
-labels' weights. It is converted with tf2onnx and merged after the backbone into one graph with the contract.
+the model is) -> unit length; the MLP head adds to the map a hidden layer's output (relu, dropout while training),
+started at zero so that it begins where the linear head does. It is trained with one cosine-softmax classifier per
+label with an additive margin (CosFace), their losses summed with the labels' weights, then converted with tf2onnx
+and merged after the backbone into one graph with the contract.
 """
 
 from __future__ import annotations
@@ -43,25 +45,16 @@ def train_head(
     inputs = unit_rows(vectors.astype(np.float32))
     if not 1 <= settings.dim <= inputs.shape[1]:
         raise ExportError(f"--dim {settings.dim} must be between 1 and the model's {inputs.shape[1]} dimensions")
-    backbone = keras.Input(shape=(inputs.shape[1],), dtype="float32", name=HEAD_INPUT)
-    projection = keras.layers.Dense(
-        settings.dim,
-        use_bias=False,
-        kernel_initializer=keras.initializers.Constant(_principal_axes(inputs, settings.dim)),
-        name="projection",
-    )
-    embedding = keras.layers.UnitNormalization(name="embedding")(
-        projection(keras.layers.UnitNormalization(name="unit_input")(backbone))
-    )
-    head = keras.Model(backbone, embedding, name="head")
+    head = build_head(inputs, settings)
+    embedding = head.output
 
     outputs, losses, sample_weights = {}, {}, {}
     for number, (label, classes) in enumerate(targets.items()):
-        classifier = CosineClassifier(int(classes.max()) + 1, settings.scale, name=f"classifier_{number}")
-        outputs[label] = classifier(embedding)
-        losses[label] = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        count = int(classes.max()) + 1
+        outputs[label] = CosineClassifier(count, settings.scale, name=f"classifier_{number}")(embedding)
+        losses[label] = AdditiveMarginLoss(count, settings.scale, settings.margin, name=f"loss_{number}")
         sample_weights[label] = (classes >= 0).astype(np.float32)
-    trainer = keras.Model(backbone, outputs)
+    trainer = keras.Model(head.input, outputs)
     trainer.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss=losses, loss_weights=dict(weights))
     trainer.fit(
         inputs,
@@ -73,6 +66,25 @@ def train_head(
         verbose=0,
     )
     return head
+
+
+def build_head(unit_vectors: np.ndarray, settings: TrainingSettings) -> keras.Model:
+    """The untrained head of `settings.head`'s kind, its map started at `unit_vectors`' principal axes."""
+    backbone = keras.Input(shape=(unit_vectors.shape[1],), dtype="float32", name=HEAD_INPUT)
+    unit_input = keras.layers.UnitNormalization(name="unit_input")(backbone)
+    projected = keras.layers.Dense(
+        settings.dim,
+        use_bias=False,
+        kernel_initializer=keras.initializers.Constant(_principal_axes(unit_vectors, settings.dim)),
+        name="projection",
+    )(unit_input)
+    if settings.head == "mlp":
+        hidden = keras.layers.Dense(settings.hidden, activation="relu", name="hidden")(unit_input)
+        hidden = keras.layers.Dropout(settings.dropout, name="dropout")(hidden)
+        correction = keras.layers.Dense(settings.dim, kernel_initializer="zeros", name="correction")(hidden)
+        projected = keras.layers.Add(name="corrected")([projected, correction])
+    embedding = keras.layers.UnitNormalization(name="embedding")(projected)
+    return keras.Model(backbone, embedding, name="head")
 
 
 def project(head: keras.Model, vectors: np.ndarray) -> np.ndarray:
@@ -168,3 +180,16 @@ class CosineClassifier(keras.layers.Layer):
 
     def call(self, embedding: Any) -> Any:
         return self.scale * keras.ops.matmul(embedding, keras.ops.normalize(self.directions, axis=0))
+
+
+class AdditiveMarginLoss(keras.losses.Loss):
+    """Softmax cross-entropy after taking `scale` x `margin` off each item's own class logit (CosFace): an item must
+    be nearer its class than the others by the margin, which keeps the classes apart in the embedding."""
+
+    def __init__(self, classes: int, scale: float, margin: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.classes, self.offset = classes, scale * margin
+
+    def call(self, classes: Any, logits: Any) -> Any:
+        own = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(classes, (-1,)), "int32"), self.classes)
+        return keras.losses.categorical_crossentropy(own, logits - self.offset * own, from_logits=True)

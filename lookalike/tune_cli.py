@@ -31,7 +31,7 @@ example:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from export.head import TrainingSettings
+    from export.head import HEAD_KINDS, TrainingSettings
 
     defaults = TrainingSettings()
     parser.description = (
@@ -49,6 +49,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--weight", action="append", default=[], metavar="LABEL=W", help="a label's weight in the loss (default 1)"
     )
     parser.add_argument("--out", type=Path, required=True, help="the tuned model; its card goes beside it as .json")
+    parser.add_argument(
+        "--head",
+        choices=HEAD_KINDS,
+        default=defaults.head,
+        help=f"a linear map, or the map plus a hidden layer's correction (default {defaults.head})",
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=defaults.hidden, help=f"the mlp head's hidden units (default {defaults.hidden})"
+    )
     parser.add_argument("--dim", type=int, default=defaults.dim, help=f"output dimensions (default {defaults.dim})")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default {defaults.epochs})")
     parser.add_argument(
@@ -85,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise LookalikeError(f"--allow-loss {', '.join(unknown)}: not a --label of this run")
     if not 0 < args.holdout < 1:
         raise LookalikeError(f"--holdout {args.holdout}: give a share between 0 and 1, such as 0.1")
+    if args.hidden < 1:
+        raise LookalikeError(f"--hidden {args.hidden}: give a number of units, such as 1024")
     if args.out.resolve() == args.model.resolve():
         raise LookalikeError(f"the tuned model would overwrite its source {args.model}; choose another --out")
     ensure_writable_file(args.out)
@@ -100,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
     trained, held = split_by_product(catalogue, args.holdout)
     if len(held.ids) < 2 or len(trained.ids) < 2:
         raise LookalikeError(f"--holdout {args.holdout} leaves too few products on one side of {len(catalogue.ids)}")
-    training = TrainingSettings(dim=args.dim, epochs=args.epochs)
-    say(f"training a {training.dim}-dimension head on {len(trained.ids):,} products for {training.epochs} epochs, "
-        f"judging it on {len(held.ids):,} held out ...")  # fmt: skip
+    training = TrainingSettings(head=args.head, dim=args.dim, hidden=args.hidden, epochs=args.epochs)
+    say(f"training a {training.dim}-dimension {training.head} head on {len(trained.ids):,} products for "
+        f"{training.epochs} epochs, judging it on {len(held.ids):,} held out ...")  # fmt: skip
     from export.tune import project, train_head, write_tuned_model  # TensorFlow: seconds, so only now
 
     train_started = time.perf_counter()

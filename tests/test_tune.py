@@ -70,6 +70,7 @@ def test_the_card_names_the_source_labels_settings_and_held_out_quality(tuned, p
     assert card["labels"] == [{"label": "articleType", "weight": 1.0}, {"label": "baseColour", "weight": 2.0},
                               {"label": "gender", "weight": 1.0}]  # fmt: skip
     assert card["training"]["epochs"] == 10 and card["training"]["dim"] == 256
+    assert card["head"]["kind"] == card["training"]["head"] == "linear" and "hidden" not in card["head"]
     assert card["holdout"]["trained"] + card["holdout"]["held_out"] == 1002
     quality = card["quality"]["held_out_against_trained"]
     assert set(quality) == set(LABELS)
@@ -112,8 +113,14 @@ def test_a_weight_for_a_label_that_is_not_tuned_is_refused_in_one_line(tmp_path,
     assert result.stderr.strip() == "lookalike tune: error: --weight usage=2: 'usage' is not a --label of this run"
 
 
+def test_an_mlp_head_without_hidden_units_is_refused_in_one_line(tmp_path, shared_dir, pretrained_model):
+    result = tune(tmp_path, shared_dir, pretrained_model, tmp_path / "out.onnx", "--head", "mlp", "--hidden", "0")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "lookalike tune: error: --hidden 0: give a number of units, such as 1024"
+
+
 @pytest.mark.slow
-def test_an_int8_model_is_tuned_too(tuned, shared_dir, pretrained_model, sample_images):
+def test_an_int8_model_is_tuned_with_an_mlp_head_too(tuned, shared_dir, pretrained_model, sample_images):
     """Its graph declares other versions of the domains tf2onnx declares for the head (ai.onnx.ml 5 against 2)."""
     data_dir, _ = tuned
     int8 = data_dir / "int8.onnx"
@@ -123,8 +130,11 @@ def test_an_int8_model_is_tuned_too(tuned, shared_dir, pretrained_model, sample_
     assert quantised.returncode == 0, quantised.stderr
     out = data_dir / "int8_tuned.onnx"
     allowed = [argument for label in LABELS for argument in ("--allow-loss", label)]
-    result = tune(data_dir, shared_dir, int8, out, "--epochs", "1", *allowed)
+    result = tune(data_dir, shared_dir, int8, out, "--head", "mlp", "--hidden", "64", "--epochs", "1", *allowed)
     assert result.returncode == 0, result.stderr
+    assert "256-dimension mlp head" in result.stderr
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["source_model"]["sha256"] == file_sha256(int8)
+    assert card["head"]["kind"] == "mlp" and card["head"]["hidden"] == 64 and card["training"]["hidden"] == 64
+    assert card["parity"]["max_abs_difference"] <= card["parity"]["bound"]
     assert load_model(out, ["cpu"]).contract.dimension == 256
