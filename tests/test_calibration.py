@@ -17,6 +17,7 @@ from lookalike.stack import LOOKALIKE
 from protocol.client import ReadError
 from protocol.heartbeats import Role
 from protocol.queues import Queue, Task
+from tests.test_index_switch import another_model, owner_beat, switched
 from tests.test_scale_out import ask, loaded_stack
 from tests.test_worker import image_bytes, search
 from web.app import create_app
@@ -107,7 +108,7 @@ def replica_confidence(client, item_id: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared_dir, pretrained_model):
+def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared_dir, pretrained_model, tmp_path):
     """`lookalike evaluate --calibrate` on the shared sample stores articleType's fit with the serving index: a
     catalogue photo is a close match with its confidence, a flat grey photo is not (and its page says so); the
     replica and, after a restart, the owner use it; a calibration of other vectors is refused."""
@@ -150,3 +151,12 @@ def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared
     stack.wait_for(lambda: (stack.heartbeat(Role.INDEX) or [{}])[0].get("calibration"), "the owner's calibration")
     hits = ask(client, Queue.SEARCH, Task.SIMILAR_ITEMS, "10186", 3, {}, 0)["hits"]
     assert all("confidence" in hit for hit in hits)
+
+    # A calibration belongs to its index: an index built for another model starts without one, a rollback to the
+    # calibrated index brings it back
+    built = client.build_index(str(another_model(pretrained_model, tmp_path)))
+    stack.wait_for(lambda: switched(stack, built["index_id"]), "the switch", timeout=300)
+    assert owner_beat(stack)["calibration"] is None
+    assert "close_match" not in search(client, photo)["result"]
+    client.rollback_index()
+    stack.wait_for(lambda: owner_beat(stack)["calibration"], "the calibrated index to serve again")
