@@ -1,15 +1,15 @@
 """Raw against tuned: new photos searched against the catalogue, per label, for each model given (fp32, INT8).
 
     .venv/bin/python bench/tune_quality.py --model ../shared/models/efficientnet_lite0_max.onnx \
-        --model models/efficientnet_lite0_max_int8.onnx --work /tmp/tune-bench
+        --model models/efficientnet_lite0_max_int8.onnx --weight articleType=3 --work /tmp/tune-bench
 
 A tenth of the products (by id hash, the other end of the range from the products `lookalike tune` holds out for
-its gate) is split off the catalogue as the new photos; `lookalike tune` runs on the rest, as a user runs it, and is
-timed. Both models then answer the new photos against the rest by exact cosine (`worker.evaluation.run.evaluate`,
-as `lookalike evaluate --queries` does). Embeddings come from the cache `lookalike tune` keeps
-(LOOKALIKE_DATA_DIR/cache), so only a model's first run embeds; the tuned vectors are its own head (the graph's
-nodes after the backbone, run in onnxruntime) applied to the backbone's vectors, which is what the tuned model
-computes (its card's parity, measured at write time, says within how much).
+its gate) is split off the catalogue as the new photos; `lookalike tune` runs on the rest, as a user runs it (with
+this script's `--weight`s), and is timed. Both models then answer the new photos against the rest by
+exact cosine (`worker.evaluation.run.evaluate`, as `lookalike evaluate --queries` does). Embeddings come from the
+cache `lookalike tune` keeps (LOOKALIKE_DATA_DIR/cache), so only a model's first run embeds; the tuned vectors are
+its own head (the graph's nodes after the backbone, run in onnxruntime) applied to the backbone's vectors, which is
+what the tuned model computes (its card's parity, measured at write time, says within how much).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def measure(settings: Settings, model_path: Path, args: argparse.Namespace) -> d
     tuned = args.work / f"{model_path.stem}_tuned.onnx"
     labels = [argument for label in args.label for argument in ("--label", label)]
     started = time.perf_counter()
-    subprocess.run([LOOKALIKE, "tune", "--model", model_path, "--catalog", rest_csv, *labels, "--out", tuned],
+    subprocess.run([LOOKALIKE, "tune", "--model", model_path, "--catalog", rest_csv, *labels, *args.tune_options,
+                    "--out", tuned],
                    check=True, env={**os.environ, "LOOKALIKE_DATA_DIR": str(settings.data_dir)})  # fmt: skip
     tune_seconds = time.perf_counter() - started
     head = head_session(tuned)
@@ -102,8 +103,16 @@ def measure(settings: Settings, model_path: Path, args: argparse.Namespace) -> d
         "raw": precision_at_5(rest, queries, args.label),
         "tuned": precision_at_5(through_head(head, rest), through_head(head, queries), args.label),
         "tune_seconds": round(tune_seconds, 1),
+        "cpu": cpu_model(),
         "tuned_card": json.loads(tuned.with_suffix(".json").read_text()),
     }
+
+
+def cpu_model() -> str:
+    """The processor's name and the cores this process may use, as the table's reader needs them."""
+    names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")]  # fmt: skip
+    return f"{names[0] if names else 'unknown CPU'}, {CORES} cores"
 
 
 def markdown(rows: list[dict], labels: list[str]) -> str:
@@ -123,15 +132,18 @@ def main() -> None:
     parser.add_argument("--catalog", type=Path, default=SHARED / "data" / "fashion-catalog.tar.gz")
     parser.add_argument("--metadata", type=Path, default=SHARED / "data" / "fashion" / "styles.csv")
     parser.add_argument("--label", action="append", help=f"labels to tune and judge (default: {', '.join(LABELS)})")
+    parser.add_argument("--weight", action="append", default=[], metavar="LABEL=W", help="passed on to tune")
     parser.add_argument("--share", type=float, default=NEW_PHOTOS_SHARE, help="share of products split off")
     parser.add_argument("--work", type=Path, required=True, help="a folder for the CSV and the tuned models")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     args.label = args.label or list(LABELS)
+    args.tune_options = [argument for weight in args.weight for argument in ("--weight", weight)]
     args.work.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": "/", **os.environ})
     rows = [measure(settings, path, args) for path in args.model or [SHARED / "models" / "efficientnet_lite0_max.onnx"]]
     print(markdown(rows, args.label))
+    print(f"tuned with tune's defaults and {' '.join(args.tune_options) or 'no options'} on {rows[0]['cpu']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -13,15 +13,15 @@ HEAD_KINDS = ("linear", "mlp")
 class TrainingSettings:
     """How the head is trained; the card records all of it."""
 
-    head: str = "linear"  # "linear": one map; "mlp": the same map plus a hidden layer's correction added to it
+    head: str = "mlp"  # "linear": one map; "mlp": the same map plus a hidden layer's correction added to it
     dim: int = 256
     hidden: int = 1024  # the MLP's hidden units (the linear head has none)
     dropout: float = 0.3  # on the MLP's hidden layer, while training
-    epochs: int = 30
+    epochs: int = 20
     batch: int = 256
     learning_rate: float = 1e-3
     scale: float = 30.0  # the cosine classifiers' logit scale (softmax temperature 1/scale)
-    margin: float = 0.2  # subtracted from the cosine of an item's own class while training (CosFace)
+    margin: float = 0.35  # subtracted from the cosine of an item's own class while training (CosFace)
     seed: int = 0
 
 

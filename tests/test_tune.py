@@ -33,7 +33,7 @@ def tuned(tmp_path_factory, shared_dir, pretrained_model) -> tuple[Path, Path]:
     """One real tuning run (the cache's first): the data folder and the model it wrote."""
     data_dir = tmp_path_factory.mktemp("tune")
     out = data_dir / "tuned.onnx"
-    result = tune(data_dir, shared_dir, pretrained_model, out, "--weight", "baseColour=2", "--epochs", "10")
+    result = tune(data_dir, shared_dir, pretrained_model, out, "--weight", "articleType=3", "--epochs", "10")
     assert result.returncode == 0, result.stderr
     assert "embedded 1,002 images and took 0 from the cache" in result.stderr
     return data_dir, out
@@ -67,10 +67,11 @@ def test_the_card_names_the_source_labels_settings_and_held_out_quality(tuned, p
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["sha256"] == file_sha256(out)
     assert card["source_model"] == {"file": pretrained_model.name, "sha256": file_sha256(pretrained_model)}
-    assert card["labels"] == [{"label": "articleType", "weight": 1.0}, {"label": "baseColour", "weight": 2.0},
+    assert card["labels"] == [{"label": "articleType", "weight": 3.0}, {"label": "baseColour", "weight": 1.0},
                               {"label": "gender", "weight": 1.0}]  # fmt: skip
     assert card["training"]["epochs"] == 10 and card["training"]["dim"] == 256
-    assert card["head"]["kind"] == card["training"]["head"] == "linear" and "hidden" not in card["head"]
+    assert card["head"] == {"kind": "mlp", "input": "unit backbone embedding", "output": "unit vector", "dim": 256,
+                            "hidden": 1024}  # fmt: skip
     assert card["holdout"]["trained"] + card["holdout"]["held_out"] == 1002
     quality = card["quality"]["held_out_against_trained"]
     assert set(quality) == set(LABELS)
@@ -88,7 +89,7 @@ def test_a_model_that_loses_is_refused_unless_its_labels_are_allowed_to_and_noth
     data_dir, _ = tuned
     out = data_dir / "collapsed.onnx"
     # one dimension, one epoch: a head that can't keep the neighbours apart
-    refused = tune(data_dir, shared_dir, pretrained_model, out, "--dim", "1", "--epochs", "1")
+    refused = tune(data_dir, shared_dir, pretrained_model, out, "--head", "linear", "--dim", "1", "--epochs", "1")
     assert refused.returncode == 1
     assert "embedded 0 images and took 1,002 from the cache" in refused.stderr
     assert "articleType: held-out precision@5 " in refused.stderr
@@ -98,11 +99,14 @@ def test_a_model_that_loses_is_refused_unless_its_labels_are_allowed_to_and_noth
     assert not out.exists() and not out.with_suffix(".json").exists()
 
     allowed = [argument for label in LABELS for argument in ("--allow-loss", label)]
-    written = tune(data_dir, shared_dir, pretrained_model, out, "--dim", "1", "--epochs", "1", *allowed)
+    written = tune(
+        data_dir, shared_dir, pretrained_model, out, "--head", "linear", "--dim", "1", "--epochs", "1", *allowed
+    )
     assert written.returncode == 0, written.stderr
     assert "embedded 0 images" in written.stderr
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["quality"]["allowed_loss"] == list(LABELS)
+    assert card["head"]["kind"] == card["training"]["head"] == "linear" and "hidden" not in card["head"]
     assert card["quality"]["held_out_against_trained"]["articleType"]["change@5"] < -0.01
     assert load_model(out, ["cpu"]).contract.dimension == 1
 
