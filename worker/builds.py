@@ -11,6 +11,7 @@ nothing to embed, the rest (deletes, new metadata) is applied and the owner swit
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +53,7 @@ class IndexBuild:
     ) -> None:
         self.settings, self.jobs, self.record, self.save = settings, jobs, record, save
         self.model, self.store = model, store
+        self.messages_seen = -float("inf")  # when a message of the latest round was last found queued or held
         self.source: Source | None = find_source(model, serving, settings.index_dir, settings.hnsw_ef)
         if self.source is not None:
             log.info("index %s re-projects the vectors of index %s", store.index_id, self.source.index_id)
@@ -94,7 +96,12 @@ class IndexBuild:
         if job is None or job["state"] in FINISHED:
             return True
         activity = self.jobs.activity(job_id)
-        if activity is None or activity.idle_seconds < self.settings.load_stall or holds_messages(current_app, job_id):
+        stall = self.settings.load_stall
+        # A round queued behind a long load waits without progress: its messages are looked for once a stall period
+        if activity is None or activity.idle_seconds < stall or time.monotonic() - self.messages_seen < stall:
+            return False
+        if holds_messages(current_app, job_id):
+            self.messages_seen = time.monotonic()
             return False
         reason = f"no progress for {activity.idle_seconds:.0f} s and none of its messages queued or held"
         self.jobs.fail(job_id, item_error(ErrorCode.LOST, f"{reason}; the next round embeds what the index lacks"))
@@ -119,6 +126,7 @@ class IndexBuild:
                                             "round": len(self.record.jobs) + 1})  # fmt: skip
         self.jobs.redis.persist(keys.job_key(job_id))  # a round runs as long as it must; finished, it expires
         self.record.jobs.append(job_id)
+        self.messages_seen = -float("inf")
         self.save()
         self.jobs.start(job_id)
         if not lacking:
