@@ -50,6 +50,23 @@ def copy_photos(stack: Stack, shared_dir, folder: str, ids: list[str]) -> None:
         (target / f"{name}.jpg").write_bytes((shared_dir / "data" / "fashion" / "images" / f"{photo}.jpg").read_bytes())
 
 
+def freeze_while_waiting_for_work(stack: Stack, kind: str) -> None:
+    """SIGSTOP the worker at a moment when its consumer is blocked in BRPOP: Redis hands the next message to it."""
+    group, db = stack.processes[kind].pid, str(stack.redis.connection_pool.connection_kwargs["db"])
+
+    def every_worker_waits() -> bool:  # each worker consumes on one connection; only the stack's workers use its db
+        clients = stack.redis.client_list()
+        return sum(c["db"] == db and c["cmd"] == "brpop" and "b" in c["flags"] for c in clients) == len(stack.processes)
+
+    for _ in range(500):
+        os.killpg(group, signal.SIGSTOP)
+        if every_worker_waits():
+            return
+        os.killpg(group, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"the {kind} worker was never seen waiting for work")
+
+
 @pytest.mark.slow
 def test_a_message_that_kills_its_worker_every_time_fails_its_items_as_worker_lost(make_stack, shared_dir):
     stack = make_stack(LOOKALIKE_BATCH="1", LOOKALIKE_MAX_DELIVERIES="2")
@@ -73,9 +90,8 @@ def test_a_plan_lost_in_a_killed_workers_socket_is_planned_again(make_stack, sha
     stack.start("embed")
     copy_photos(stack, shared_dir, "shop", ["a", "b", "c"])
     client = Client(stack.settings)
-    os.killpg(stack.processes["embed"].pid, signal.SIGSTOP)
+    freeze_while_waiting_for_work(stack, "embed")
     job_id = client.start_load(stack.settings.uploads_dir / "shop")
-    time.sleep(0.5)
     stack.kill("embed")
     assert stack.redis.llen("embed") == 0 and not stack.redis.hlen("unacked")  # the message is gone
     stack.start("embed")
