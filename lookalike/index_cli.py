@@ -101,8 +101,9 @@ def run_list(args: argparse.Namespace) -> int:
     from worker.aliases import describe
 
     for row in describe(_index_dir(args)):
+        calibrated = f"  calibrated: {row['calibrated']}" if row["calibrated"] else ""
         print(f"{row['index_id']}  {row['role']:<23} {row['items']:>9,} items  change {row['seq']:<8} "
-              f"{row['model']}  ({row['folder']})")  # fmt: skip
+              f"{row['model']}  ({row['folder']}){calibrated}")  # fmt: skip
     return 0
 
 

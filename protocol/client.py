@@ -19,6 +19,7 @@ from protocol.jobs import FINISHED, Jobs, item_error
 from protocol.queues import Task
 from protocol.readers import ask_reader
 
+ANSWER_KEYS = ("hits", "close_match", "threshold")  # of a similar-items read; not who answered, nor its seq
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
 
 
@@ -106,9 +107,11 @@ class Client:
 
     def similar(
         self, item_id: str, k: int = 5, filters: dict[str, str] | None = None, min_seq: int = 0
-    ) -> list[dict[str, Any]] | None:
-        """'More like this': the item's neighbours, the item left out; None when the index has no such item."""
-        return self._read(Task.SIMILAR_ITEMS, item_id, k, filters or {}, min_seq).get("hits")
+    ) -> dict[str, Any] | None:
+        """'More like this': the item's neighbours (`hits`), the item left out, and when the index is calibrated the
+        verdict on them (`close_match`, `threshold`); None when the index has no such item."""
+        answer = self._read(Task.SIMILAR_ITEMS, item_id, k, filters or {}, min_seq)
+        return None if "error" in answer else {key: answer[key] for key in ANSWER_KEYS if key in answer}
 
     def stats(self, min_seq: int = 0, digest: bool = False) -> dict[str, Any]:
         """The reader's figures: items, dimension, model, sequence number, who answered, ...; with `digest`, a

@@ -138,8 +138,23 @@ def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared
     page = web.get(f"/jobs/{nothing['id']}").get_data(as_text=True)
     assert "No close match" in page and "<details>" in page and "likely the same kind" in page
     assert "No close match" not in web.get(f"/jobs/{search(client, photo)['id']}").get_data(as_text=True)
+    # More like this gets the same verdict: a shirt is close to shirts, not to any watch
+    shirts = web.get("/api/items/10186/similar?k=3&filter=articleType=Shirts").get_json()
+    assert shirts["close_match"] is True and shirts["hits"][0]["confidence"] > 0.5
+    watches = web.get("/api/items/10186/similar?k=3&filter=articleType=Watches").get_json()
+    assert watches["close_match"] is False and watches["hits"][0]["score"] < watches["threshold"]
+    assert "More like this" in web.get("/items/10186").get_data(as_text=True)
+    grey = stack.settings.uploads_dir / "grey"
+    grey.mkdir(parents=True)
+    (grey / "grey.png").write_bytes(flat_photo((128, 128, 128)))
+    assert client.follow(client.start_load(grey), timeout=120)["state"] == "done"
+    page = web.get("/items/grey").get_data(as_text=True)
+    assert "No close match" in page and "close enough to this product" in page and "<details>" in page
     health = web.get("/healthz").get_json()["index"]["calibration"]
     assert health["labels"] == ["articleType"] and health["threshold"] == found["threshold"]
+
+    listed = subprocess.run([LOOKALIKE, "index", "list"], env=stack.env, capture_output=True, text=True, check=True)
+    assert "serving" in listed.stdout and "calibrated: articleType" in listed.stdout
 
     stored = json.loads((serving_folder(stack.settings.index_dir) / "calibration.json").read_text())
     with pytest.raises(ReadError) as refused:

@@ -139,7 +139,7 @@ def test_a_service_with_pca_fits_at_load_searches_and_survives_a_kill(make_stack
     assert stats["pca"]["input_dimension"] == 1280 and stack.heartbeat("index")[0]["pca"] == stats["pca"]
     hits = search(client, image_bytes(shared_dir, "10186"))["result"]["hits"]
     assert hits[0]["id"] == "10186" and hits[0]["score"] > 0.99
-    similar = client.similar("10186", 5)
+    similar = client.similar("10186", 5)["hits"]
     assert "10186" not in [hit["id"] for hit in similar] and len(similar) == 5
 
     stack.kill("index")

@@ -54,8 +54,8 @@ def item(item_id: str) -> Response:
 def similar(item_id: str) -> Response:
     k = parse_k(request.args.get("k"))
     filters = parse_filters(request.args.getlist("filter"))
-    hits = service().similar(check_item_id(item_id), k, filters, parse_min_seq(request.args))
-    return jsonify({"id": item_id, "hits": [present_item(hit) for hit in hits]})
+    answer = service().similar(check_item_id(item_id), k, filters, parse_min_seq(request.args))
+    return jsonify({"id": item_id, **answer, "hits": [present_item(hit) for hit in answer["hits"]]})
 
 
 @api.delete("/items/<item_id>")

@@ -104,7 +104,8 @@ def preview(job_id: str) -> Response:
 def item(item_id: str) -> str:
     item_id = check_item_id(item_id)
     record = present_item(service().item(item_id))
-    similar = [present_item(hit) for hit in service().similar(item_id, SIMILAR_SHOWN, {})]
+    answer = service().similar(item_id, SIMILAR_SHOWN, {})
+    similar = {**answer, "hits": [present_item(hit) for hit in answer["hits"]]}
     return render_template("item.html", item=record, similar=similar)
 
 

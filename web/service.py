@@ -163,12 +163,13 @@ class Service:
             raise not_found(f"no item with id {item_id!r}")
         return item
 
-    def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int = 0) -> list[dict[str, Any]]:
+    def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int = 0) -> dict[str, Any]:
+        """`hits`, and `close_match` and `threshold` when the index is calibrated."""
         self.check_fields(filters)
-        hits = self._read(self.client.similar, item_id, k, filters, min_seq)
-        if hits is None:
+        answer = self._read(self.client.similar, item_id, k, filters, min_seq)
+        if answer is None:
             raise not_found(f"no item with id {item_id!r}")
-        return hits
+        return answer
 
     def delete(self, item_id: str) -> dict[str, int] | None:
         """The owner's answer (`deleted`, `seq`); None when it did not answer in time (the delete stays queued: no

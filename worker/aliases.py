@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_bytes
+from worker.evaluation.calibration import read_calibration
 from worker.snapshots import CURRENT, MANIFEST, PREFIX, STAGING_PREFIX, current_name
 from worker.wal import PREFIX as LOG_PREFIX
 
@@ -112,7 +113,8 @@ def remove_index(index_dir: Path, folder: str) -> None:
 
 
 def describe(index_dir: Path) -> list[dict[str, Any]]:
-    """Every index in the folder, as `lookalike index list` shows it: id, folder, model, items, change, role."""
+    """Every index in the folder, as `lookalike index list` shows it: id, folder, model, items, change, role, and
+    the labels of its calibration ("" without one)."""
     alias = read_alias(index_dir)
     folders = [ADOPTED] if holds_an_index(index_dir) else []
     folders += sorted(f"{INDEXES}/{path.name}" for path in (index_dir / INDEXES).glob("*") if path.is_dir())
@@ -132,9 +134,18 @@ def describe(index_dir: Path) -> list[dict[str, Any]]:
                 "model": found.get("model_file") or (found.get("model") or {}).get("sha256", "")[:12],
                 "items": found.get("items", 0),
                 "seq": found.get("seq", 0),
+                "calibrated": calibrated_labels(index_dir / folder),
             }
         )
     return rows
+
+
+def calibrated_labels(folder: Path) -> str:
+    try:
+        calibration = read_calibration(folder)
+    except ValueError:  # the owner logs why it serves this index uncalibrated
+        return "damaged"
+    return ",".join(calibration.labels) if calibration else ""
 
 
 def find_folder(index_dir: Path, index_id: str) -> str | None:
