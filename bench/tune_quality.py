@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from chaos import cpu_model
 
 from common.areas import resolve_reference
 from common.model import load_model
@@ -103,16 +104,9 @@ def measure(settings: Settings, model_path: Path, args: argparse.Namespace) -> d
         "raw": precision_at_5(rest, queries, args.label),
         "tuned": precision_at_5(through_head(head, rest), through_head(head, queries), args.label),
         "tune_seconds": round(tune_seconds, 1),
-        "cpu": cpu_model(),
+        "cpu": f"{cpu_model()}, {CORES} cores",
         "tuned_card": json.loads(tuned.with_suffix(".json").read_text()),
     }
-
-
-def cpu_model() -> str:
-    """The processor's name and the cores this process may use, as the table's reader needs them."""
-    names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]  # fmt: skip
-    return f"{names[0] if names else 'unknown CPU'}, {CORES} cores"
 
 
 def markdown(rows: list[dict], labels: list[str]) -> str:

@@ -21,7 +21,7 @@ from protocol.heartbeats import FORGET_SECONDS, alive
 from protocol.jobs import Jobs
 from tests.conftest import REPO
 from tests.poisoned_embedder import POISON
-from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS
+from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_when
 from worker import runtime, tasks
 from worker.embedding import BatchOutcome
 from worker.watchdog import REQUEUES, LoadWatchdog
@@ -52,19 +52,13 @@ def copy_photos(stack: Stack, shared_dir, folder: str, ids: list[str]) -> None:
 
 def freeze_while_waiting_for_work(stack: Stack, kind: str) -> None:
     """SIGSTOP the worker at a moment when its consumer is blocked in BRPOP: Redis hands the next message to it."""
-    group, db = stack.processes[kind].pid, str(stack.redis.connection_pool.connection_kwargs["db"])
+    db = str(stack.redis.connection_pool.connection_kwargs["db"])
 
     def every_worker_waits() -> bool:  # each worker consumes on one connection; only the stack's workers use its db
         clients = stack.redis.client_list()
         return sum(c["db"] == db and c["cmd"] == "brpop" and "b" in c["flags"] for c in clients) == len(stack.processes)
 
-    for _ in range(500):
-        os.killpg(group, signal.SIGSTOP)
-        if every_worker_waits():
-            return
-        os.killpg(group, signal.SIGCONT)
-        time.sleep(0.01)
-    raise AssertionError(f"the {kind} worker was never seen waiting for work")
+    freeze_when(stack, kind, every_worker_waits, "waiting for work")
 
 
 @pytest.mark.slow

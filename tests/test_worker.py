@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
@@ -156,24 +157,30 @@ def loading(make_stack, shared_dir, done_at: int) -> tuple[Stack, Client, str]:
     return stack, client, job_id
 
 
+def freeze_when(stack: Stack, kind: str, moment: Callable[[], bool], what: str) -> None:
+    """SIGSTOP the worker's process group, letting it go on and trying again until `moment()` holds while stopped."""
+    group = stack.processes[kind].pid
+    for _ in range(500):
+        os.killpg(group, signal.SIGSTOP)
+        if moment():
+            return
+        os.killpg(group, signal.SIGCONT)
+        time.sleep(0.005)
+    raise AssertionError(f"the {kind} worker was never stopped {what}")
+
+
 def freeze_while_holding_a_message(stack: Stack, kind: str, queue: str) -> None:
     """SIGSTOP the worker at a moment when it has taken a message from `queue` and not acknowledged it."""
-    group = stack.processes[kind].pid
 
     def holding() -> bool:
         return any(json.loads(entry)[2] == queue for entry in stack.redis.hvals("unacked"))
 
-    for _ in range(500):
-        os.killpg(group, signal.SIGSTOP)
+    def held_by_the_stopped_worker() -> bool:
         # An acknowledgement sent just before the stop may still be on its way to Redis: held, and still held a
         # moment later, is held by the stopped worker
-        if holding():
-            time.sleep(0.1)
-            if holding():
-                return
-        os.killpg(group, signal.SIGCONT)
-        time.sleep(0.005)
-    raise AssertionError(f"the {kind} worker never held a message from {queue!r}")
+        return holding() and (time.sleep(0.1) or holding())
+
+    freeze_when(stack, kind, held_by_the_stopped_worker, f"holding a message from {queue!r}")
 
 
 def test_embed_processes_killed_mid_load_lose_nothing(make_stack, shared_dir):
