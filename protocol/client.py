@@ -17,7 +17,7 @@ from protocol.celery_app import create_celery
 from protocol.connection import redis_client
 from protocol.jobs import FINISHED, Jobs, item_error
 from protocol.queues import Task
-from protocol.readers import ask_reader
+from protocol.readers import ask_reader, latest_change
 
 ANSWER_KEYS = ("hits", "close_match", "threshold")  # of a similar-items read; not who answered, nor its seq
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
@@ -67,6 +67,7 @@ class Client:
         """Queue a search (of the part `crop` names, when given); `preview` (a small JPEG of the query) is kept with
         the job for pages to show."""
         check_size(image, self.settings.max_upload)
+        self.check_min_seq(min_seq)
         job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
         # A search no worker took in time is failed by its job record; its message must not run later for no one.
         encoded = base64.b64encode(image).decode()
@@ -103,6 +104,7 @@ class Client:
 
     def get_item(self, item_id: str, min_seq: int = 0) -> dict[str, Any] | None:
         """The item and its metadata; None when the index has no such item."""
+        self.check_min_seq(min_seq)
         return self._read(Task.GET_ITEM, item_id, min_seq).get("item")
 
     def similar(
@@ -110,13 +112,26 @@ class Client:
     ) -> dict[str, Any] | None:
         """'More like this': the item's neighbours (`hits`), the item left out, and when the index is calibrated the
         verdict on them (`close_match`, `threshold`); None when the index has no such item."""
+        self.check_min_seq(min_seq)
         answer = self._read(Task.SIMILAR_ITEMS, item_id, k, filters or {}, min_seq)
         return None if "error" in answer else {key: answer[key] for key in ANSWER_KEYS if key in answer}
 
     def stats(self, min_seq: int = 0, digest: bool = False) -> dict[str, Any]:
         """The reader's figures: items, dimension, model, sequence number, who answered, ...; with `digest`, a
         sha256 of every item and vector it holds (slow on a large index: for comparing readers)."""
+        self.check_min_seq(min_seq)
         return self._read(Task.INDEX_STATS, min_seq, digest)["stats"]
+
+    def check_min_seq(self, min_seq: int) -> None:
+        """Refuse (ReadError `bad_parameter`) a `min_seq` past every change the owner made: no reader could ever
+        answer it, and one that waited for it would hold up the reads behind it."""
+        latest = latest_change(self.jobs.redis) if min_seq else None
+        if latest is not None and min_seq > latest:
+            raise ReadError(
+                ErrorCode.BAD_PARAMETER,
+                f"min_seq {min_seq} is no change the index has made (the latest is {latest}): pass the seq a write "
+                "answered with",
+            )
 
     def _read(self, task: Task, *args: Any) -> dict[str, Any]:
         """A read's answer; an error other than `not_found` is raised as ReadError."""

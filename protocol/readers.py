@@ -12,6 +12,7 @@ import redis
 from celery import Celery
 
 from common.errors import ErrorCode
+from protocol import keys
 from protocol.heartbeats import Role, alive
 from protocol.queues import READS, Queue, Task
 
@@ -23,6 +24,15 @@ class NoReaderAnswered(celery.exceptions.TimeoutError):
 def keeping_up(client: redis.Redis, max_lag: float) -> list[dict[str, Any]]:
     """The replicas alive now that are at most `max_lag` seconds behind the owner."""
     return [beat for beat in alive(client, Role.REPLICA) if beat.get("lag_seconds", float("inf")) <= max_lag]
+
+
+def latest_change(client: redis.Redis) -> int | None:
+    """The owner's last sequence number as Redis knows it (the change feed's last entry, the owner's heartbeat), or
+    None when neither tells. A write answers only once its change is in the feed, so no write answered a later one."""
+    last = client.xrevrange(keys.CHANGES, count=1)
+    known = [int(last[0][0].split(b"-")[0])] if last else []
+    known += [beat["seq"] for beat in alive(client, Role.INDEX) if isinstance(beat.get("seq"), int)]
+    return max(known, default=None)
 
 
 def reader_queues(client: redis.Redis, max_lag: float) -> tuple[Queue, Queue]:
@@ -49,8 +59,8 @@ def ask_reader(
         attempt += 1
         try:
             answer = result.get(timeout=wait, disable_sync_subtasks=False)
-        except celery.exceptions.TimeoutError:
-            continue
+        except (celery.exceptions.TimeoutError, celery.exceptions.TaskRevokedError):
+            continue  # no answer in time, or the message expired before a reader took it: ask the other kind
         finally:
             result.forget()
         if isinstance(answer, dict) and answer.get("error", {}).get("code") == ErrorCode.BEHIND:

@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image
 
 from lookalike.redis_server import EmbeddedRedis, free_port
@@ -25,7 +27,14 @@ from protocol.client import Client
 from tests.conftest import BENCH
 from tests.images import BAD_IMAGES, ODD_IMAGES, encode
 from tests.test_catalog import sparse_archive
-from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_while_holding_a_message, loading, search
+from tests.test_worker import (
+    SAMPLE_SIZE,
+    STYLES_ROWS,
+    freeze_while_holding_a_message,
+    image_bytes,
+    loading,
+    search,
+)
 from web.app import create_app
 
 pytestmark = pytest.mark.slow
@@ -286,3 +295,45 @@ def test_names_that_are_not_utf8_and_files_over_the_byte_cap_are_item_errors_and
     assert job["errors_by_code"] == {"invalid_name": 1, "too_large": 2}
     assert client.stats()["items"] == 1
     assert peak_memory(stack.processes["embed"].pid) < WORKER_PEAK_BYTES
+
+
+def test_reads_and_searches_waiting_for_a_change_never_made_are_refused_at_once_and_hold_up_no_one(served, shared_dir):
+    """Anonymous loops of `min_seq=999999999999` are 400 at the web, and a replica asked directly says `behind` at
+    once instead of waiting for the change: plain reads beside the flood are answered as fast as without it."""
+    bogus = 999_999_999_999
+    photo = image_bytes(shared_dir, "10186")
+    refusals: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def flood() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                for path in (f"/api/items/10186?min_seq={bogus}", f"/api/items/10186/similar?min_seq={bogus}"):
+                    answer = session.get(served.url + path, timeout=30)
+                    refusals.append((answer.status_code, answer.json()["error"]["code"]))
+                files = {"image": ("photo.jpg", photo)}
+                answer = session.post(f"{served.url}/api/search", data={"min_seq": bogus}, files=files, timeout=30)
+                refusals.append((answer.status_code, answer.json()["error"]["code"]))
+
+    def plain_read() -> float:
+        started = time.monotonic()
+        answer = requests.get(f"{served.url}/api/items/10186/similar", timeout=30)
+        assert answer.status_code == 200, answer.text
+        return time.monotonic() - started
+
+    alone = sorted(plain_read() for _ in range(10))
+    floods = [threading.Thread(target=flood) for _ in range(4)]
+    for thread in floods:
+        thread.start()
+    try:
+        beside = sorted(plain_read() for _ in range(30))
+    finally:
+        stop.set()
+        for thread in floods:
+            thread.join(60)
+    assert refusals and set(refusals) == {(400, "bad_parameter")}
+    # Before, each bogus read held the one replica for a second: plain reads queued behind seconds of them.
+    assert beside[len(beside) // 2] < max(0.5, 5 * alone[len(alone) // 2]), (alone, beside)
+    replica = served.client.celery.send_task("lookalike.get_item", args=["10186", bogus], queue="read")
+    started = time.monotonic()
+    assert replica.get(timeout=30)["error"]["code"] == "behind" and time.monotonic() - started < 0.5

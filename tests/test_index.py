@@ -134,7 +134,7 @@ def test_the_owner_answers_a_read_waiting_for_a_change_it_never_made_as_a_bad_pa
     assert IndexReader(store).get("p1", store.seq)["item"]["id"] == "p1"
     refused = IndexReader(store).get("p1", store.seq + 1)["error"]
     assert refused["code"] == "bad_parameter" and f"it is at change {store.seq}" in refused["message"]
-    following = IndexReader(store, caught_up=lambda seq, seconds: False)  # a replica: the change may still come
+    following = IndexReader(store, owns=False)  # a replica: the change may still come
     assert following.get("p1", store.seq + 1)["error"]["code"] == "behind"
     store.close()
 

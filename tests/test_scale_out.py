@@ -196,6 +196,27 @@ def test_a_replica_that_missed_changes_ends_with_exactly_the_owners_items_and_ve
     assert replica["digest"] == owner["digest"]
 
 
+@pytest.mark.slow
+def test_a_replica_that_slept_through_a_snapshot_catches_up_with_no_write_arriving(make_stack, shared_dir):
+    """Frozen while the owner snapshotted and trimmed the feed past it, the replica finds only the snapshot's entry
+    in the feed after the change its blocked read had already been handed: it loads that snapshot at once instead
+    of waiting, out of reads, for some later write."""
+    stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_SNAPSHOT_EVERY="5")
+    replica_pid = stack.processes["replica-1"].pid
+    freeze(stack, "replica-1")
+    client.delete(["10186"])  # handed to the replica's blocked read of the feed, in its socket
+    deleted = client.delete(["10227", "10230", "10279", "10428"])  # the fifth change: a snapshot, the feed trimmed
+    first = stack.redis.xrange(keys.CHANGES, count=1)
+    assert first and first[0][0] == f"{deleted['seq']}-1".encode(), "the feed holds only the new snapshot"
+    thaw(stack, "replica-1")
+
+    def replica_seq() -> int:
+        return next((beat["seq"] for beat in stack.heartbeat(Role.REPLICA) if beat["pid"] == replica_pid), -1)
+
+    stack.wait_for(lambda: replica_seq() == deleted["seq"], "the replica to reach the owner's change", timeout=10)
+    assert client.stats(min_seq=deleted["seq"])["items"] == SAMPLE_SIZE - 5
+
+
 class FakeConsumer:
     """Records what the gate asks of Celery's consumer (unit test: the real one needs a running worker). It starts
     consuming `read`, as a replica's worker does."""

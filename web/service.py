@@ -64,6 +64,10 @@ class Service:
         self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
         self.check_fields(filters)
         try:
+            self.client.check_min_seq(min_seq)
+        except ReadError as error:
+            raise bad_parameter(str(error)) from error
+        try:
             check_size(image, self.settings.max_upload)
             with self.decoding():
                 preview = thumbnail_jpeg(image, PREVIEW_SIDE, self.settings.max_search_pixels, outline=crop)

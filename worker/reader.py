@@ -26,25 +26,23 @@ FACET_SECONDS = 30  # a count of facets walks every item; most changes barely mo
 
 
 class IndexReader:
-    """`caught_up(seq, seconds)` is true once the state holds change `seq`, waiting at most `seconds` for it (without
-    one, the state is the owner's, which makes every change: one it doesn't hold was never made); `usable()` names
-    why the state can't answer (another model's index, say), or is None. With a `calibration` (the serving index's,
-    `lookalike evaluate --calibrate`), every hit carries its confidence and every answer whether it is a close match."""
+    """`owns`: the state is the owner's, which makes every change, so a change it doesn't hold was never made; a
+    replica's may still come, and the replica says `behind` at once rather than wait for it with the reads queued
+    behind this one held up. `usable()` names why the state can't answer (another model's index, say), or is None.
+    With a `calibration` (the serving index's, `lookalike evaluate --calibrate`), every hit carries its confidence
+    and every answer whether it is a close match."""
 
     def __init__(
         self,
         state: IndexState,
         lock: AbstractContextManager | None = None,
-        caught_up: Callable[[int, float], bool] | None = None,
+        owns: bool = True,
         usable: Callable[[], str | None] = lambda: None,
-        wait_seconds: float = 1.0,
     ) -> None:
         self.state = state
-        self.owns = caught_up is None
+        self.owns = owns
         self.lock = lock or nullcontext()
-        self.caught_up = caught_up or (lambda seq, seconds: state.seq >= seq)
         self.usable = usable
-        self.wait_seconds = wait_seconds
         self.calibration: Calibration | None = None
         self._facets: tuple[int, float, int, dict[str, list[str]]] = (-1, 0.0, 0, {})  # seq, when, items, facets
         self._facets_lock = threading.Lock()
@@ -155,10 +153,10 @@ class IndexReader:
         problem = self.usable()
         if problem:
             return {"error": item_error(ErrorCode.INDEX_UNAVAILABLE, problem)}
-        if min_seq and self.owns and self.state.seq < min_seq:
+        if min_seq <= self.state.seq:
+            return None
+        if self.owns:
             message = f"min_seq {min_seq} is no change the index has made: it is at change {self.state.seq}"
             return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
-        if min_seq and not self.caught_up(min_seq, self.wait_seconds):
-            message = f"this index reader is at change {self.state.seq}, not yet at {min_seq}"
-            return {"error": item_error(ErrorCode.BEHIND, message)}
-        return None
+        message = f"this index reader is at change {self.state.seq}, not yet at {min_seq}"
+        return {"error": item_error(ErrorCode.BEHIND, message)}

@@ -54,8 +54,8 @@ class Replica(IndexState):
         # Since when (this machine's clock) the replica has been behind the owner; 0.0: by an unknown, long time
         # (changes missing from the feed, a snapshot that can't be read); None: it holds every change it knows of.
         self.behind_since: float | None = None
-        self.condition = threading.Condition(threading.RLock())
-        self.reader = IndexReader(self, self.condition, self.caught_up)
+        self.lock = threading.RLock()  # reads see the state between two changes, never in the middle of one
+        self.reader = IndexReader(self, self.lock, owns=False)
         self.calibration = PublishedCalibration(client)
         self.taking_reads = False
         self._asked_for_snapshot = 0.0
@@ -117,10 +117,12 @@ class Replica(IndexState):
         """Apply one entry in order; False when the replica had to reload a snapshot instead."""
         if entry.snapshot is not None:
             reduced = self.projection.dimension if self.projection else 0
-            if entry.projection == reduced and entry.index_id in ("", self.index_id):
+            same_index = entry.projection == reduced and entry.index_id in ("", self.index_id)
+            if same_index and entry.seq <= self.seq:
                 return True
             # The owner fitted a PCA and rebuilt its index, or switched to another index: not one this replica
-            # would build from the changes.
+            # would build from the changes. Or a newer snapshot of this index: the stream was trimmed to it while
+            # the replica was frozen, slow or away, so only the snapshot holds the changes before it.
             self._current()
             if not (self._load(entry.snapshot, force=True) or self._load(self._current(), force=True)):
                 self.behind_since = 0.0  # it serves an index the owner no longer has: no reads until it loads one
@@ -129,12 +131,11 @@ class Replica(IndexState):
         if entry.first > self.seq + 1:
             self._close_gap(entry.first)
             return False
-        with self.condition:
+        with self.lock:
             for change in entry.changes or ():
                 if change.seq > self.seq:
                     self.apply_change(change)
                     self.seq = change.seq
-            self.condition.notify_all()
         return True
 
     def _close_gap(self, first: int) -> None:
@@ -184,11 +185,10 @@ class Replica(IndexState):
             return False
         if snapshot.seq < self.seq and not force:
             return True  # older than what the replica holds already
-        with self.condition:
+        with self.lock:
             self.adopt(snapshot)
             self.snapshot, self.position = name, entry_id(snapshot.seq, snapshot=True)
             self.behind_since = None  # what it knows to be missing is in the snapshot, or shows up as lag again
-            self.condition.notify_all()
         log.info("replica: loaded snapshot %s (%d items at change %d)", name, len(self.index), self.seq)
         return True
 
@@ -198,11 +198,6 @@ class Replica(IndexState):
         return current_name(self.directory)
 
     # reads ---------------------------------------------------------------------------------------------------
-
-    def caught_up(self, seq: int, seconds: float) -> bool:
-        """True once change `seq` is applied, waiting at most `seconds` for the follower to apply it."""
-        with self.condition:
-            return self.condition.wait_for(lambda: self.seq >= seq, timeout=seconds)
 
     def lag(self) -> tuple[int, float]:
         """(changes, seconds) behind the owner, as far as the feed tells."""
