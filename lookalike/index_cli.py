@@ -25,7 +25,20 @@ def configure(index: argparse.ArgumentParser) -> None:
         help="the new model, at a path every embed worker reaches (default: the serving model: a rebuild with "
         "today's settings, such as LOOKALIKE_PCA_DIM)",
     )
-    build.add_argument("--wait", action="store_true", help="show the build's progress until it is switched in")
+    build.add_argument(
+        "--wait",
+        action="store_true",
+        help="show the build's progress until it is switched in; exit 1 if it stops short of the switch",
+    )
+    build.add_argument(
+        "--allow-missing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="switch even if up to N serving items could not be carried over to the new index (their photos gone, "
+        "unreadable); without it such a build stops before the switch and names them. Run again for the build under "
+        "way to try every item anew (after putting a photo back) or to change N",
+    )
     build.set_defaults(handler=run_build)
     rollback = actions.add_parser("rollback", help="serve the index the last switch replaced again")
     rollback.set_defaults(handler=run_rollback)
@@ -56,7 +69,10 @@ def run_build(args: argparse.Namespace) -> int:
 
     client = _client()
     model = str(args.model.resolve()) if args.model else None
-    started = client.build_index(model)
+    if args.allow_missing < 0:
+        print("--allow-missing must be 0 or more", file=sys.stderr)
+        return 2
+    started = client.build_index(model, args.allow_missing)
     answered = time.time()  # a heartbeat taken before the answer may not show the build yet
     print(f"building index {started['index_id']} of {started['model']} beside the serving one")
     if not args.wait:
@@ -72,11 +88,29 @@ def run_build(args: argparse.Namespace) -> int:
         building = owner.get("building") or {}
         if building.get("index_id") == started["index_id"]:
             shown = True
+            if building.get("missing") and owner["seen"] > answered:
+                print(stopped_short(building), file=sys.stderr)
+                return 1
             print(f"  round {building['round']}: {building['items']:,} of {building['of']:,} items", flush=True)
         elif owner and (shown or owner["seen"] > answered):
             print(f"the build of index {started['index_id']} ended without a switch (deleted?)", file=sys.stderr)
             return 1
         time.sleep(2)
+
+
+def stopped_short(building: dict) -> str:
+    """Why a build is not switched in: the serving items it could not carry over, and what to do."""
+    missing = building["missing"]
+    lines = [f"  {item['id']}: {item['code']}: {item['message']}" for item in building["missing_items"]]
+    if missing > len(lines):
+        lines.append(f"  ... and {missing - len(lines):,} more (in the build's round jobs)")
+    return "\n".join([
+        f"index {building['index_id']} is not switched in: {missing:,} serving items could not be carried over "
+        f"(--allow-missing {building['allow_missing']}):",
+        *lines,
+        f"put their photos back and run `lookalike index build` again, or accept the loss with --allow-missing "
+        f"{missing}",
+    ])  # fmt: skip
 
 
 def run_rollback(args: argparse.Namespace) -> int:

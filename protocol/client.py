@@ -154,10 +154,11 @@ class Client:
         finally:
             result.forget()
 
-    def build_index(self, model_file: str | None = None) -> dict[str, Any]:
+    def build_index(self, model_file: str | None = None, allow_missing: int = 0) -> dict[str, Any]:
         """Start building an index of `model_file` (default: the serving model) beside the serving one, switched
-        in when complete: its `index_id`, `model` and first round's `job`."""
-        return self._ask_owner(Task.BUILD_INDEX, model_file)
+        in when complete unless more than `allow_missing` serving items could not be carried over: its `index_id`,
+        `model` and first round's `job`. Asked again for the build under way, every item is tried anew."""
+        return self._ask_owner(Task.BUILD_INDEX, model_file, allow_missing)
 
     def rollback_index(self) -> dict[str, Any]:
         """Serve the index the last switch replaced again: `serving`, `model`, `seq`, `previous`."""

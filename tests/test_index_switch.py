@@ -17,6 +17,7 @@ import redis
 from common.model import load_model
 from common.settings import Settings
 from lookalike.stack import LOOKALIKE, Stack
+from lookalike.up import start_workers
 from protocol.client import Client
 from protocol.heartbeats import Role
 from protocol.queues import Queue, Task
@@ -32,11 +33,11 @@ from worker.store import DurableIndex
 from worker.wal import Change
 
 
-def another_model(model: Path, folder: Path) -> Path:
+def another_model(model: Path, folder: Path, name: str = "again") -> Path:
     """The same network under another sha256: its vectors are those of `model`, but the index must not know it."""
     graph = onnx.load(str(model))
-    graph.doc_string = "the same weights, exported again"
-    path = folder / "again.onnx"
+    graph.doc_string = f"the same weights, exported again as {name}"
+    path = folder / f"{name}.onnx"
     onnx.save(graph, str(path))
     return path
 
@@ -206,6 +207,62 @@ def test_a_tuned_model_of_the_serving_model_is_built_from_the_stored_vectors_wit
     assert f"index {retuned['index_id']} re-projects the vectors of index {old['index_id']}" in (
         stack.log_paths["index"].read_text()
     )
+
+
+SHOP = ("10186", "10227", "10230", "10279", "10428", "10506", "10713", "10790")
+
+
+def index_build(stack: Stack, *argv: str) -> subprocess.CompletedProcess:
+    """`lookalike index build --wait ARGV`, as an operator runs it."""
+    command = [LOOKALIKE, "index", "build", "--wait", *argv]
+    return subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_build_never_drops_an_item_whose_photo_went_missing(make_stack, shared_dir, pretrained_model, tmp_path):
+    """With the same model the item keeps its vector and the switch goes on. With another model the build stops
+    short of the switch and names the item (`index build --wait` exits 1, /healthz and `index list` say why); the
+    photo put back and the build asked again, it switches with the item; `--allow-missing 1` switches without it."""
+    stack = make_stack()
+    start_workers(stack, stack.settings)
+    client = Client(stack.settings)
+    shop = stack.settings.uploads_dir / "shop"
+    shop.mkdir(parents=True)
+    for item_id in SHOP:
+        (shop / f"{item_id}.jpg").write_bytes(image_bytes(shared_dir, item_id))
+    assert client.follow(client.start_load(shop), timeout=120)["progress"]["done"] == len(SHOP)
+    photo, aside = shop / "10186.jpg", tmp_path / "10186.jpg"
+    photo.rename(aside)
+
+    same = client.build_index()
+    stack.wait_for(lambda: switched(stack, same["index_id"]), "the switch to the same model's index", timeout=120)
+    assert owner_beat(stack)["items"] == len(SHOP) and client.get_item("10186") is not None
+
+    other = another_model(pretrained_model, tmp_path)
+    stopped = index_build(stack, "--model", str(other))
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "1 serving items could not be carried over" in stopped.stderr and "10186: missing_file" in stopped.stderr
+    assert "--allow-missing 1" in stopped.stderr
+    building = create_app(stack.settings).test_client().get("/healthz").get_json()["index"]["building"]
+    assert building["missing"] == 1 and building["missing_items"][0]["id"] == "10186"
+    listing = subprocess.run([LOOKALIKE, "index", "list"], env=stack.env, capture_output=True, text=True, check=True)
+    assert "building, stopped: 1 items missing" in listing.stdout
+    serving = owner_beat(stack)
+    assert serving["index_id"] == same["index_id"] and serving["items"] == len(SHOP)
+
+    aside.rename(photo)
+    again = index_build(stack, "--model", str(other))
+    assert again.returncode == 0, again.stdout + again.stderr
+    beat = owner_beat(stack)
+    assert beat["model"] == other.name and beat["items"] == len(SHOP) and client.get_item("10186") is not None
+
+    photo.rename(aside)
+    third = another_model(pretrained_model, tmp_path, "third")
+    allowed = index_build(stack, "--model", str(third), "--allow-missing", "1")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    beat = owner_beat(stack)
+    assert beat["model"] == third.name and beat["items"] == len(SHOP) - 1
+    assert client.get_item("10186", min_seq=beat["seq"]) is None
 
 
 def test_an_index_folder_from_before_aliases_is_adopted_in_place(tmp_path, module_redis):

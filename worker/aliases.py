@@ -36,6 +36,8 @@ class Build:
     folder: str
     model: str  # the model file, as every embed worker reaches it
     jobs: list[str] = field(default_factory=list)  # each round embeds what the index lacks; the last one runs
+    allow_missing: int = 0  # serving items the operator accepts to lose in the switch (none could be carried over)
+    missing: int = 0  # serving items it could not carry over, beyond allow_missing: it stopped short of the switch
 
 
 @dataclass
@@ -122,7 +124,8 @@ def describe(index_dir: Path) -> list[dict[str, Any]]:
     if alias:
         roles = {alias.serving: "serving", alias.previous: "previous (for rollback)"}
         if alias.building:
-            roles[alias.building.folder] = "building"
+            missing = alias.building.missing
+            roles[alias.building.folder] = f"building, stopped: {missing:,} items missing" if missing else "building"
     rows = []
     for folder in folders:
         found = manifest(index_dir / folder) or {}

@@ -6,13 +6,20 @@ messages), as a job of its own: embed batches with the new model through the emb
 model is the serving (or a kept) index's model followed by a head, re-projection batches that the owner runs
 itself on the vectors that index holds (`worker.reprojection`), between its other tasks. When a round leaves
 nothing to embed, the rest (deletes, new metadata) is applied and the owner switches to it (`worker.owner`).
+
+A build never makes the catalogue smaller by accident: an item no round could embed (its photo moved, unreadable,
+a batch lost BUILD_TRIES times) keeps its vector where the new index can take it (the same model, or a head that
+re-projects it); any other stops the build short of the switch, named with why, until the operator puts the photo
+back and builds again, or accepts the loss (`allow_missing`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,8 @@ from worker.watchdog import holds_messages
 log = logging.getLogger(__name__)
 
 REPROJECT_BATCH = 2000  # items a re-projection task takes: a few hundred milliseconds between two searches
+BUILD_TRIES = 2  # rounds an item may fail in (a transient error, a lost batch) before no round tries it again
+MISSING_SHOWN = 20  # items the heartbeat names of those a stopped build lacks
 
 
 class IndexBuild:
@@ -54,18 +63,29 @@ class IndexBuild:
         self.settings, self.jobs, self.record, self.save = settings, jobs, record, save
         self.model, self.store = model, store
         self.messages_seen = -float("inf")  # when a message of the latest round was last found queued or held
+        self.failed_rounds: Counter[str] = Counter()  # item id -> rounds it failed in
+        self.failures: dict[str, dict[str, str]] = {}  # item id -> the error of its latest failure
+        self.counted: str | None = None  # the round whose failures are counted
+        self.missing: dict[str, dict[str, str]] = {}  # what stops the switch: item id -> why no round carried it
         self.source: Source | None = find_source(model, serving, settings.index_dir, settings.hnsw_ef)
         if self.source is not None:
             log.info("index %s re-projects the vectors of index %s", store.index_id, self.source.index_id)
 
     @classmethod
     def begin(
-        cls, settings: Settings, jobs: Jobs, model_file: Path, serving: DurableIndex, save: Callable[[], None]
+        cls,
+        settings: Settings,
+        jobs: Jobs,
+        model_file: Path,
+        serving: DurableIndex,
+        save: Callable[[], None],
+        allow_missing: int = 0,
     ) -> IndexBuild:
         """A new index of `model_file` in a new folder (its first round is queued by `next_round`)."""
         folder = new_folder()
         model, store = open_index(settings, folder, model_file)
-        return cls(settings, jobs, Build(folder, str(model.path)), model, store, serving, save)
+        record = Build(folder, str(model.path), allow_missing=allow_missing)
+        return cls(settings, jobs, record, model, store, serving, save)
 
     @classmethod
     def resume(
@@ -76,6 +96,7 @@ class IndexBuild:
         if record.jobs:
             reason = "the index owner restarted; the build goes on in a new round with what the index lacks"
             jobs.fail(record.jobs[-1], item_error(ErrorCode.WORKER_LOST, reason))
+        record.missing = 0  # every item is tried anew
         return cls(settings, jobs, record, model, store, serving, save)
 
     @property
@@ -109,17 +130,35 @@ class IndexBuild:
                     reason)  # fmt: skip
         return True
 
-    def given_up(self) -> set[str]:
-        """The items the latest round failed to embed (a photo gone or unreadable): no round tries them again."""
-        if not self.record.jobs:
-            return set()
-        failed = self.jobs.redis.hkeys(keys.job_key(self.record.jobs[-1], keys.FAILED))
-        return {raw.decode()[2:] for raw in failed if raw.startswith(b"i:")}
+    def count_failures(self) -> None:
+        """Once a round is over: count the items it failed to embed, with why (a photo gone or unreadable)."""
+        job_id = self.record.jobs[-1] if self.record.jobs else None
+        if job_id is None or job_id == self.counted:
+            return
+        self.counted = job_id
+        codes = self.jobs.redis.hgetall(keys.job_key(job_id, keys.FAILED))
+        failed = [key.decode() for key in codes if key.startswith(b"i:")]
+        messages = self.jobs.redis.hmget(keys.job_key(job_id, keys.ERRORS), failed) if failed else []
+        for key, message in zip(failed, messages, strict=True):
+            code = codes[key.encode()].decode()
+            self.failed_rounds[key[2:]] += 1
+            self.failures[key[2:]] = json.loads(message) if message else item_error(code, f"failed with {code}")
 
-    def next_round(self, serving: DurableIndex, given_up: Collection[str] = frozenset()) -> bool:
-        """Queue, as a new round, the items the index lacks or holds another photo of; False (nothing queued) when
-        there are none."""
-        lacking = self.lacking(serving, given_up)
+    def given_up(self) -> set[str]:
+        """The items no round tries again: those that failed in BUILD_TRIES rounds."""
+        return {item_id for item_id, rounds in self.failed_rounds.items() if rounds >= BUILD_TRIES}
+
+    def try_again(self, allow_missing: int) -> None:
+        """The operator built again (a photo put back, or a loss accepted): every item is tried anew."""
+        self.record.allow_missing, self.record.missing = allow_missing, 0
+        self.failed_rounds.clear()
+        self.missing = {}
+        self.save()
+
+    def next_round(self, serving: DurableIndex) -> bool:
+        """Queue, as a new round, the items the index lacks or holds another photo of (but those given up); False
+        (nothing queued) when there are none."""
+        lacking = self.lacking(serving)
         if not lacking and self.record.jobs:
             return False
         job_id = self.jobs.create("build", {"index_id": self.index_id, "model": self.record.model,
@@ -146,9 +185,11 @@ class IndexBuild:
                  len(again), len(embed))  # fmt: skip
         return True
 
-    def lacking(self, serving: DurableIndex, given_up: Collection[str] = frozenset()) -> dict[str, Item]:
-        """The serving items the index lacks or holds another photo of (those without a photo to embed left out)."""
+    def lacking(self, serving: DurableIndex) -> dict[str, Item]:
+        """The serving items the index lacks or holds another photo of (those without a photo to embed, and those
+        given up, left out)."""
         built = self.store.index.items
+        given_up = self.given_up()
         return {
             item_id: item
             for item_id, item in serving.index.items.items()
@@ -167,6 +208,46 @@ class IndexBuild:
         ]
         changes += [Change(op="delete", id=item_id) for item_id in built if item_id not in serving.index]
         self.store.apply(changes)
+
+    def carry_over(self, serving: DurableIndex) -> dict[str, dict[str, str]]:
+        """Once no round can embed them: the serving items the index still lacks get a vector it can take (the
+        source's re-projected, or the serving index's own where it is of the same model and not reduced by a PCA).
+        Returns those still missing, with why; they stop the switch beyond `allow_missing` (`missing` then)."""
+        items, built = serving.index.items, self.store.index.items
+        absent = [item_id for item_id in items if item_id not in built]
+        source = self.source
+        carried = [item_id for item_id in absent if source is not None and source.holds(item_id, items[item_id])]
+        vectors = list(source.project(carried)) if source is not None and carried else []
+        if self.store.identity == serving.identity and serving.projection is None:
+            reprojected = set(carried)
+            copied = [item_id for item_id in absent if item_id not in reprojected]
+            carried, vectors = carried + copied, vectors + [serving.index.vector(item_id) for item_id in copied]
+        if carried:
+            self.store.apply(
+                [
+                    replace(metadata_change(item_id, items[item_id]), vector=vector)
+                    for item_id, vector in zip(carried, vectors, strict=True)
+                ]
+            )
+            log.warning("index %s: %d items no round could embed keep the vector they had", self.index_id, len(carried))
+        kept = set(carried)
+        missing = {item_id: self._why_missing(item_id, items[item_id]) for item_id in absent if item_id not in kept}
+        self.missing = missing if len(missing) > self.record.allow_missing else {}
+        self._note_missing()
+        return missing
+
+    def _note_missing(self) -> None:
+        """Keep in ALIAS how many items stop the switch, for `lookalike index list`."""
+        if self.record.missing != len(self.missing):
+            self.record.missing = len(self.missing)
+            self.save()
+
+    def _why_missing(self, item_id: str, item: Item) -> dict[str, str]:
+        if item_id in self.failures:
+            return self.failures[item_id]
+        if reference_of(item_id, item.metadata) is None:
+            return item_error(ErrorCode.MISSING_FILE, "the item names no photo to embed with the new model")
+        return item_error(ErrorCode.EMBED_FAILED, "no round of the build embedded it")
 
     def reproject(self, job_id: str, ids: list[str], serving: DurableIndex) -> dict[str, int]:
         """A re-projection batch of a round: the head run on the source's vectors, into the index being built.
@@ -208,6 +289,11 @@ class IndexBuild:
             "round": len(self.record.jobs),
             "round_progress": job["progress"] if job else None,
             "reprojects_from": self.source.index_id if self.source else None,
+            "allow_missing": self.record.allow_missing,
+            "missing": len(self.missing),  # > 0: stopped short of the switch, for the items below
+            "missing_items": [
+                {"id": item_id, **error} for item_id, error in sorted(self.missing.items())[:MISSING_SHOWN]
+            ],
         }
 
     def end(self, reason: str) -> None:

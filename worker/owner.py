@@ -252,17 +252,24 @@ class IndexOwner:
 
     # building beside, switching, rolling back -------------------------------------------------------------------
 
-    def build_index(self, model_file: str | None) -> dict[str, Any]:
+    def build_index(self, model_file: str | None, allow_missing: int = 0) -> dict[str, Any]:
         """Start building an index of `model_file` (default: the serving model, with today's settings) beside the
-        serving one; it is switched in when complete."""
-        if self.build is not None:
-            message = (
-                f"index {self.build.index_id} of {self.build.record.model} is being built; wait for it or delete it"
-            )
-            return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
+        serving one; it is switched in when complete, unless more than `allow_missing` of the serving items could
+        not be carried over. Asked again for the build under way, it tries every item anew with that allowance."""
+        build = self.build
+        if build is not None:
+            again = model_file is None or Path(model_file).resolve() == Path(build.record.model).resolve()
+            if not again:
+                message = f"index {build.index_id} of {build.record.model} is being built; wait for it or delete it"
+                return {"error": item_error(ErrorCode.BAD_PARAMETER, message)}
+            build.try_again(allow_missing)
+            if build.round_over():
+                build.next_round(self.store)
+            self.on_change()
+            return {"index_id": build.index_id, "model": build.record.model, "job": build.record.jobs[-1]}
         try:
             build = IndexBuild.begin(self.settings, self.jobs, Path(model_file) if model_file else self.model.path,
-                                     self.store, self._save_alias)  # fmt: skip
+                                     self.store, self._save_alias, allow_missing)  # fmt: skip
         except (ModelError, LookalikeError, OSError) as error:
             return {"error": item_error(ErrorCode.BAD_PARAMETER, str(error))}
         self.build, self.alias.building = build, build.record
@@ -290,10 +297,26 @@ class IndexOwner:
         build = self.build
         if build is None:
             return {"building": None}
-        if not build.round_over() or build.next_round(self.store, build.given_up()):
+        if not build.round_over():
             return {"building": build.index_id, "round": len(build.record.jobs)}
+        build.count_failures()
+        if build.next_round(self.store):
+            return {"building": build.index_id, "round": len(build.record.jobs)}
+        stopped = bool(build.missing)
+        missing = build.carry_over(self.store)
+        if build.missing:
+            if not stopped:
+                self.on_change()
+                log.error("index %s is not switched in: %d serving items could not be carried over (%s); put their "
+                          "photos back and build again, or build again with --allow-missing %d", build.index_id,
+                          len(missing), ", ".join(sorted(missing)[:5]), len(missing))  # fmt: skip
+            return {"building": build.index_id, "round": len(build.record.jobs), "missing": len(missing)}
         build.complete(self.store)
-        return self._switch_to(build.model, build.store, previous=self.alias.serving)
+        if missing:
+            log.warning("index %s is switched in without %d items (allowed: %d): %s", build.index_id, len(missing),
+                        build.record.allow_missing, ", ".join(sorted(missing)))  # fmt: skip
+        switched = self._switch_to(build.model, build.store, previous=self.alias.serving)
+        return {**switched, "dropped": sorted(missing)}
 
     def reproject(self, job_id: str, ids: list[str]) -> dict[str, int]:
         """A re-projection batch of the build's round (one of a build deleted since changes nothing)."""

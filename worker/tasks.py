@@ -134,8 +134,8 @@ def write_snapshot() -> None:
 
 
 @shared_task(name=Task.BUILD_INDEX)
-def build_index(model: str | None = None) -> dict[str, Any]:
-    return owner().build_index(model)
+def build_index(model: str | None = None, allow_missing: int = 0) -> dict[str, Any]:
+    return owner().build_index(model, allow_missing)
 
 
 @shared_task(name=Task.ADVANCE_BUILD)
