@@ -11,6 +11,11 @@ class LookalikeError(Exception):
     """A problem with the user's input or setup, explained in one sentence (no traceback needed)."""
 
 
+class UsageError(LookalikeError):
+    """A request its input can't serve (a label no item has, too few items to learn from): refused before the work,
+    with exit status 2 as for a mistyped option."""
+
+
 class ErrorCode(StrEnum):
     """Every code an error may carry; clients match on these, so a code's meaning never changes."""
 
@@ -31,6 +36,7 @@ class ErrorCode(StrEnum):
     INDEX_ERROR = "index_error"
     EMBED_FAILED = "embed_failed"
     INVALID_NAME = "invalid_name"
+    INVALID_ID = "invalid_id"
     WORKER_LOST = "worker_lost"
     LOST = "lost"
     # a job that ended without its result

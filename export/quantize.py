@@ -65,6 +65,9 @@ def quantize_int8(
     paths = list_images(calibration)
     fp32 = load_model(source, providers=["cpu"])
     progress.say(f"Quantising {source} to INT8 (static, QOperator, per-channel)")
+    reduce_range = not has_vnni()
+    if reduce_range:
+        progress.say("this CPU has no VNNI: weights get 7 bits (reduce_range), or its INT8 kernels would saturate")
 
     with progress.step("decode calibration images") as note:
         calibration_set, holdout_set = _split(paths, calibration_images, holdout_images)
@@ -83,6 +86,7 @@ def quantize_int8(
                 _BatchReader(fp32.contract.input_name, calibration_batch),
                 quant_format=QuantFormat.QOperator,
                 per_channel=True,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -111,6 +115,7 @@ def quantize_int8(
                 "method": "static",
                 "format": "QOperator",
                 "per_channel": True,
+                "reduce_range": reduce_range,
                 "activation_type": "uint8",
                 "weight_type": "int8",
                 "calibration_method": "MinMax",
@@ -124,6 +129,17 @@ def quantize_int8(
     )
     progress.say(f"wrote {out} (sha256 {card['sha256'][:16]}...) and its card {out.with_suffix('.json')}")
     return card
+
+
+def has_vnni() -> bool:
+    """Whether this x86 CPU multiplies uint8 by int8 without saturating (VNNI). Without it (AVX2 alone) onnxruntime's
+    INT8 kernels saturate on full 8-bit weights: the mean cosine to fp32 fell to 0.81 on a 2-core AMD EPYC, and 7-bit
+    weights (`reduce_range`) bring it back to 0.96; with VNNI, full 8 bits keep it above 0.98."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume a current CPU
+        return True
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 @contextmanager

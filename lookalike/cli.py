@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import redis
 
-from common.errors import LookalikeError
+from common.errors import LookalikeError, UsageError
 from lookalike import __version__
 
 OWN_PACKAGES = ("common", "export", "worker", "web", "lookalike")
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args) or 0
     except LookalikeError as error:
         print(f"lookalike {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
     except redis.ConnectionError as error:
         print(f"lookalike {args.command}: error: can't reach Redis ({error}); is LOOKALIKE_REDIS_URL right?",
               file=sys.stderr)  # fmt: skip

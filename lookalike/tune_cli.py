@@ -15,12 +15,14 @@ if TYPE_CHECKING:
 
     from common.model import EmbeddingModel
     from common.settings import Settings
+    from worker.catalog import CatalogPlan
     from worker.evaluation.cache import EmbeddingCache
     from worker.evaluation.run import Embeddings
 
 HOLDOUT_SHARE = 0.1
 MAX_LOSS = 0.01  # the most held-out precision@5 a label may lose before tune refuses to write the model
 PARITY_IMAGES = 8
+MIN_VALUE_ITEMS = 2  # a value on one photo alone teaches nothing about what its items share
 
 EXAMPLES = """\
 example:
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from common.model import load_model
     from common.settings import CORES, Settings
     from export.head import TrainingSettings, training_fields
+    from worker.catalog import plan_catalog
     from worker.evaluation.cache import EmbeddingCache
 
     weights = parse_weights(args.weight, args.label)
@@ -102,9 +105,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # The files named here are read where they are: the catalogue root is the whole file system unless set.
     settings = Settings.from_env({"LOOKALIKE_CATALOG_ROOT": "/", **os.environ})
+    plan = plan_catalog(settings, str(args.catalog.resolve()), str(args.metadata) if args.metadata else None)
+    require_tunable(args.label, [item.metadata for item in plan.items])
     model = load_model(args.model, settings.providers, intra_op_threads=CORES)
     cache = EmbeddingCache(settings.data_dir, model.sha256, settings.resize)
-    catalogue = embed_with_bar(settings, model, args.catalog.resolve(), args.metadata, cache)
+    catalogue = embed_with_bar(settings, model, plan, cache)
     cached = len(catalogue.ids) - catalogue.embedded
     say(f"embedded {catalogue.embedded:,} images and took {cached:,} from the cache ({cache.path}) in "
         f"{catalogue.seconds:.0f} s; {len(catalogue.errors):,} rows have no image that can be read")  # fmt: skip
@@ -155,7 +160,7 @@ def say(line: str) -> None:
 
 def parse_weights(pairs: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     """`--weight LABEL=W` for labels of this run; every other label weighs 1."""
-    from common.errors import LookalikeError
+    from common.errors import LookalikeError, UsageError
 
     weights = dict.fromkeys(labels, 1.0)
     for pair in pairs:
@@ -168,15 +173,32 @@ def parse_weights(pairs: Sequence[str], labels: Sequence[str]) -> dict[str, floa
             raise LookalikeError(f"--weight {pair}: give LABEL=NUMBER, such as {label}=0.5") from None
         if weights[label] < 0:
             raise LookalikeError(f"--weight {pair}: a weight can't be negative")
+    if not any(weights.values()):
+        raise UsageError(f"--weight {' '.join(pairs)}: every label weighs 0, so nothing would be learnt; give one a "
+                         "weight above 0")  # fmt: skip
     return weights
 
 
-def embed_with_bar(
-    settings: Settings, model: EmbeddingModel, catalog: Path, metadata: Path | None, cache: EmbeddingCache
-) -> Embeddings:
+def require_tunable(labels: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:
+    """UsageError for a label the catalogue can't teach: one no item has, or one without two values to tell apart."""
+    from common.errors import UsageError
+    from worker.evaluation.labels import require_label
+
+    for label in labels:
+        values = require_label(label, metadata, "the catalogue")
+        common = [value for value, count in values.items() if count >= MIN_VALUE_ITEMS]
+        if len(common) >= 2:
+            continue
+        found = (f"a single value ({next(iter(values))!r})" if len(values) == 1
+                 else f"{len(values):,} values, {len(common)} of them on {MIN_VALUE_ITEMS} items or more,")  # fmt: skip
+        raise UsageError(f"label {label!r} has {found} among the catalogue's {len(metadata):,} items: tuning needs at "
+                         f"least two values with {MIN_VALUE_ITEMS} items each")  # fmt: skip
+
+
+def embed_with_bar(settings: Settings, model: EmbeddingModel, plan: CatalogPlan, cache: EmbeddingCache) -> Embeddings:
     from tqdm import tqdm
 
-    from worker.evaluation.run import embed_catalog
+    from worker.evaluation.run import embed_plan
 
     with tqdm(desc="embedding", unit=" images", file=sys.stderr, dynamic_ncols=True) as bar:
 
@@ -184,7 +206,7 @@ def embed_with_bar(
             bar.total = total
             bar.update(done - bar.n)
 
-        return embed_catalog(settings, model, catalog, metadata, progress=advance, cache=cache)
+        return embed_plan(settings, model, plan, progress=advance, cache=cache)
 
 
 def held_out(item_id: str, share: float) -> bool:

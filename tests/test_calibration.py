@@ -8,21 +8,25 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UsageError
 from lookalike.stack import LOOKALIKE
 from protocol.client import ReadError
 from protocol.heartbeats import Role
 from protocol.queues import Queue, Task
 from tests.test_index_switch import another_model, owner_beat, switched
 from tests.test_scale_out import ask, loaded_stack
+from tests.test_tune import sample_csv
 from tests.test_worker import image_bytes, search
 from web.app import create_app
 from worker.aliases import serving_folder
 from worker.evaluation.calibration import (
+    MIN_QUERIES,
     MIN_VALUE_ITEMS,
     Calibration,
     fit_calibration,
@@ -77,6 +81,78 @@ def test_a_value_with_enough_items_gets_its_own_fit_and_the_others_use_the_overa
     assert hits[0]["confidence"] < 0.5 and 0 <= hits[1]["confidence"] <= 1
     hat = [{"id": "3", "score": 0.7, "metadata": {"kind": "hat"}}]
     assert calibration.annotate(hat)["close_match"] and hat[0]["confidence"] > 0.5
+
+
+def test_a_value_no_query_met_gets_no_fit_of_its_own_however_many_items_it_has():
+    """Every neighbour is a shirt, right for a shirt and wrong for a cap: the caps have no neighbours to fit."""
+    kinds = ["shirt"] * MIN_VALUE_ITEMS + ["cap"] * MIN_VALUE_ITEMS
+    queries = catalogue_of(["shirt", "cap"] * MIN_VALUE_ITEMS)
+    neighbours = np.arange(len(queries)).reshape(-1, 1) % MIN_VALUE_ITEMS
+    similarities = np.array([[0.9], [0.3]] * MIN_VALUE_ITEMS)
+    calibration = fit_calibration(["kind"], queries, catalogue_of(kinds), neighbours, similarities, IDENTITY)
+    assert set(calibration.values) == {"shirt"} and calibration.curve_for({"kind": "cap"}) is calibration.overall
+    assert 0.3 < calibration.overall.threshold < 0.9
+
+
+def test_neighbours_all_right_or_all_wrong_leave_no_threshold_to_find():
+    kinds = catalogue_of(["shirt"] * MIN_VALUE_ITEMS)
+    neighbours = np.arange(MIN_VALUE_ITEMS).reshape(-1, 1)
+    similarities = np.linspace(0, 1, MIN_VALUE_ITEMS).reshape(-1, 1)
+    with pytest.raises(UsageError, match=r"^every one of the 50 neighbours .* of the 50 queries shares their kind: "
+                       "with no wrong neighbour there is no threshold to find"):  # fmt: skip
+        fit_calibration(["kind"], kinds, kinds, neighbours, similarities, IDENTITY)
+    caps = catalogue_of(["cap"] * MIN_VALUE_ITEMS)
+    with pytest.raises(UsageError, match=r"^none of the 50 neighbours .* shares their kind: with no right neighbour"):
+        fit_calibration(["kind"], caps, kinds, neighbours, similarities, IDENTITY)
+
+
+def calibrate(data_dir: Path, model: Path, catalogue: Path, *options: str) -> subprocess.CompletedProcess:
+    """`lookalike evaluate --calibrate`, without an index owner to store the fit: these are refused before that."""
+    return subprocess.run(
+        [LOOKALIKE, "evaluate", "--model", model, "--catalog", catalogue, *options, "--calibrate"],
+        capture_output=True, text=True, env={"LOOKALIKE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+def test_a_calibration_for_a_label_no_item_has_is_refused_naming_the_columns(tmp_path, shared_dir, pretrained_model):
+    result = calibrate(tmp_path, pretrained_model, sample_csv(tmp_path / "catalogue.csv", shared_dir, 6), "--label",
+                       "articleType", "--label", "colour")  # fmt: skip
+    columns = "gender, masterCategory, subCategory, articleType, baseColour, season, year, usage, ..."
+    assert (result.returncode, result.stderr) == (
+        2, f"lookalike evaluate: error: label 'colour' is in no item of the catalogue: name one of its columns "
+        f"({columns})\n")  # fmt: skip
+
+
+def test_a_calibration_on_a_few_queries_is_refused_before_anything_is_embedded(tmp_path, shared_dir, pretrained_model):
+    """Three photos make no threshold (one against the whole sample crashed fitting a value of 50 items that none of
+    its neighbours had)."""
+    catalogue = sample_csv(tmp_path / "catalogue.csv", shared_dir, 60)
+    queries = sample_csv(tmp_path / "queries.csv", shared_dir, 3)
+    result = calibrate(tmp_path, pretrained_model, catalogue, "--queries", queries, "--label", "subCategory")
+    assert (result.returncode, result.stderr) == (
+        2, f"lookalike evaluate: error: a calibration needs at least {MIN_QUERIES} queries with a value of "
+        "subCategory and a neighbour (3 of the 3 queries have a value): give more labelled queries\n")  # fmt: skip
+
+
+def test_a_one_item_catalogue_is_refused_a_calibration(tmp_path, shared_dir, pretrained_model):
+    """Its one photo has no neighbour but itself, which called everything a close match."""
+    result = calibrate(tmp_path, pretrained_model, sample_csv(tmp_path / "one.csv", shared_dir, 1), "--label",
+                       "articleType")  # fmt: skip
+    assert (result.returncode, result.stderr) == (
+        2, f"lookalike evaluate: error: a calibration needs at least {MIN_QUERIES} queries with a value of "
+        "articleType and a neighbour (the catalogue has 1 item): load more labelled items\n")  # fmt: skip
+
+
+def test_a_catalogue_whose_every_neighbour_is_right_is_refused_a_calibration(tmp_path, shared_dir, pretrained_model):
+    """Men's products calibrated on gender: no neighbour is wrong, so nothing says where one becomes wrong."""
+    men = sample_csv(tmp_path / "men.csv", shared_dir, MIN_QUERIES + 1, gender="Men")
+    result = calibrate(tmp_path, pretrained_model, men, "--label", "gender")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "lookalike evaluate: error: every one of the 1,020 neighbours (nearest and drawn at random) of the 51 queries "
+        "shares their gender: with no wrong neighbour there is no threshold to find; a calibration needs items of "
+        "more than one gender"
+    )
 
 
 def test_a_calibration_is_stored_whole_and_knows_the_vectors_it_was_fitted_for(tmp_path):

@@ -3,8 +3,10 @@ embedding cache and the gate."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,44 @@ from lookalike.tune_cli import held_out
 LABELS = ("articleType", "baseColour", "gender")
 
 
-def tune(data_dir: Path, shared_dir: Path, model: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
-    labels = [argument for label in LABELS for argument in ("--label", label)]
+def tune(
+    data_dir: Path,
+    shared_dir: Path,
+    model: Path,
+    out: Path,
+    *options: str,
+    catalog: Path | None = None,
+    labels: Sequence[str] = LABELS,
+) -> subprocess.CompletedProcess:
+    """`lookalike tune` on the shared sample (or `catalog`) with `labels`."""
+    arguments = [argument for label in labels for argument in ("--label", label)]
     return subprocess.run(
-        [LOOKALIKE, "tune", "--model", model, "--catalog", shared_dir / "data" / "fashion", *labels,
+        [LOOKALIKE, "tune", "--model", model, "--catalog", catalog or shared_dir / "data" / "fashion", *arguments,
          "--holdout", "0.2", "--out", out, *options],
         capture_output=True, text=True, env={"LOOKALIKE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
+
+
+def sample_csv(path: Path, shared_dir: Path, rows: int, **only: str) -> Path:
+    """A catalogue CSV at `path` of the first `rows` sample photos whose columns have the values `only` gives."""
+    fashion = shared_dir / "data" / "fashion"
+    with (fashion / "styles.csv").open(newline="") as file:
+        chosen = [
+            {**row, "image": str(fashion / "images" / f"{row['id']}.jpg")}
+            for row in csv.DictReader(file)
+            if (fashion / "images" / f"{row['id']}.jpg").is_file() and all(row[k] == v for k, v in only.items())
+        ][:rows]
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(chosen[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    return path
+
+
+def assert_refused_before_writing(result: subprocess.CompletedProcess, out: Path, error: str) -> None:
+    """Exit 2, the one line, and no model, card or head."""
+    assert (result.returncode, result.stderr) == (2, f"lookalike tune: error: {error}\n")
+    assert not [path for path in out.parent.iterdir() if path.name.startswith(out.stem)]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +154,41 @@ def test_an_mlp_head_without_hidden_units_is_refused_in_one_line(tmp_path, share
     result = tune(tmp_path, shared_dir, pretrained_model, tmp_path / "out.onnx", "--head", "mlp", "--hidden", "0")
     assert result.returncode == 1
     assert result.stderr.strip() == "lookalike tune: error: --hidden 0: give a number of units, such as 1024"
+
+
+def test_a_label_no_item_has_is_refused_naming_the_columns_before_any_work(tmp_path, shared_dir, pretrained_model):
+    catalogue = sample_csv(tmp_path / "catalogue.csv", shared_dir, 6)
+    out = tmp_path / "tuned.onnx"
+    result = tune(tmp_path, shared_dir, pretrained_model, out, "--weight", "colour=2", catalog=catalogue,
+                  labels=["masterCategory", "colour"])  # fmt: skip
+    columns = "gender, masterCategory, subCategory, articleType, baseColour, season, year, usage, ..."
+    assert_refused_before_writing(result, out, f"label 'colour' is in no item of the catalogue: name one of its "
+                                  f"columns ({columns})")  # fmt: skip
+    assert not (tmp_path / "cache").exists()  # nothing embedded
+
+
+def test_a_label_with_a_single_value_is_refused_before_any_work(tmp_path, shared_dir, pretrained_model):
+    catalogue = sample_csv(tmp_path / "men.csv", shared_dir, 6, gender="Men")
+    out = tmp_path / "tuned.onnx"
+    result = tune(tmp_path, shared_dir, pretrained_model, out, catalog=catalogue, labels=["masterCategory", "gender"])
+    assert_refused_before_writing(result, out, "label 'gender' has a single value ('Men') among the catalogue's 6 "
+                                  "items: tuning needs at least two values with 2 items each")  # fmt: skip
+
+
+def test_a_label_whose_values_are_each_on_one_item_is_refused(tmp_path, shared_dir, pretrained_model):
+    catalogue = sample_csv(tmp_path / "catalogue.csv", shared_dir, 6)
+    out = tmp_path / "tuned.onnx"
+    result = tune(tmp_path, shared_dir, pretrained_model, out, catalog=catalogue, labels=["productDisplayName"])
+    assert_refused_before_writing(result, out, "label 'productDisplayName' has 6 values, 0 of them on 2 items or "
+                                  "more, among the catalogue's 6 items: tuning needs at least two values with 2 items "
+                                  "each")  # fmt: skip
+
+
+def test_weights_that_are_all_zero_are_refused_as_nothing_would_be_learnt(tmp_path, shared_dir, pretrained_model):
+    out = tmp_path / "tuned.onnx"
+    result = tune(tmp_path, shared_dir, pretrained_model, out, "--weight", "articleType=0", labels=["articleType"])
+    assert_refused_before_writing(result, out, "--weight articleType=0: every label weighs 0, so nothing would be "
+                                  "learnt; give one a weight above 0")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UsageError
 from common.files import atomic_write_bytes
 
 FILE = "calibration.json"  # in the index's own folder: it travels with that index (a switch, a rollback)
 FORMAT = "lookalike-calibration/1"
 MIN_VALUE_ITEMS = 50  # a label value with fewer catalogue items uses the overall fit
+MIN_QUERIES = 50  # fewer labelled photos fit a threshold of noise (20 pairs each: 1,000 pairs for the 64 bins)
 BINS = 64  # the fitted curve has at most this many knots
 RANDOM_PAIRS = 10  # per query, catalogue items drawn at random beside its nearest: what far-off similarities mean
 RIGHT_MORE_OFTEN = 0.5  # the threshold: where P(right) reaches this
@@ -153,30 +155,32 @@ def fit_calibration(
     """Fit from each query's `neighbours` (catalogue positions, best first) and their `similarities`: a neighbour is
     right when it shares the query's value of every label. A query without a value of each label is left out.
     Per value of the first label (the neighbour's, which is what a hit shows) when the catalogue has at least
-    MIN_VALUE_ITEMS items with it. `identity`: the model sha256, resize policy and PCA dimension of the vectors."""
+    MIN_VALUE_ITEMS items with it and both right and wrong neighbours. `identity`: the model sha256, resize policy
+    and PCA dimension of the vectors. UsageError when every neighbour is right, or none is: no threshold to find."""
     if not labels:
         raise ValueError("a calibration needs at least one label")
-
-    def values(metadata: dict[str, Any]) -> tuple[str, ...] | None:
-        found = tuple(str(metadata.get(label, "")) for label in labels)
-        return None if "" in found or "None" in found else found
-
-    catalogue = [values(metadata) for metadata in catalogue_metadata]
-    kept = [row for row, metadata in enumerate(query_metadata) if values(metadata) is not None]
-    if not kept:
-        raise ValueError(f"no query has a value of {', '.join(labels)}: are they columns of the catalogue?")
-    rows = np.array(kept)
-    right = np.array([[catalogue[position] == values(query_metadata[row]) for position in neighbours[row]]
+    catalogue = [values_of(labels, metadata) for metadata in catalogue_metadata]
+    kept = [row for row, metadata in enumerate(query_metadata) if values_of(labels, metadata) is not None]
+    right = np.array([[catalogue[position] == values_of(labels, query_metadata[row]) for position in neighbours[row]]
                       for row in kept], dtype=bool)  # fmt: skip
-    scores = np.asarray(similarities, dtype=np.float64)[rows]
+    what = " and ".join(labels)
+    pairs = f"{right.size:,} neighbours (nearest and drawn at random) of the {len(kept):,} queries"
+    if not right.any():
+        raise UsageError(f"none of the {pairs} shares their {what}: with no right neighbour there is no threshold "
+                         f"to find; a calibration needs more items of each {what}")  # fmt: skip
+    if right.all():
+        raise UsageError(f"every one of the {pairs} shares their {what}: with no wrong neighbour there is no "
+                         f"threshold to find; a calibration needs items of more than one {what}")  # fmt: skip
+    scores = np.asarray(similarities, dtype=np.float64)[np.array(kept)]
     first_value = np.array([[str(catalogue_metadata[position].get(labels[0])) for position in neighbours[row]]
                             for row in kept])  # fmt: skip
     overall = fit_curve(scores.ravel(), right.ravel())
-    counts = Counter(str(metadata.get(labels[0])) for metadata in catalogue_metadata if values(metadata))
+    counts = Counter(str(metadata.get(labels[0])) for metadata in catalogue_metadata if values_of(labels, metadata))
     per_value = {}
     for value, count in counts.items():
-        if count >= MIN_VALUE_ITEMS:
-            chosen = first_value == value
+        chosen = first_value == value
+        # a value no query met, or met only right or only wrong, has no threshold of its own: the overall one serves
+        if count >= MIN_VALUE_ITEMS and right[chosen].any() and not right[chosen].all():
             per_value[value] = fit_curve(scores[chosen], right[chosen])
     model_sha256, resize, pca = identity
     calibration = Calibration(model_sha256, resize, pca, list(labels), overall, per_value, len(kept))
@@ -185,6 +189,31 @@ def fit_calibration(
         for number, row in enumerate(kept)
     ]
     return replace(calibration, no_close_match=round(float(np.mean(best_below)), 4))
+
+
+def values_of(labels: Sequence[str], metadata: dict[str, Any]) -> tuple[str, ...] | None:
+    """An item's values of `labels`, or None when it lacks one."""
+    found = tuple(str(metadata.get(label, "")) for label in labels)
+    return None if "" in found or "None" in found else found
+
+
+def require_queries(
+    labels: Sequence[str], query_metadata: Sequence[dict[str, Any]], catalogue_items: int, leave_one_out: bool
+) -> None:
+    """UsageError unless MIN_QUERIES queries have a value of every label and a catalogue item to be compared with."""
+    compared = catalogue_items > (1 if leave_one_out else 0)
+    labelled = sum(values_of(labels, metadata) is not None for metadata in query_metadata) if compared else 0
+    if labelled >= MIN_QUERIES:
+        return
+    if not compared:
+        found = f"the catalogue has {catalogue_items} item{'' if catalogue_items == 1 else 's'}"
+    elif leave_one_out:
+        found = f"{labelled:,} of the catalogue's {catalogue_items:,} items have a value"
+    else:
+        found = f"{labelled:,} of the {len(query_metadata):,} queries have a value"
+    remedy = "give more labelled queries" if compared and not leave_one_out else "load more labelled items"
+    raise UsageError(f"a calibration needs at least {MIN_QUERIES} queries with a value of {' and '.join(labels)} and "
+                     f"a neighbour ({found}): {remedy}")  # fmt: skip
 
 
 def with_random_pairs(neighbours: np.ndarray, catalogue_size: int, leave_one_out: bool, seed: int = 0) -> np.ndarray:

@@ -21,10 +21,17 @@ from common.errors import LookalikeError
 from common.model import EmbeddingModel, load_model
 from common.settings import CORES, Settings
 from common.vectors import decode_vector, unit_rows
-from worker.catalog import plan_catalog
+from worker.catalog import CatalogPlan, plan_catalog
 from worker.embedding import embed_items
 from worker.evaluation.cache import EmbeddingCache
-from worker.evaluation.calibration import Calibration, fit_calibration, neighbour_similarities, with_random_pairs
+from worker.evaluation.calibration import (
+    Calibration,
+    fit_calibration,
+    neighbour_similarities,
+    require_queries,
+    with_random_pairs,
+)
+from worker.evaluation.labels import require_label
 from worker.evaluation.metrics import TOP_K, LabelQuality, exact_neighbours, label_quality, recall
 from worker.index import IndexParams, Item, VectorIndex
 from worker.projection import Projection
@@ -88,15 +95,19 @@ class Plan:
 
 def run_plan(settings: Settings, plan: Plan, say: Callable[[str], None] = print) -> Iterator[Evaluation]:
     """Each setting of `plan`, embedded once per model and resize policy and evaluated at each PCA dimension."""
+    catalogue_plan = plan_catalog(settings, str(plan.catalog), str(plan.metadata) if plan.metadata else None)
+    queries_plan = plan_catalog(settings, str(plan.queries)) if plan.queries else None
+    if plan.calibrate:
+        require_calibration_inputs(plan.labels, catalogue_plan, queries_plan)
     for model_path in plan.models:
         model = load_model(model_path, settings.providers, intra_op_threads=CORES)
         for resize in plan.resizes or [settings.resize]:
             configured = dataclasses.replace(settings, resize=resize)
             say(f"{model_path.name}, resize {resize}: embedding {plan.catalog} ...")
-            catalogue = embed_catalog(configured, model, plan.catalog, plan.metadata)
+            catalogue = embed_plan(configured, model, catalogue_plan)
             if not catalogue.ids:
                 raise LookalikeError(f"no image of {plan.catalog} could be embedded")
-            queries = embed_catalog(configured, model, plan.queries) if plan.queries else None
+            queries = embed_plan(configured, model, queries_plan) if queries_plan else None
             for dimension in plan.pca_dims or [settings.pca_dim]:
                 setting: dict[str, Any] = {"model": model_path.name, "resize": resize}
                 indexed, asked = catalogue, queries
@@ -117,6 +128,17 @@ def run_plan(settings: Settings, plan: Plan, say: Callable[[str], None] = print)
                 yield evaluate(indexed, plan.labels, asked, index_params, setting, identity)
 
 
+def require_calibration_inputs(labels: Sequence[str], catalogue: CatalogPlan, queries: CatalogPlan | None) -> None:
+    """UsageError when the planned catalogue and queries can't calibrate `labels`, before anything is embedded."""
+    catalogue_metadata = [item.metadata for item in catalogue.items]
+    query_metadata = [item.metadata for item in queries.items] if queries else catalogue_metadata
+    for label in labels:
+        require_label(label, catalogue_metadata, "the catalogue")
+        if queries:
+            require_label(label, query_metadata, "the queries")
+    require_queries(labels, query_metadata, len(catalogue.items), leave_one_out=queries is None)
+
+
 def embed_catalog(
     settings: Settings,
     model: EmbeddingModel,
@@ -125,10 +147,21 @@ def embed_catalog(
     progress: Callable[[int, int], None] | None = None,
     cache: EmbeddingCache | None = None,
 ) -> Embeddings:
-    """Plan and embed a catalogue in batches of `settings.batch`, exactly as a load does; with `cache`, only the
+    """Plan and embed a catalogue (`embed_plan`)."""
+    plan = plan_catalog(settings, str(source), str(metadata_csv) if metadata_csv else None)
+    return embed_plan(settings, model, plan, progress, cache)
+
+
+def embed_plan(
+    settings: Settings,
+    model: EmbeddingModel,
+    plan: CatalogPlan,
+    progress: Callable[[int, int], None] | None = None,
+    cache: EmbeddingCache | None = None,
+) -> Embeddings:
+    """Embed a planned catalogue in batches of `settings.batch`, exactly as a load does; with `cache`, only the
     images it lacks are decoded and embedded, and their vectors are added to it."""
     started = time.perf_counter()
-    plan = plan_catalog(settings, str(source), str(metadata_csv) if metadata_csv else None)
     ids, vectors, metadata = [], [], []
     errors = dict(plan.errors)
     messages = [item.as_message() for item in plan.items]
