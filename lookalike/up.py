@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     load_model(settings.model, ["cpu"])  # refuses a model that breaks the contract, here, in one line
 
     stop_on_signals()
-    embedded = None if os.environ.get("LOOKALIKE_REDIS_URL") else EmbeddedRedis(settings.data_dir / "redis")
+    embedded = None
+    if not os.environ.get("LOOKALIKE_REDIS_URL"):
+        embedded = EmbeddedRedis(settings.data_dir / "redis", maxmemory=settings.redis_maxmemory)
     stack = None
     try:
         if embedded is not None:
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         extra = {name: environ[name] for name in environ if name.startswith("LOOKALIKE_")}
         extra["LOOKALIKE_REDIS_URL"] = redis_url
         stack = Stack(redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
+        if embedded is not None:
+            stack.log_paths["redis"] = embedded.log  # capped with the others while up runs
         if not settings.api_key:
             announce_api_key(settings.data_dir)  # before the web starts: it then finds the key, and shows it no more
         print(f"workers: starting (logs in {stack.logs})", file=sys.stderr)
@@ -189,7 +193,7 @@ def load(stack: Stack, catalog: Path) -> None:
     client = Client(stack.settings)
     print(f"loading {catalog} (items the index already holds unchanged are not embedded again)", file=sys.stderr)
     try:
-        follow_load(client, client.start_load(catalog), check=lambda: check_processes(stack))
+        follow_load(client, client.start_load(catalog), check=lambda: tend(stack))
     except ProcessExited:
         raise
     except LookalikeError as error:  # the service still runs: a better catalogue can be loaded from the web
@@ -197,10 +201,16 @@ def load(stack: Stack, catalog: Path) -> None:
 
 
 def watch(stack: Stack) -> None:
-    """Wait for Ctrl-C or SIGTERM; a process that dies on its own takes the rest down, with a reason."""
+    """Wait for Ctrl-C or SIGTERM, tending the processes."""
     while True:
-        check_processes(stack)
+        tend(stack)
         time.sleep(WATCH_SECONDS)
+
+
+def tend(stack: Stack) -> None:
+    """A process that dies on its own takes the rest down, with a reason; a log that grew too long is rotated."""
+    check_processes(stack)
+    stack.cap_logs()
 
 
 def check_processes(stack: Stack) -> None:

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         # kernel's queue until its SYN retries (up to ~30 s); idle connections are cheap to hold.
         connection_limit=CONNECTION_LIMIT,
         max_request_body_size=settings.max_catalog_upload + 1024 * 1024,
+        # waitress removes X-Forwarded-* unless told otherwise; the app's ProxyFix reads them from trusted proxies
+        clear_untrusted_proxy_headers=not settings.trusted_proxies,
         ident="lookalike",
     )
     return 0

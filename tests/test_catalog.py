@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from common.areas import CatalogError, resolve_reference
+from common.areas import CatalogError, id_problem, resolve_reference
 from common.settings import Settings
+from protocol.client import Client
 from worker.catalog import plan_catalog
 
 
@@ -52,10 +56,10 @@ def test_a_csv_with_ids_image_paths_and_metadata(settings):
     ]
     codes = {key: error["code"] for key, error in plan.errors.items()}
     assert codes == {
-        "A1 (row 4)": "duplicate_id",
+        "A1 (line 4)": "duplicate_id",
         "C3": "missing_file",
         "D4": "outside_root",
-        "row 7": "invalid_row",
+        "line 7": "invalid_row",
     }
     assert plan.total == 6
 
@@ -75,7 +79,7 @@ def test_the_fashion_dataset_layout_finds_each_rows_image_by_id(settings):
                                       "productDisplayName": "Turtle Check Men Navy Blue Shirt"}  # fmt: skip
     assert {key: error["code"] for key, error in plan.errors.items()} == {
         "44065": "missing_file",
-        "3413 (malformed)": "invalid_row",
+        "line 4": "invalid_row",
     }
 
 
@@ -252,3 +256,119 @@ def test_file_names_that_are_not_utf8_are_item_errors_and_the_rest_is_planned(se
         assert [item.id for item in plan.items] == ["fine"]
         message = f"the file name {shown} is not valid UTF-8; rename the file to load it"
         assert plan.errors == {shown: {"code": "invalid_name", "message": message}}
+
+
+STRAY_QUOTES = (
+    "id,name,colour\n"
+    'A,"Blue\nshirt",blue\n'  # a quoted cell over two lines: the next row starts on line 4, not row 3
+    'B,"12"" wide,red\n'  # the quote that opens the cell never closes
+    'C,"Shirt, red",red\n'
+    "D,plain,grey\n"
+    'E,"no end,grey\n'  # nor here, up to the end of the file
+)
+
+
+def test_a_stray_quote_fails_only_its_own_row_naming_its_line(settings):
+    for item_id in "ABCDE":
+        jpeg(settings.catalog_root / "images" / f"{item_id}.jpg")
+    (settings.catalog_root / "items.csv").write_text(STRAY_QUOTES)
+    plan = plan_catalog(settings, "items.csv")
+    assert [(item.id, item.metadata) for item in plan.items] == [
+        ("A", {"name": "Blue\nshirt", "colour": "blue"}),
+        ("C", {"name": "Shirt, red", "colour": "red"}),
+        ("D", {"name": "plain", "colour": "grey"}),
+    ]
+    assert {key: error["code"] for key, error in plan.errors.items()} == {
+        "line 4": "invalid_row",
+        "line 7": "invalid_row",
+    }
+    assert plan.errors["line 4"]["message"].startswith("line 4 of items.csv is not valid CSV: a cell that starts with")
+
+
+def test_a_200_kb_description_cell_is_read_whole(settings):
+    description = "<p>" + "Soft cotton, <b>washable</b>. " * 6_700 + "</p>"
+    assert len(description) > 200_000  # the csv module reads cells of at most 131,072 characters unless told more
+    for item_id in "ABC":
+        jpeg(settings.catalog_root / "images" / f"{item_id}.jpg")
+    with (settings.catalog_root / "items.csv").open("w", newline="") as file:
+        csv.writer(file).writerows([("id", "description"), ("A", "short"), ("B", description), ("C", "short too")])
+    plan = plan_catalog(settings, "items.csv")
+    assert plan.errors == {}
+    assert [(item.id, item.metadata["description"]) for item in plan.items] == [
+        ("A", "short"), ("B", description), ("C", "short too")
+    ]  # fmt: skip
+
+
+def test_an_archive_of_one_top_level_folder_finds_its_styles_csv_there(settings):
+    shop = settings.catalog_root / "shop"
+    for item_id in ("1", "2"):
+        jpeg(shop / "images" / f"{item_id}.jpg")
+    (shop / "styles.csv").write_text("id,gender,articleType\n1,Men,Shirts\n2,Women,Tops\n")
+    subprocess.run(["tar", "czf", "shop.tgz", "shop/"], cwd=settings.catalog_root, check=True)
+    plan = plan_catalog(settings, "shop.tgz")
+    assert plan.errors == {}
+    assert [(item.id, item.area, item.metadata) for item in plan.items] == [
+        ("1", "archives", {"gender": "Men", "articleType": "Shirts"}),
+        ("2", "archives", {"gender": "Women", "articleType": "Tops"}),
+    ]
+    assert plan.items[0].path.endswith("/shop/images/1.jpg")
+
+
+REFUSED_IDS = ["A/B", ".", "..", "x" * 201, "tab\there", "back\\slash", "no\u00a0break", "zero\u200bwidth"]
+
+
+def test_ids_no_url_can_reach_are_invalid_id_errors_naming_the_rule_and_the_other_rows_load(settings):
+    accepted = ["ok", "100% #1?", "a b", "é.ü", "...", "x" * 200]
+    rows = [*accepted, *REFUSED_IDS]
+    for number in range(len(rows)):
+        jpeg(settings.catalog_root / "images" / f"{number}.jpg")
+    with (settings.catalog_root / "items.csv").open("w", newline="") as file:
+        csv.writer(file).writerows([("id", "image"), *((item_id, f"images/{n}.jpg") for n, item_id in enumerate(rows))])
+    plan = plan_catalog(settings, "items.csv")
+    assert [item.id for item in plan.items] == accepted
+    lines = {f"line {len(accepted) + 2 + n}": item_id for n, item_id in enumerate(REFUSED_IDS)}
+    assert plan.errors == {
+        key: {"code": "invalid_id", "message": f"{id_problem(item_id)}; change it on {key} of items.csv"}
+        for key, item_id in lines.items()
+    }
+    assert plan.errors["line 8"]["message"] == (
+        "id 'A/B' is refused: an id is 1 to 200 printable characters, without '/' or '\\', and not '.' or '..'; "
+        "change it on line 8 of items.csv"
+    )
+
+
+def test_file_names_that_make_ids_no_url_can_reach_are_invalid_id_errors(settings):
+    names = ["..jpg", "...jpg", "back\\slash.jpg", "tab\there.jpg", f"{'x' * 201}.jpg"]  # ids ".", "..", ...
+    folder = settings.catalog_root / "drop"
+    for name in ["fine.jpg", *names]:
+        jpeg(folder / name)
+    archive = small_archive(settings.catalog_root / "drop.tar", {name: b"\xff\xd8a" for name in ["fine.jpg", *names]})
+    for source in (folder, archive):
+        plan = plan_catalog(settings, str(source))
+        assert [item.id for item in plan.items] == ["fine"]
+        assert plan.errors == {
+            name: {"code": "invalid_id", "message": f"{id_problem(name[:-4])}; rename the file {name} to load it"}
+            for name in names
+        }
+
+
+@pytest.mark.slow
+def test_a_load_with_a_stray_quote_records_that_lines_error_and_indexes_the_other_rows(make_stack, shared_dir):
+    stack = make_stack()
+    stack.start("index")
+    stack.start("embed")
+    shop = stack.settings.uploads_dir / "shop"
+    photos = sorted((shared_dir / "data" / "fashion" / "images").glob("*.jpg"))
+    (shop / "images").mkdir(parents=True)
+    for item_id, photo in zip("ABCDE", photos, strict=False):
+        shutil.copy(photo, shop / "images" / f"{item_id}.jpg")
+    (shop / "items.csv").write_text(STRAY_QUOTES)
+    client = Client(stack.settings)
+    job = client.follow(client.start_load(shop / "items.csv"), timeout=120)
+    assert job["state"] == "partial" and job["progress"] == {"total": 5, "done": 3, "failed": 2}, job
+    assert [(error["id"], error["code"]) for error in job["errors"]] == [
+        ("line 4", "invalid_row"), ("line 7", "invalid_row")
+    ]  # fmt: skip
+    assert job["errors"][0]["message"].startswith("line 4 of items.csv is not valid CSV")
+    assert client.stats(min_seq=job["seq"])["items"] == 3
+    assert client.get_item("C", min_seq=job["seq"])["metadata"]["name"] == "Shirt, red"

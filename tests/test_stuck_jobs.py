@@ -117,10 +117,11 @@ def test_a_batch_deleted_from_its_queue_is_queued_again_and_every_item_is_accoun
     assert "missing items queued again (1 of 2)" in stack.log_paths["index"].read_text()
 
 
-def test_items_lost_every_time_they_are_queued_again_fail_as_lost_and_the_load_ends_partial(module_redis):
+def test_items_lost_every_time_they_are_queued_again_fail_as_lost_and_the_load_ends_partial(module_redis, tmp_path):
     client = redis.Redis.from_url(module_redis)
     client.flushdb()
-    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_LOAD_STALL": STALL})
+    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_LOAD_STALL": STALL,
+                                  "LOOKALIKE_DATA_DIR": str(tmp_path)})  # fmt: skip
     jobs = Jobs.for_settings(client, settings)
     watchdog = LoadWatchdog(create_celery(settings), jobs, settings)
     job_id = jobs.create("load", {"source": "shop"})

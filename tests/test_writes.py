@@ -27,6 +27,10 @@ TOKEN = re.compile(r'action="[^"]*\?csrf_token=([0-9a-f]+)"')
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 SEARCHES = {"api.search", "pages.search"}  # the only requests besides reads that anyone may make
 COOKIE, WRITER_COOKIE = "__Host-lookalike_csrf", "__Host-lookalike_writer"  # this browser's nonce, its sign-in
+# nginx's `proxy_pass http://127.0.0.1:8000` in front of the web: Host rewritten, the browser's in X-Forwarded-*
+FORWARDED = {"X-Forwarded-Host": "shop.example", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+PROXIED = {"Host": "127.0.0.1:8000", **FORWARDED}
+OWN_PAGE = {"Origin": "https://shop.example", "Sec-Fetch-Site": "same-origin"}  # the shop's page at that address
 
 
 def web_for(redis_url: str, tmp_path: Path, shared_dir: Path, flush: bool = True, **env: str):
@@ -151,10 +155,53 @@ def test_a_browser_gives_the_key_once_then_the_form_needs_its_cookie_and_token(w
     assert len(web.get("/api/catalog/loads").get_json()["loads"]) == 1
 
 
-def serve(data_dir: Path, redis_url: str) -> tuple[subprocess.Popen, str, Path]:
-    """`lookalike web` with no LOOKALIKE_API_KEY, as a user starts it; its process, URL and output file."""
+def test_a_forwarded_host_is_not_believed_unless_the_proxy_is_trusted(module_redis, tmp_path, shared_dir):
+    """The default: X-Forwarded-* are anyone's to send, so a write whose Origin matches only them is another site's."""
+    web = web_for(module_redis, tmp_path, shared_dir, LOOKALIKE_API_KEY=API_KEY)
+    browser = {**PROXIED, **OWN_PAGE, **AS_JSON}
+    signed_in = web.post(f"/catalog/key?csrf_token={page_token(web, headers=PROXIED)}", data={"api_key": API_KEY},
+                         headers=browser)  # fmt: skip
+    loaded = web.post("/api/catalog/loads", json={"source": "fashion"}, headers={**AUTH, **browser})
+    for response in (signed_in, loaded):
+        assert response.status_code == 403 and response.get_json()["error"]["code"] == "cross_site"
+
+
+def test_behind_a_trusted_proxy_that_rewrites_host_the_form_works_and_other_sites_are_still_refused(
+    module_redis, tmp_path, shared_dir
+):
+    web = web_for(module_redis, tmp_path, shared_dir, LOOKALIKE_API_KEY=API_KEY, LOOKALIKE_TRUSTED_PROXIES="1")
+    browser = {**PROXIED, **OWN_PAGE, **AS_JSON}  # every request of this browser comes through the proxy
+    signed_in = web.post(f"/catalog/key?csrf_token={page_token(web, headers=PROXIED)}", data={"api_key": API_KEY},
+                         headers=browser)  # fmt: skip
+    assert signed_in.status_code == 303, signed_in.data[:300]
+    token = page_token(web, headers=PROXIED)
+    assert web.post(f"/catalog?csrf_token={token}", data={"source": "fashion"}, headers=browser).status_code == 303
+    assert len(web.get("/api/catalog/loads").get_json()["loads"]) == 1
+    for origin in ("https://evil.example", "http://127.0.0.1:8000"):  # another site; the address the proxy rewrote
+        forged = web.post(f"/catalog?csrf_token={token}", data={"source": "fashion"},
+                          headers={**browser, "Origin": origin})  # fmt: skip
+        assert forged.status_code == 403 and forged.get_json()["error"]["code"] == "cross_site"
+
+
+def test_lookalike_web_behind_a_trusted_proxy_checks_origin_against_the_forwarded_host(tmp_path, module_redis):
+    """Over real HTTP through waitress, which drops X-Forwarded-* unless proxies are trusted."""
+    data = tmp_path / "data"
+    process, url, _ = serve(data, module_redis, LOOKALIKE_TRUSTED_PROXIES="1")
+    try:
+        authorised = {"Authorization": f"Bearer {key_path(data).read_text().strip()}"}
+        forwarded = {**FORWARDED, **authorised}  # and Host: 127.0.0.1:<port>, as the proxy rewrote it
+        assert _status(f"{url}/api/items/10186", "DELETE", {**forwarded, **OWN_PAGE}) == 503  # past the checks
+        assert _status(f"{url}/api/items/10186", "DELETE", {**forwarded, "Origin": "https://evil.example"}) == 403
+        assert _status(f"{url}/api/items/10186", "DELETE", {**authorised, **OWN_PAGE}) == 403  # no proxy's headers
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def serve(data_dir: Path, redis_url: str, **env: str) -> tuple[subprocess.Popen, str, Path]:
+    """`lookalike web` with no LOOKALIKE_API_KEY, as a user starts it (with `env`); its process, URL and output."""
     environ = {name: value for name, value in os.environ.items() if not name.startswith("LOOKALIKE_")}
-    environ |= {"LOOKALIKE_DATA_DIR": str(data_dir), "LOOKALIKE_REDIS_URL": redis_url}
+    environ |= {"LOOKALIKE_DATA_DIR": str(data_dir), "LOOKALIKE_REDIS_URL": redis_url, **env}
     port, output = free_port(), data_dir.parent / f"web-{len(list(data_dir.parent.glob('web-*')))}.out"
     with open(output, "wb") as out:
         process = subprocess.Popen([LOOKALIKE, "web", "--port", str(port)], env=environ, stdout=out,

@@ -7,6 +7,7 @@ import time
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from common.api_key import read_api_key
 from common.settings import Settings
@@ -37,6 +38,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings = dataclasses.replace(settings, api_key=read_api_key(settings.data_dir))
     app = Flask(__name__)
     app.url_map.merge_slashes = False  # "/api/items//similar" is a 404 in JSON, not a redirect to an HTML page
+    if settings.trusted_proxies:
+        # The browser's host, scheme and address as the proxies saw them: the CSRF check compares Origin with that
+        # host, not the one a proxy rewrote. X-Forwarded-Port stays ignored: neither nginx nor Caddy sets it, so a
+        # client could (X-Forwarded-Host carries the port).
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.config["LOOKALIKE"] = settings
     # The one Celery app of this process, as Flask's own Celery example makes it: built here, kept in extensions.
     app.extensions["celery"] = celery = create_celery(settings)

@@ -72,7 +72,10 @@ def browser_signed_in() -> bool:
 
 
 def refuse_cross_site() -> None:
-    """Another site's page may not make a browser write here (CSRF); scripts and curl send neither header."""
+    """Another site's page may not make a browser write here (CSRF); scripts and curl send neither header.
+
+    `Origin` is compared with the host the browser asked for: behind LOOKALIKE_TRUSTED_PROXIES, the forwarded one.
+    """
     fetch_site = request.headers.get("Sec-Fetch-Site")
     origin = request.headers.get("Origin")
     if (fetch_site and fetch_site not in SAME_SITE) or (origin and urlsplit(origin).netloc != request.host):

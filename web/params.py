@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from common import filters
-from common.filters import MAX_FIELD_LENGTH
+from common.areas import id_problem
 from common.images import Crop
 from web.errors import bad_parameter, not_found
 
@@ -62,8 +62,9 @@ def parse_filters(values: Iterable[str]) -> dict[str, str]:
 
 
 def check_item_id(item_id: str) -> str:
-    if not item_id or len(item_id) > MAX_FIELD_LENGTH or not item_id.isprintable():
-        raise bad_parameter(f"item ids are 1 to {MAX_FIELD_LENGTH} printable characters")
+    """An id a load accepts (`common.areas.id_problem`); no item has any other, so it is a 400 naming the rule."""
+    if problem := id_problem(item_id):
+        raise bad_parameter(problem)
     return item_id
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from flask import request
 from werkzeug.datastructures import FileStorage
 
-from common.areas import ARCHIVE_SUFFIXES
+from common.areas import ARCHIVE_SUFFIXES, new_upload_folder
 from common.errors import ErrorCode
 from web.errors import ApiError, bad_parameter
 from web.params import parse_crop, parse_filters, parse_k, parse_min_seq
@@ -55,7 +54,7 @@ def load_from_request() -> str:
     # Named paths are checked before anything is saved; saved uploads go again if the load can't be queued.
     source_path = None if archive else service().catalog_path(source)
     metadata_path = service().catalog_path(metadata) if metadata else None
-    folder = service().settings.uploads_dir / uuid.uuid4().hex
+    folder = new_upload_folder(service().settings)
     try:
         saved = _save_uploads(folder, catalog=archive, metadata=csv_file)
         return service().submit_load(saved.get("catalog") or source_path, saved.get("metadata") or metadata_path)

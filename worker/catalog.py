@@ -10,13 +10,13 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pandas as pd
-
-from common.areas import ARCHIVE_SUFFIXES, CatalogError, locate, shown
+from common.areas import ARCHIVE_SUFFIXES, CatalogError, id_problem, locate, shown
 from common.errors import ErrorCode
 from common.files import file_sha256
 from common.images import IMAGE_SUFFIXES
@@ -24,7 +24,7 @@ from common.settings import Settings
 from protocol.jobs import item_error
 
 DATASET_CSV = "styles.csv"
-CSV_CHUNK_ROWS = 10_000  # rows parsed between two checks of LOOKALIKE_MAX_CSV_ROWS
+UNPACKING = "."  # how the staging folder of an archive being unpacked in DATA_DIR/archives is named: .<sha256>.<random>
 ID_COLUMN, IMAGE_COLUMN = "id", "image"
 
 
@@ -59,7 +59,7 @@ def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = Non
         raise CatalogError(f"catalogue {shown(settings, path)} does not exist")
     metadata = _read_metadata(settings, metadata_csv) if metadata_csv else None
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
-        path = unpack_archive(settings, path)
+        path = _content(unpack_archive(settings, path))
     if path.is_file() and path.suffix.lower() == ".csv":
         return _plan_csv(settings, path)
     if path.is_dir() and (path / DATASET_CSV).is_file() and metadata is None:
@@ -84,26 +84,22 @@ def _reason(error: Exception) -> str:
 def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
     """One row per product: `id`, optional `image` (relative to the CSV; default images/<id>.jpg), metadata."""
     plan = CatalogPlan()
-    rows = _read_rows(settings, csv_path, plan)
-    if rows.empty and not plan.errors:
-        return plan
-    if ID_COLUMN not in rows.columns:
-        columns = ", ".join(rows.columns)
-        raise CatalogError(f"{shown(settings, csv_path)} has no {ID_COLUMN!r} column (columns: {columns})")
     seen: set[str] = set()
-    for row_number, row in enumerate(rows.to_dict("records"), start=2):
-        item_id = str(row.pop(ID_COLUMN, "")).strip()
-        image = str(row.pop(IMAGE_COLUMN, "") or f"images/{item_id}.jpg").strip()
+    for line, row in _read_rows(settings, csv_path, plan):
+        item_id = row.pop(ID_COLUMN, "").strip()
+        image = row.pop(IMAGE_COLUMN, "").strip() or f"images/{item_id}.jpg"
+        where = f"line {line} of {csv_path.name}"
         if not item_id:
-            plan.errors[f"row {row_number}"] = item_error(ErrorCode.INVALID_ROW, f"row {row_number} has no id")
-            continue
-        if item_id in seen:
-            plan.errors[f"{item_id} (row {row_number})"] = item_error(
-                ErrorCode.DUPLICATE_ID, f"id {item_id} appears again on row {row_number}; the first row was loaded"
+            plan.errors[f"line {line}"] = item_error(ErrorCode.INVALID_ROW, f"{where} has no id")
+        elif problem := id_problem(item_id):
+            plan.errors[f"line {line}"] = item_error(ErrorCode.INVALID_ID, f"{problem}; change it on {where}")
+        elif item_id in seen:
+            plan.errors[f"{item_id} (line {line})"] = item_error(
+                ErrorCode.DUPLICATE_ID, f"id {item_id} appears again on {where}; the first row was loaded"
             )
-            continue
-        seen.add(item_id)
-        _add(settings, plan, item_id, csv_path.parent / image, image, _clean(row))
+        else:
+            seen.add(item_id)
+            _add(settings, plan, item_id, csv_path.parent / image, image, _clean(row))
     return plan
 
 
@@ -112,21 +108,26 @@ def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str,
     plan = CatalogPlan()
     seen: dict[str, Path] = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        if not _is_utf8(str(path.relative_to(folder))):
+        relative = str(path.relative_to(folder))
+        if not _is_utf8(relative):
             # Python hands an undecodable byte on as a lone surrogate, which no job record or message can carry
-            shown = os.fsencode(path.relative_to(folder)).decode("utf-8", "backslashreplace")
+            shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
             plan.errors[shown] = item_error(
                 ErrorCode.INVALID_NAME, f"the file name {shown} is not valid UTF-8; rename the file to load it"
             )
             continue
         item_id = path.stem
-        if item_id in seen:
-            plan.errors[str(path.relative_to(folder))] = item_error(
+        if problem := id_problem(item_id):
+            plan.errors[relative] = item_error(
+                ErrorCode.INVALID_ID, f"{problem}; rename the file {relative} to load it"
+            )
+        elif item_id in seen:
+            plan.errors[relative] = item_error(
                 ErrorCode.DUPLICATE_ID, f"id {item_id} is also {seen[item_id].relative_to(folder)}; that one was loaded"
             )
-            continue
-        seen[item_id] = path
-        _add(settings, plan, item_id, path, str(path.relative_to(folder)), (metadata or {}).get(item_id, {}))
+        else:
+            seen[item_id] = path
+            _add(settings, plan, item_id, path, relative, (metadata or {}).get(item_id, {}))
     return plan
 
 
@@ -150,19 +151,13 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _read_rows(settings: Settings, csv_path: Path, plan: CatalogPlan) -> pd.DataFrame:
-    """The CSV's rows, refused whole over LOOKALIKE_MAX_CSV_BYTES (before reading) or LOOKALIKE_MAX_CSV_ROWS (as
-    soon as a chunk of rows passes it); a row with more fields than the header is a row error."""
-    malformed = 0
+def _read_rows(settings: Settings, csv_path: Path, plan: CatalogPlan) -> list[tuple[int, dict[str, str]]]:
+    """The CSV's rows, each with the line it starts on (1-based, as an editor shows it) and its cells by column.
 
-    def bad_line(fields: list[str]) -> None:
-        nonlocal malformed
-        malformed += 1
-        row_id = fields[0] if fields else "?"
-        plan.errors[f"{row_id} (malformed)"] = item_error(
-            ErrorCode.INVALID_ROW, f"the row of id {row_id} has {len(fields)} fields, more than the header"
-        )
-
+    The file is refused whole over LOOKALIKE_MAX_CSV_BYTES (before reading), over LOOKALIKE_MAX_CSV_ROWS (as soon as
+    the rows pass it), or without an `id` column; a row that is not valid CSV (a stray quote) or has more fields than
+    the header is an error of its own line, and the rows after it are read."""
+    name = shown(settings, csv_path)
     try:
         size = csv_path.stat().st_size
         if size > settings.max_csv_bytes:
@@ -170,35 +165,95 @@ def _read_rows(settings: Settings, csv_path: Path, plan: CatalogPlan) -> pd.Data
                 f"{csv_path.name} is {size:,} bytes, over LOOKALIKE_MAX_CSV_BYTES ({settings.max_csv_bytes:,}); "
                 "raise it to load this catalogue"
             )
-        chunks, rows = [], 0
-        for chunk in pd.read_csv(csv_path, dtype=str, keep_default_na=False, engine="python", on_bad_lines=bad_line,
-                                 skipinitialspace=True, chunksize=CSV_CHUNK_ROWS):  # fmt: skip
-            chunks.append(chunk)
-            rows += len(chunk)
-            if rows + malformed > settings.max_csv_rows:
-                raise CatalogError(
-                    f"{csv_path.name} has more than {settings.max_csv_rows:,} rows (LOOKALIKE_MAX_CSV_ROWS); raise "
-                    "it to load this catalogue"
-                )
-        return pd.concat(chunks) if chunks else pd.DataFrame()
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
-        raise CatalogError(f"{shown(settings, csv_path)} can't be read as CSV: {_reason(error)}") from error
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
+        # A cell is read whole however long (shops export HTML descriptions); the file's own cap bounds it.
+        csv.field_size_limit(max(csv.field_size_limit(), settings.max_csv_bytes))
+        with csv_path.open(encoding="utf-8-sig", newline="") as file:
+            records = ((line, cells) for line, cells in _records(file) if cells not in ([], [""]))  # blank lines
+            first, header = next(records, (1, []))
+            if header is None:
+                raise CatalogError(f"{name} can't be read as CSV: its header, line {first}, has a stray quote")
+            columns = _column_names(header)
+            if header and ID_COLUMN not in columns:
+                raise CatalogError(f"{name} has no {ID_COLUMN!r} column (columns: {', '.join(columns)})")
+            rows = []
+            for count, (line, cells) in enumerate(records, start=1):
+                if count > settings.max_csv_rows:
+                    raise CatalogError(
+                        f"{csv_path.name} has more than {settings.max_csv_rows:,} rows (LOOKALIKE_MAX_CSV_ROWS); raise "
+                        "it to load this catalogue"
+                    )
+                if cells is None:
+                    plan.errors[f"line {line}"] = item_error(
+                        ErrorCode.INVALID_ROW,
+                        f"line {line} of {csv_path.name} is not valid CSV: a cell that starts with a quote must end "
+                        'with one, and a quote inside it is written twice ("12"" wide")',
+                    )
+                elif len(cells) > len(columns):
+                    plan.errors[f"line {line}"] = item_error(
+                        ErrorCode.INVALID_ROW,
+                        f"line {line} of {csv_path.name} has {len(cells)} fields, more than the header's "
+                        f"{len(columns)}; quote the cells that hold a comma",
+                    )
+                else:
+                    rows.append((line, dict(zip(columns, cells, strict=False))))
+            return rows
+    except (OSError, UnicodeDecodeError) as error:
+        raise CatalogError(f"{name} can't be read as CSV: {_reason(error)}") from error
+
+
+def _records(lines: Iterable[str]) -> Iterator[tuple[int, list[str] | None]]:
+    """Each CSV record with the line it starts on; None for one that breaks the quoting rules (a stray quote), whose
+    lines, which it would swallow up to the next quote or the end, are read again from the line after its start."""
+    source = iter(lines)
+    again: deque[str] = deque()  # lines a broken record took, to be read again
+    taken: list[str] = []  # the lines of the record being read
+
+    def feed() -> Iterator[str]:
+        while (text := again.popleft() if again else next(source, None)) is not None:
+            taken.append(text)
+            yield text
+
+    line = 1
+    while True:
+        try:
+            for record in csv.reader(feed(), strict=True, skipinitialspace=True):
+                yield line, record
+                line += len(taken)
+                taken.clear()
+            return
+        except csv.Error:
+            yield line, None
+            again.extendleft(reversed(taken[1:]))
+            taken.clear()
+            line += 1
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """The header's names; a blank one is named by its place, a repeated one numbered, so no column hides another."""
+    names, seen = [], Counter[str]()
+    for place, cell in enumerate(header, start=1):
+        name = cell.strip() or f"column {place}"
+        names.append(f"{name}.{seen[name]}" if seen[name] else name)
+        seen[name] += 1
+    return names
 
 
 def _read_metadata(settings: Settings, metadata_csv: str) -> dict[str, dict[str, Any]]:
     path = Path(metadata_csv) if Path(metadata_csv).is_absolute() else settings.catalog_root / metadata_csv
     _inside_an_area(settings, path)
     ignored = CatalogPlan()
-    rows = _read_rows(settings, path, ignored)
-    if ID_COLUMN not in rows.columns:
-        raise CatalogError(f"{shown(settings, path)} has no {ID_COLUMN!r} column")
-    return {str(row.pop(ID_COLUMN)).strip(): _clean(row) for row in rows.to_dict("records")}
+    return {row.pop(ID_COLUMN, "").strip(): _clean(row) for _, row in _read_rows(settings, path, ignored)}
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {str(key).strip(): str(value).strip() for key, value in row.items() if str(value).strip() != ""}
+
+
+def _content(folder: Path) -> Path:
+    """An unpacked archive's catalogue: its one top-level folder when that is all it holds and has the styles.csv
+    (`tar czf shop.tgz shop/`), else its top."""
+    entries = list(folder.iterdir())
+    return entries[0] if len(entries) == 1 and (entries[0] / DATASET_CSV).is_file() else folder
 
 
 def unpack_archive(settings: Settings, archive: Path) -> Path:
@@ -209,17 +264,18 @@ def unpack_archive(settings: Settings, archive: Path) -> Path:
         return target
     settings.archives_dir.mkdir(parents=True, exist_ok=True)
     # A folder of its own per unpacking: two loads of one archive at once never touch each other's files.
-    staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=settings.archives_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{UNPACKING}{digest}.", dir=settings.archives_dir))
     try:
         with tarfile.open(archive) as tar:
             for member in _checked_members(settings, tar, archive.name):
                 tar.extract(member, staging, filter="data")
         staging.rename(target)  # atomic: the folder appears whole or not at all
     except (tarfile.TarError, OSError, EOFError) as error:
-        shutil.rmtree(staging, ignore_errors=True)
         if target.exists():
             return target  # another load unpacked the same archive first
         raise CatalogError(f"archive {archive.name} can't be unpacked: {_reason(error)}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # what a refused or failed unpacking left (renamed otherwise)
     return target
 
 

@@ -6,6 +6,8 @@ So the index owner (there is one) looks at the active loads every few seconds: a
 for LOOKALIKE_LOAD_STALL seconds while none of its messages is queued or held has lost some. Its missing items are
 queued again (upserts are keyed by id: an item that was indexed after all changes nothing), at most REQUEUES
 times; then they fail as `lost` and the load ends `partial`. A load whose plan was lost is planned again alike.
+Each look also removes the uploads that no unfinished load reads any more, and what killed unpackings left
+(`worker.leftovers`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from common.errors import ErrorCode
 from common.settings import Settings
 from protocol.jobs import SCAN_CHUNK, Jobs, LoadActivity, item_error
 from protocol.queues import Queue, Task
+from worker.leftovers import remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class LoadWatchdog:
     def __init__(self, app: Celery, jobs: Jobs, settings: Settings) -> None:
         self.app = app
         self.jobs = jobs
+        self.settings = settings
         self.stall = settings.load_stall
         self.batch = settings.batch
         self.every = max(1.0, min(settings.load_stall / 5, 30.0))
@@ -50,13 +54,16 @@ class LoadWatchdog:
                 log.exception("the load watchdog failed")
 
     def check(self) -> int:
-        """Rescue every stalled load; returns how many there were."""
-        rescued = 0
+        """Rescue every stalled load, then remove what no unfinished load needs; returns how many were rescued."""
+        rescued, sources = 0, []
         active = self.jobs.active_loads()
         self.waiting = {job_id: seen for job_id, seen in self.waiting.items() if job_id in active}
         for job_id in active:
             activity = self.jobs.activity(job_id)
-            if activity is None or activity.idle_seconds < self.stall:
+            if activity is None:
+                continue
+            sources += [activity.params.get("source"), activity.params.get("metadata")]
+            if activity.idle_seconds < self.stall:
                 continue
             # A load queued behind others waits without progress: its messages are looked for once a stall period.
             if time.monotonic() - self.waiting.get(job_id, -self.stall) < self.stall:
@@ -66,6 +73,7 @@ class LoadWatchdog:
                 continue
             self.rescue(job_id, activity)
             rescued += 1
+        remove_leftovers(self.settings, sources)
         return rescued
 
     def rescue(self, job_id: str, activity: LoadActivity) -> None:
