@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -101,6 +102,16 @@ class Settings:
     max_queued_searches: int = variable(
         "100", "searches that may wait at once; another gets 503 + Retry-After", minimum=1
     )
+    max_live_searches: int = variable(
+        "100000",
+        "search records kept at once (each for LOOKALIKE_SEARCH_TTL); another search gets 503 + Retry-After",
+        minimum=1,
+    )
+    redis_maxmemory: str = variable(
+        "2gb",
+        "memory cap of the Redis `lookalike up` starts (noeviction: nothing is ever evicted); with any Redis, searches "
+        "are refused (503) once it holds 80% of its maxmemory, keeping the rest for loads, queues and the change feed",
+    )
     task_time_limit: int = variable("600", "seconds before a task is killed", minimum=10)
     max_deliveries: int = variable(
         "3", "times a message may be handed to a worker that dies on it; then its items fail as worker_lost", minimum=1
@@ -123,6 +134,12 @@ class Settings:
     )
     max_catalog_upload: int = variable(str(2 * 1024**3), "largest catalogue upload (archive + CSV), bytes", minimum=1)
     web_threads: int = variable("8", "request threads of `lookalike web`", minimum=1)
+    trusted_proxies: int = variable(
+        "0",
+        "reverse proxies in front of `lookalike web` whose X-Forwarded-For, -Proto and -Host it believes (0: none; "
+        "the headers are ignored)",
+        minimum=0,
+    )
     call_timeout: int = variable("5", "seconds the web waits for Redis or the index worker before a 503", minimum=1)
 
     @property
@@ -154,6 +171,10 @@ class Settings:
         values.setdefault("embed_processes", CORES)
         values.setdefault("threads", max(1, CORES // values["embed_processes"]))
         settings = cls(**values)
+        if not re.fullmatch(r"\d+(b|k|kb|m|mb|g|gb)?", settings.redis_maxmemory, re.IGNORECASE):
+            raise LookalikeError(
+                f"LOOKALIKE_REDIS_MAXMEMORY is {settings.redis_maxmemory!r}; give bytes or a size such as 512mb or 2gb"
+            )
         if settings.pca_dim and settings.pca_fit_items <= settings.pca_dim:
             raise LookalikeError(
                 f"LOOKALIKE_PCA_FIT_ITEMS ({settings.pca_fit_items}) must be more than LOOKALIKE_PCA_DIM "

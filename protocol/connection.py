@@ -25,3 +25,19 @@ def redis_client(url: str, timeout: float = 10, patience: float = 0) -> redis.Re
     return redis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 5), health_check_interval=30, **persistence
     )
+
+
+SEARCHES_UP_TO = 0.8  # of Redis's maxmemory: past it searches are refused, the rest kept for loads, queues, the feed
+
+
+def redis_memory(client: redis.Redis) -> dict[str, Any]:
+    """What Redis holds and may hold: `used_bytes`, `max_bytes` (0: no cap), `policy`, and whether searches are
+    refused for it (`full`: past SEARCHES_UP_TO of the cap)."""
+    info = client.info("memory")
+    used, cap = int(info["used_memory"]), int(info.get("maxmemory", 0))
+    return {
+        "used_bytes": used,
+        "max_bytes": cap,
+        "policy": info.get("maxmemory_policy", ""),
+        "full": bool(cap) and used >= SEARCHES_UP_TO * cap,
+    }

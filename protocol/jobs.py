@@ -26,6 +26,8 @@ from protocol import keys
 STATES = ("queued", "running", "done", "failed", "partial")
 FINISHED = ("done", "failed", "partial")
 ERROR_PAGE = 50
+HIT_FIELDS = 12  # metadata values a search record keeps of each hit (the image besides)
+HIT_CHARS = 100  # a longer value stays with the item: GET /api/items/<id> has it
 SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 ITEM, PLANNING = "i:", "p:"  # how a failure is keyed: an item's id, or a row refused while planning
 SCAN_CHUNK = 1000
@@ -156,6 +158,15 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def compact_hit(hit: dict[str, Any]) -> dict[str, Any]:
+    """A hit as a search record keeps it: its id, score (and confidence), its image and its first HIT_FIELDS metadata
+    values of at most HIT_CHARS characters; long ones (descriptions, HTML) stay with the item, a read away."""
+    metadata: dict[str, Any] = hit.get("metadata") or {}
+    short = [(name, value) for name, value in metadata.items() if name != "image" and len(str(value)) <= HIT_CHARS]
+    kept = dict(short[:HIT_FIELDS]) | ({"image": metadata["image"]} if "image" in metadata else {})
+    return {**hit, "metadata": kept}
+
+
 def item_error(code: ErrorCode, message: str) -> dict[str, str]:
     """An error as job records and per-item errors carry it."""
     return {"code": code, "message": message}
@@ -209,9 +220,20 @@ class Jobs:
                 pipe.sadd(keys.ACTIVE_LOADS, job_id)
             else:
                 pipe.expire(key, self.search_ttl)
+            if kind == "search":  # counted against LOOKALIKE_MAX_LIVE_SEARCHES until it expires
+                pipe.zadd(keys.SEARCHES, {job_id: time.time()})
             pipe.hincrby(keys.METRICS, f"created:{kind}", 1)
             pipe.execute()
         return job_id
+
+    def live_searches(self) -> tuple[int, float]:
+        """How many search records are kept now, and in how many seconds the oldest of them expires."""
+        with self.redis.pipeline() as pipe:
+            pipe.zremrangebyscore(keys.SEARCHES, "-inf", time.time() - self.search_ttl)
+            pipe.zcard(keys.SEARCHES)
+            pipe.zrange(keys.SEARCHES, 0, 0, withscores=True)
+            _, live, oldest = pipe.execute()
+        return live, (oldest[0][1] + self.search_ttl - time.time()) if oldest else 0.0
 
     def _forget_expired_loads(self) -> None:
         """Unlist the loads whose records expired (only loads created longer ago than the retention can be)."""

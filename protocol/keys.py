@@ -12,6 +12,7 @@ CHECKSUMS = f"{PREFIX}:index:checksums"  # id -> "image sha256:metadata sha256",
 CHANGES = f"{PREFIX}:index:changes"  # stream: the owner's change feed, followed by the replicas (worker.feed)
 SERVING = f"{PREFIX}:index:serving"  # JSON: the serving index's id and model, set by the owner at start and each switch
 CALIBRATION = f"{PREFIX}:index:calibration"  # hash: the serving index's calibration (index_id, sha256, calibration)
+SEARCHES = f"{PREFIX}:searches"  # sorted set: search job id -> created; those within LOOKALIKE_SEARCH_TTL are live
 FORM_SECRET = f"{PREFIX}:web:form-secret"  # the HMAC key of the forms' CSRF tokens, shared by web processes
 
 # The parts of a job beside its record (a hash at job_key(id)):

@@ -337,3 +337,60 @@ def test_reads_and_searches_waiting_for_a_change_never_made_are_refused_at_once_
     replica = served.client.celery.send_task("lookalike.get_item", args=["10186", bogus], queue="read")
     started = time.monotonic()
     assert replica.get(timeout=30)["error"]["code"] == "behind" and time.monotonic() - started < 0.5
+
+
+def test_search_records_are_small_and_bounded_and_redis_is_capped_without_eviction(make_stack, shared_dir):
+    """A search record keeps each hit's short metadata only; past LOOKALIKE_MAX_LIVE_SEARCHES live records, or with
+    Redis at 80% of its maxmemory, a search is 503 `busy` with Retry-After; the embedded Redis has a cap and never
+    evicts; /healthz and /metrics show Redis's memory."""
+    stack = make_stack(LOOKALIKE_MAX_LIVE_SEARCHES="3", LOOKALIKE_SEARCH_TTL="4")
+    for kind in ("index", "query", "embed"):
+        stack.start(kind)
+    shop = stack.settings.uploads_dir / "long"
+    shop.mkdir(parents=True)
+    (shop / "long-1.jpg").write_bytes(image_bytes(shared_dir, "10186"))
+    description = "<p>" + "A shirt of fine cotton. " * 400 + "</p>"  # a shop export's HTML description
+    (shop / "styles.csv").write_text(f'id,productDisplayName,description\nlong-1,Blue shirt,"{description}"\n')
+    client = Client(stack.settings)
+    assert client.follow(client.start_load(shop, shop / "styles.csv"), timeout=120)["state"] == "done"
+    web = create_app(stack.settings).test_client()
+    photo = image_bytes(shared_dir, "10186")
+
+    def search():
+        return web.post("/api/search", data={"image": (io.BytesIO(photo), "photo.jpg")})
+
+    answers = [search() for _ in range(4)]
+    assert [answer.status_code for answer in answers] == [202, 202, 202, 503]
+    refused = answers[-1]
+    assert (
+        refused.get_json()["error"]["code"] == "busy"
+        and "LOOKALIKE_MAX_LIVE_SEARCHES" in refused.get_json()["error"]["message"]
+    )
+    assert 2 <= int(refused.headers["Retry-After"]) <= 4
+    hit = client.follow(answers[0].get_json()["job_id"], timeout=60)["result"]["hits"][0]
+    assert hit["id"] == "long-1" and hit["metadata"] == {
+        "productDisplayName": "Blue shirt",
+        "image": hit["metadata"]["image"],
+    }
+    assert client.get_item("long-1")["metadata"]["description"] == description  # the whole item is a read away
+    assert stack.redis.memory_usage(f"lookalike:job:{answers[0].get_json()['job_id']}") < 2048
+
+    time.sleep(4.5)  # the records expire, and with them the count
+    assert search().status_code == 202
+
+    health = web.get("/healthz").get_json()["broker"]
+    assert health["memory"]["max_bytes"] == 2 * 1024**3 and health["memory"]["policy"] == "noeviction"
+    assert health["live_searches"] == 1
+    metrics = web.get("/metrics").get_data(as_text=True)
+    assert "lookalike_redis_memory_used_bytes" in metrics and "lookalike_live_searches 1.0" in metrics
+
+    cap = stack.redis.config_get("maxmemory")["maxmemory"]
+    stack.redis.config_set("maxmemory", int(stack.redis.info("memory")["used_memory"] / 0.9))  # 90% full
+    try:
+        time.sleep(2)  # the web reads Redis's memory at most once a second
+        nearly_full = search()
+        memory = web.get("/healthz").get_json()["broker"]["memory"]
+    finally:
+        stack.redis.config_set("maxmemory", cap)
+    assert nearly_full.status_code == 503, (nearly_full.get_json(), memory)
+    assert "Redis is nearly full" in nearly_full.get_json()["error"]["message"], memory

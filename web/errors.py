@@ -47,6 +47,11 @@ def not_found(message: str) -> ApiError:
     return ApiError(404, ErrorCode.NOT_FOUND, message)
 
 
+def busy(message: str, retry_after: int) -> ApiError:
+    """503 `busy`: back-pressure; clients may retry after `retry_after` seconds."""
+    return ApiError(503, ErrorCode.BUSY, message, {"Retry-After": str(retry_after)})
+
+
 def unavailable(code: ErrorCode, message: str) -> ApiError:
     """503: the broker or a worker is missing; clients may retry."""
     return ApiError(503, code, message, {"Retry-After": "5"})

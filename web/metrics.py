@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from protocol.connection import redis_memory
 from protocol.heartbeats import Role, alive
 from protocol.jobs import SEARCH_SECONDS_BUCKETS, Jobs
 from protocol.queues import queue_depths
@@ -88,6 +89,14 @@ class SharedFigures(Collector):
         items = owners[0].get("items", 0) if owners else 0
         yield GaugeMetricFamily(
             "lookalike_index_items", "items in the index (from the index worker's heartbeat)", value=items
+        )
+        memory = redis_memory(self.jobs.redis)
+        yield GaugeMetricFamily("lookalike_redis_memory_used_bytes", "memory Redis uses", value=memory["used_bytes"])
+        yield GaugeMetricFamily(
+            "lookalike_redis_memory_max_bytes", "Redis's maxmemory (0: no cap)", value=memory["max_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "lookalike_live_searches", "search records kept now", value=self.jobs.live_searches()[0]
         )
         yield from _replica_lag(beats[Role.REPLICA])
         yield from _query_batches(beats[Role.QUERY])

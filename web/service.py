@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -21,13 +22,15 @@ from common.images import IMAGE_SUFFIXES, Crop, ImageError, check_size, read_ima
 from common.settings import Settings
 from protocol import keys
 from protocol.client import Client, ReadError
+from protocol.connection import redis_memory
 from protocol.heartbeats import Role, alive
 from protocol.queues import Queue, queue_depths
 from protocol.readers import NoReaderAnswered, keeping_up
-from web.errors import ApiError, bad_parameter, not_found, unavailable
+from web.errors import ApiError, bad_parameter, busy, not_found, unavailable
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
 DECODE_WAIT_SECONDS = 2  # how long an image waits for one of this process's LOOKALIKE_WEB_DECODES before a 503
+REDIS_MEMORY_SECONDS = 1  # how long the web trusts its last reading of Redis's memory
 PREVIEW_SIDE = 320  # query previews and gallery thumbnails, CSS pixels (served at this size, shown smaller)
 LOADS_SHOWN = 20
 
@@ -44,6 +47,7 @@ class Service:
         self.redis = self.jobs.redis
         self._form_secret: bytes | None = None
         self._decodes = threading.BoundedSemaphore(settings.web_decodes)
+        self._memory: tuple[float, dict[str, Any]] = (-float("inf"), {})
 
     def form_secret(self, refresh: bool = False) -> bytes:
         """A random secret made once per Redis and shared by every web process (see web.csrf); `refresh` reads it
@@ -81,11 +85,9 @@ class Service:
         """One of this process's LOOKALIKE_WEB_DECODES decodes (each holds a decoded image); 503 busy when none is
         free within DECODE_WAIT_SECONDS."""
         if not self._decodes.acquire(timeout=DECODE_WAIT_SECONDS):
-            raise ApiError(
-                503,
-                ErrorCode.BUSY,
-                f"this web process is decoding {self.settings.web_decodes} images already; try again in a few seconds",
-                {"Retry-After": str(BUSY_RETRY_SECONDS)},
+            decodes = self.settings.web_decodes
+            raise busy(
+                f"this web process is decoding {decodes} images already; try again in a few seconds", BUSY_RETRY_SECONDS
             )
         try:
             yield
@@ -93,15 +95,25 @@ class Service:
             self._decodes.release()
 
     def refuse_when_busy(self) -> None:
-        """Back-pressure: a search behind a queue this long would be answered after its shopper gave up."""
+        """Back-pressure: a search behind a queue this long would be answered after its shopper gave up; and what
+        anonymous searches keep in Redis is bounded, by count and by Redis's memory cap."""
         waiting = self.redis.llen(Queue.QUERY)
         if waiting >= self.settings.max_queued_searches:
-            raise ApiError(
-                503,
-                ErrorCode.BUSY,
-                f"{waiting} searches are waiting already; try again in a few seconds",
-                {"Retry-After": str(BUSY_RETRY_SECONDS)},
-            )
+            raise busy(f"{waiting} searches are waiting already; try again in a few seconds", BUSY_RETRY_SECONDS)
+        live, oldest_expires_in = self.jobs.live_searches()
+        if live >= self.settings.max_live_searches:
+            message = f"{live} search results are kept already (LOOKALIKE_MAX_LIVE_SEARCHES); try again later"
+            raise busy(message, max(BUSY_RETRY_SECONDS, math.ceil(oldest_expires_in)))
+        if self._redis_memory()["full"]:
+            message = "Redis is nearly full (80% of its maxmemory): searches wait, loads go on; try again later"
+            raise busy(message, REDIS_MEMORY_SECONDS)
+
+    def _redis_memory(self) -> dict[str, Any]:
+        """Redis's memory figures, read at most every REDIS_MEMORY_SECONDS by this process."""
+        read_at, memory = self._memory
+        if time.monotonic() - read_at > REDIS_MEMORY_SECONDS:
+            self._memory = (time.monotonic(), memory := redis_memory(self.redis))
+        return memory
 
     def job(self, job_id: str, error_offset: int = 0, error_limit: int = 50) -> dict[str, Any]:
         job = self.jobs.get(job_id, error_offset, error_limit)
@@ -267,7 +279,12 @@ class Service:
             status = "ok" if owner is not None and not owner.get("mismatch") and embedders else "degraded"
         return {
             "status": status,
-            "broker": {"reachable": True, "queues": queue_depths(self.redis)},
+            "broker": {
+                "reachable": True,
+                "queues": queue_depths(self.redis),
+                "memory": redis_memory(self.redis),
+                "live_searches": self.jobs.live_searches()[0],
+            },
             "index": index,
             "replicas": [{key: beat.get(key) for key in REPLICA_FIELDS} for beat in sorted(replicas, key=_worker_name)],
             "query_workers": {**_workers(queriers), **_batching(queriers)},

@@ -29,7 +29,7 @@ from common.errors import ErrorCode
 from common.images import Crop, ImageError, check_size, decode_image
 from common.settings import Settings
 from common.vectors import encode_vector
-from protocol.jobs import item_error
+from protocol.jobs import compact_hit, item_error
 from protocol.queues import Queue, Task
 from protocol.readers import NoReaderAnswered, ask_reader
 from worker import runtime
@@ -231,7 +231,7 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
             jobs.fail(search.job_id, hits["error"])
         else:
             crop = {"crop": search.crop.as_dict()} if search.crop else {}
-            jobs.finish(search.job_id, {"hits": hits, **(verdict or {}), **crop})
+            jobs.finish(search.job_id, {"hits": [compact_hit(hit) for hit in hits], **(verdict or {}), **crop})
 
 
 def _embedded_again(
