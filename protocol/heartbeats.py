@@ -55,6 +55,7 @@ def start_heartbeat(
 
     def beat() -> None:
         while True:
+            wake.clear()  # before the status is taken: a change made while it is published wakes the next beat
             try:
                 seen = time.time()  # before the status is taken: a reader compares it with what it asked since
                 payload = {"role": role, "pid": os.getpid(), "host": socket.gethostname(), **status()}
@@ -65,7 +66,6 @@ def start_heartbeat(
                 log.exception("heartbeat status failed")
             time.sleep(min(SOONEST_SECONDS, every))
             wake.wait(max(0.0, every - SOONEST_SECONDS))
-            wake.clear()
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     return wake

@@ -226,7 +226,8 @@ def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared
     assert client.follow(client.start_load(grey), timeout=120)["state"] == "done"
     page = web.get("/items/grey").get_data(as_text=True)
     assert "No close match" in page and "close enough to this product" in page and "<details>" in page
-    health = web.get("/healthz").get_json()["index"]["calibration"]
+    # /healthz reads the owner's heartbeat, published within a second of a change
+    health = stack.wait_for(lambda: web.get("/healthz").get_json()["index"].get("calibration"), "the owner's heartbeat")
     assert health["labels"] == ["articleType"] and health["threshold"] == found["threshold"]
 
     listed = subprocess.run([LOOKALIKE, "index", "list"], env=stack.env, capture_output=True, text=True, check=True)
