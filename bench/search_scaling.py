@@ -38,7 +38,7 @@ from lookalike.up import start_workers
 from protocol.client import Client
 from protocol.heartbeats import Role
 from protocol.queues import Queue, Task
-from worker.index import IndexParams, Item, VectorIndex
+from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.reader import IndexReader
 from worker.snapshots import ModelIdentity, write_snapshot
 from worker.state import IndexState
@@ -127,7 +127,7 @@ def knn_alone(args: argparse.Namespace, work: Path) -> list[tuple[str, float]]:
     model = load_model(args.model, ["cpu"], intra_op_threads=1)
     identity = ModelIdentity(model.sha256, model.contract.dimension, "stretch")
     params = IndexParams(dim=model.contract.dimension, ef=EF)
-    entries = [(f"p{number}", Item(-1, {})) for number in range(len(catalogue))]
+    entries = [(f"p{number}", Item({}, [Photo(str(number))])) for number in range(len(catalogue))]
     index = VectorIndex.build(params, entries, catalogue)
     state = IndexState(identity, params)
     state.index = index

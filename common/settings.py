@@ -71,6 +71,9 @@ class Settings:
     )
     max_csv_bytes: int = variable(str(512 * 1024**2), "largest catalogue CSV, bytes", minimum=1)
     max_csv_rows: int = variable("2000000", "rows a catalogue CSV may hold", minimum=1)
+    max_photos: int = variable(
+        "16", "photos a product may have; a product's further photos are refused as errors of their rows", minimum=1
+    )
     hnsw_m: int = variable("16", "hnswlib M (graph degree)", minimum=2)
     hnsw_ef_construction: int = variable("100", "hnswlib ef_construction", minimum=1)
     hnsw_ef: int = variable("128", "hnswlib ef at query time (at least k)", minimum=1)

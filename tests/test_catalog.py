@@ -16,7 +16,7 @@ import pytest
 from common.areas import CatalogError, id_problem, resolve_reference
 from common.settings import Settings
 from protocol.client import Client
-from worker.catalog import plan_catalog
+from worker.catalog import CatalogItem, Photo, photos_of, plan_catalog
 
 
 def catalog_settings(tmp_path: Path, **env: str) -> Settings:
@@ -50,18 +50,18 @@ def test_a_csv_with_ids_image_paths_and_metadata(settings):
         ",photos/a.jpg,no id,none\n"
     )
     plan = plan_catalog(settings, "shop/items.csv")
-    assert [(item.id, item.area, item.path, item.metadata) for item in plan.items] == [
-        ("A1", "catalog", "shop/photos/a.jpg", {"name": "Blue shirt", "colour": "blue"}),
-        ("B2", "catalog", "shop/photos/b.jpg", {"name": "Shirt, red"}),
+    a, b = Photo("catalog", "shop/photos/a.jpg"), Photo("catalog", "shop/photos/b.jpg")
+    assert [(item.id, item.photos, item.metadata) for item in plan.items] == [
+        ("A1", [a, b], {"name": "Blue shirt", "colour": "blue"}),  # line 4 is A1's second photo
+        ("B2", [b], {"name": "Shirt, red"}),
     ]
     codes = {key: error["code"] for key, error in plan.errors.items()}
     assert codes == {
-        "A1 (line 4)": "duplicate_id",
         "C3": "missing_file",
         "D4": "outside_root",
         "line 7": "invalid_row",
     }
-    assert plan.total == 6
+    assert plan.total == 5
 
 
 def test_the_fashion_dataset_layout_finds_each_rows_image_by_id(settings):
@@ -74,7 +74,9 @@ def test_the_fashion_dataset_layout_finds_each_rows_image_by_id(settings):
         "3413,Men,Tshirts,Yes, its all about me,White T-shirt\n"
     )
     plan = plan_catalog(settings, str(folder))
-    assert [(item.id, item.path) for item in plan.items] == [("15970", "fashion/images/15970.jpg")]
+    assert [(item.id, item.photos) for item in plan.items] == [
+        ("15970", [Photo("catalog", "fashion/images/15970.jpg")])
+    ]
     assert plan.items[0].metadata == {"gender": "Men", "articleType": "Shirts",
                                       "productDisplayName": "Turtle Check Men Navy Blue Shirt"}  # fmt: skip
     assert {key: error["code"] for key, error in plan.errors.items()} == {
@@ -91,9 +93,9 @@ def test_a_folder_of_images_with_a_metadata_csv(settings):
     (folder / "notes.txt").write_text("ignored")
     (settings.catalog_root / "meta.csv").write_text("id,brand\nx1,Acme\n")
     plan = plan_catalog(settings, str(folder), str(settings.catalog_root / "meta.csv"))
-    assert {item.id: (item.path, item.metadata) for item in plan.items} == {
-        "x1": ("drop/sub/x1.webp", {"brand": "Acme"}),
-        "x2": ("drop/sub/x2.png", {}),
+    assert {item.id: (item.photos, item.metadata) for item in plan.items} == {
+        "x1": ([Photo("catalog", "drop/sub/x1.webp")], {"brand": "Acme"}),
+        "x2": ([Photo("catalog", "drop/sub/x2.png")], {}),
     }
     assert [error["code"] for error in plan.errors.values()] == ["duplicate_id"]
 
@@ -113,11 +115,11 @@ def test_a_tar_archive_is_unpacked_once_and_hostile_members_are_skipped(settings
             link.type, link.linkname = kind, target
             tar.addfile(link)
     plan = plan_catalog(settings, "catalog.tar.gz")
-    assert sorted((item.id, item.area) for item in plan.items) == [("1", "archives"), ("2", "archives")]
+    assert sorted((item.id, item.photos[0].area) for item in plan.items) == [("1", "archives"), ("2", "archives")]
     assert not (settings.data_dir / "evil.jpg").exists() and not (settings.data_dir / "absolute.jpg").exists()
     assert not list(settings.archives_dir.rglob("3.jpg")) and not list(settings.archives_dir.rglob("4.jpg"))
     again = plan_catalog(settings, "catalog.tar.gz")
-    assert [item.path for item in again.items] == [item.path for item in plan.items]
+    assert [item.photos for item in again.items] == [item.photos for item in plan.items]
 
 
 def test_sources_outside_the_root_and_unknown_forms_are_refused(settings, tmp_path):
@@ -307,11 +309,147 @@ def test_an_archive_of_one_top_level_folder_finds_its_styles_csv_there(settings)
     subprocess.run(["tar", "czf", "shop.tgz", "shop/"], cwd=settings.catalog_root, check=True)
     plan = plan_catalog(settings, "shop.tgz")
     assert plan.errors == {}
-    assert [(item.id, item.area, item.metadata) for item in plan.items] == [
+    assert [(item.id, item.photos[0].area, item.metadata) for item in plan.items] == [
         ("1", "archives", {"gender": "Men", "articleType": "Shirts"}),
         ("2", "archives", {"gender": "Women", "articleType": "Tops"}),
     ]
-    assert plan.items[0].path.endswith("/shop/images/1.jpg")
+    assert plan.items[0].photos[0].path.endswith("/shop/images/1.jpg")
+
+
+def test_rows_that_share_an_id_are_one_product_a_photo_per_row_as_shopify_exports_them(settings):
+    shop = settings.catalog_root / "shop"
+    for name in ("front.jpg", "back.jpg", "detail.png", "mug.jpg"):
+        jpeg(shop / "photos" / name)
+    (shop / "products.csv").write_text(
+        "id,image,title,vendor,colour\n"
+        "shirt,photos/front.jpg,Oxford shirt,Acme,\n"
+        "shirt,photos/back.jpg,,,\n"
+        "mug,photos/mug.jpg,Mug,Acme,white\n"
+        "shirt,photos/detail.png,Ignored title,,blue\n"  # a field no earlier row has is taken from here
+    )
+    plan = plan_catalog(settings, "shop/products.csv")
+    assert plan.errors == {}
+    assert [(item.id, [photo.path for photo in item.photos], item.metadata) for item in plan.items] == [
+        ("shirt", ["shop/photos/front.jpg", "shop/photos/back.jpg", "shop/photos/detail.png"],
+         {"title": "Oxford shirt", "vendor": "Acme", "colour": "blue"}),
+        ("mug", ["shop/photos/mug.jpg"], {"title": "Mug", "vendor": "Acme", "colour": "white"}),
+    ]  # fmt: skip
+    assert plan.total == 2
+    assert plan.items[0].as_message() == {
+        "id": "shirt",
+        "photos": [
+            {"area": "catalog", "path": f"shop/photos/{name}"} for name in ("front.jpg", "back.jpg", "detail.png")
+        ],
+        "metadata": {"title": "Oxford shirt", "vendor": "Acme", "colour": "blue"},
+    }
+
+
+def test_a_photo_named_twice_for_one_product_is_an_error_of_the_later_row(settings):
+    for name in ("a.jpg", "b.jpg"):
+        jpeg(settings.catalog_root / "photos" / name)
+    (settings.catalog_root / "items.csv").write_text("id,image\nP,photos/a.jpg\nP,photos/b.jpg\nP,./photos/a.jpg\n")
+    plan = plan_catalog(settings, "items.csv")
+    assert [photo.path for photo in plan.items[0].photos] == ["photos/a.jpg", "photos/b.jpg"]
+    assert plan.errors == {
+        "P (line 4)": {
+            "code": "duplicate_id",
+            "message": "image ./photos/a.jpg of P appears again on line 4 of items.csv; it was loaded from line 2",
+        }
+    }
+
+
+def test_a_row_without_an_image_finds_its_products_photos_in_a_folder_named_by_its_id(settings):
+    images = settings.catalog_root / "shop" / "images"
+    jpeg(images / "A.jpg")
+    jpeg(images / "A" / "ignored.jpg")  # images/A.jpg comes first: the folder is only looked at without it
+    for name in ("2.png", "1.jpg", "3.JPEG"):
+        jpeg(images / "B" / name)
+    (images / "B" / "notes.txt").write_text("not a photo")
+    (images / "C").mkdir()  # holds no image
+    (settings.catalog_root / "shop" / "items.csv").write_text("id,name\nA,one\nB,two\nC,three\n")
+    plan = plan_catalog(settings, "shop/items.csv")
+    assert {item.id: [photo.path for photo in item.photos] for item in plan.items} == {
+        "A": ["shop/images/A.jpg"],
+        "B": ["shop/images/B/1.jpg", "shop/images/B/2.png", "shop/images/B/3.JPEG"],
+    }
+    assert plan.errors == {"C": {"code": "missing_file", "message": "image images/C.jpg does not exist"}}
+
+
+def test_a_folder_with_images_of_an_id_and_a_folder_named_by_it_makes_one_product(settings):
+    folder = settings.catalog_root / "drop"
+    for name in ("images/123.jpg", "images/123/side.jpg", "images/123/back.png", "images/45/front.jpg", "x1.jpg",
+                 "sub/x1.jpg", "images/tab\there/a.jpg"):  # fmt: skip
+        jpeg(folder / name)
+    (settings.catalog_root / "meta.csv").write_text("id,brand\n123,Acme\n")
+    plan = plan_catalog(settings, "drop", "meta.csv")
+    assert {item.id: ([photo.path for photo in item.photos], item.metadata) for item in plan.items} == {
+        "123": (["drop/images/123.jpg", "drop/images/123/back.png", "drop/images/123/side.jpg"], {"brand": "Acme"}),
+        "45": (["drop/images/45/front.jpg"], {}),
+        "x1": (["drop/sub/x1.jpg"], {}),
+    }
+    assert {key: error["code"] for key, error in plan.errors.items()} == {
+        "x1.jpg": "duplicate_id",
+        "images/tab\there": "invalid_id",
+    }
+    assert plan.errors["images/tab\there"]["message"].endswith("; rename the folder images/tab\there to load it")
+    assert plan.total == 5
+
+
+def test_photos_over_the_cap_are_errors_of_their_rows_naming_the_variable(tmp_path):
+    settings = catalog_settings(tmp_path, LOOKALIKE_MAX_PHOTOS="2")
+    root = settings.catalog_root
+    for number in range(1, 5):
+        jpeg(root / "photos" / f"{number}.jpg")
+        jpeg(root / "drop" / "images" / "P" / f"{number}.jpg")
+        jpeg(root / "images" / "Q" / f"{number}.jpg")
+    rows = "".join(f"P,photos/{number}.jpg\n" for number in range(1, 5))
+    (root / "items.csv").write_text(f"id,image\n{rows}Q,\n")  # Q's photos are the four in images/Q/
+    plan = plan_catalog(settings, "items.csv")
+    assert [[photo.path for photo in item.photos] for item in plan.items] == [
+        ["photos/1.jpg", "photos/2.jpg"], ["images/Q/1.jpg", "images/Q/2.jpg"]
+    ]  # fmt: skip
+    cap = "more than 2 photos (LOOKALIKE_MAX_PHOTOS)"
+    assert {key: (error["code"], error["message"]) for key, error in plan.errors.items()} == {
+        "P (line 4)": ("invalid_row", f"product P has {cap}; the photo on line 4 of items.csv was not loaded: raise "
+                       "it to load more"),
+        "P (line 5)": ("invalid_row", f"product P has {cap}; the photo on line 5 of items.csv was not loaded: raise "
+                       "it to load more"),
+        "Q (line 6)": ("invalid_row", f"product Q has {cap}; 2 photos of line 6 of items.csv were not loaded: raise "
+                       "it to load more"),
+    }  # fmt: skip
+    folder = plan_catalog(settings, "drop")
+    assert [photo.path for photo in folder.items[0].photos] == ["drop/images/P/1.jpg", "drop/images/P/2.jpg"]
+    assert sorted(folder.errors) == ["images/P/3.jpg", "images/P/4.jpg"]
+    assert "LOOKALIKE_MAX_PHOTOS" in folder.errors["images/P/3.jpg"]["message"]
+
+
+def test_a_missing_photo_is_an_error_of_its_row_and_the_products_other_photos_load(settings):
+    for name in ("a.jpg", "c.jpg"):
+        jpeg(settings.catalog_root / "photos" / name)
+    (settings.catalog_root / "items.csv").write_text(
+        "id,image,name\nP,photos/a.jpg,Lamp\nP,photos/gone.jpg,\nP,photos/c.jpg,\nQ,photos/x.jpg,\nQ,photos/y.jpg,\n"
+    )
+    plan = plan_catalog(settings, "items.csv")
+    assert [(item.id, [photo.path for photo in item.photos]) for item in plan.items] == [
+        ("P", ["photos/a.jpg", "photos/c.jpg"])
+    ]
+    assert plan.errors == {
+        "P (line 3)": {
+            "code": "missing_file",
+            "message": "image photos/gone.jpg on line 3 of items.csv does not exist",
+        },
+        "Q": {"code": "missing_file", "message": "image photos/x.jpg does not exist"},  # no photo of Q: Q fails
+        "Q (line 6)": {"code": "missing_file", "message": "image photos/y.jpg on line 6 of items.csv does not exist"},
+    }
+    assert plan.total == 4
+
+
+def test_a_message_queued_by_an_older_version_names_its_one_photo():
+    old = {"id": "A", "area": "uploads", "path": "shop/a.jpg", "metadata": {"name": "Lamp"}}
+    assert photos_of(old) == [Photo("uploads", "shop/a.jpg")]
+    photos = [Photo("catalog", "a.jpg"), Photo("archives", "f00/b.jpg")]
+    assert photos_of(CatalogItem("A", photos).as_message()) == photos
+    assert photos[1].reference == "archives/f00/b.jpg"
 
 
 REFUSED_IDS = ["A/B", ".", "..", "x" * 201, "tab\there", "back\\slash", "no\u00a0break", "zero\u200bwidth"]

@@ -47,8 +47,9 @@ def test_a_batch_embeds_new_items_and_skips_what_the_index_already_has(tmp_path)
     assert outcome.unchanged == ["red"]
     changes = {change["id"]: change for change in outcome.changes}
     assert set(changes) == {"green", "blue"}
-    assert "vector" not in changes["green"] and changes["green"]["metadata"]["colour"] == "green"
-    np.testing.assert_allclose(decode_vector(changes["blue"]["vector"]), [0, 0, 255])
+    assert "vectors" not in changes["green"] and changes["green"]["metadata"]["colour"] == "green"
+    np.testing.assert_allclose(decode_vector(changes["blue"]["vectors"][0]), [0, 0, 255])
+    assert changes["blue"]["photos"] == [{"sha256": image_sha("blue"), "image": "catalog/blue.png"}]
     assert changes["blue"]["metadata"] == {"colour": "blue", "image": "catalog/blue.png"}
     assert {key: error["code"] for key, error in outcome.errors.items()} == {
         "broken": "not_an_image",  # a PNG signature and no header after it

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from worker.feed import ChangeFeed, Entry, entry_id
+from worker.index import Photo
 from worker.wal import Change, WriteAheadLog
 
 
@@ -33,7 +34,7 @@ def changes_after(entries: list[tuple[str, Entry]], seq: int) -> list[Change]:
 def logged(wal: WriteAheadLog, first: int, count: int) -> list[Change]:
     """`count` upserts numbered from `first`, durable in the log as the owner writes them."""
     changes = [
-        Change("upsert", f"item-{seq}", {"n": seq}, "i", "m", np.full(3, seq, dtype=np.float32), seq=seq)
+        Change("upsert", f"item-{seq}", {"n": seq}, [Photo("i")], "m", np.full((1, 3), seq, dtype=np.float32), seq=seq)
         for seq in range(first, first + count)
     ]
     wal.append(changes)
@@ -48,7 +49,7 @@ def test_each_batch_is_one_entry_under_its_last_sequence_number_with_the_logs_re
     assert [raw_id for raw_id, _ in entries] == ["3-0", "6-0"] and feed.head() == 6
     changes = changes_after(entries, seq=2)
     assert [change.seq for change in changes] == [3, 4, 5, 6] and changes[0].metadata == {"n": 3}
-    np.testing.assert_array_equal(changes[-1].vector, [6, 6, 6])
+    np.testing.assert_array_equal(changes[-1].vectors, [[6, 6, 6]])
 
 
 def test_a_lost_append_is_made_good_from_the_log_before_the_next(feed, wal):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 import worker.wal
 from common.vectors import encode_vector
-from worker.index import POSTED_FIELDS, IndexParams, Item, UnknownField, VectorIndex
+from worker.index import POSTED_FIELDS, IndexParams, Item, Photo, UnknownField, VectorIndex
 from worker.reader import IndexReader
 from worker.snapshots import IndexStoreError, ModelIdentity
 from worker.store import DurableIndex
@@ -24,14 +26,19 @@ def unit(seed: int) -> np.ndarray:
 
 
 def upsert(item_id: str, seed: int, **metadata: str) -> Change:
-    return Change("upsert", item_id, metadata, f"img{seed}", f"meta{seed}", unit(seed))
+    return Change("upsert", item_id, metadata, [Photo(f"img{seed}")], f"meta{seed}", unit(seed)[None])
+
+
+def one_photo(metadata: dict[str, str], vector: np.ndarray) -> Item:
+    """A product of one photo, whose sha256 stands for its vector (a new vector is a new photo)."""
+    return Item(metadata, [Photo(hashlib.sha256(np.asarray(vector).tobytes()).hexdigest())])
 
 
 def test_upsert_replaces_by_id_and_search_ranks_by_cosine():
     index = VectorIndex(PARAMS)
     for seed in range(20):
-        index.upsert(f"p{seed}", unit(seed), Item(-1, {"n": str(seed)}))
-    index.upsert("p3", unit(100), Item(-1, {"n": "new"}))
+        index.upsert(f"p{seed}", unit(seed), one_photo({"n": str(seed)}, unit(seed)))
+    index.upsert("p3", unit(100), one_photo({"n": "new"}, unit(100)))
     assert len(index) == 20
     (top,) = index.search(unit(100), 1)
     assert (top.id, top.metadata) == ("p3", {"n": "new"})
@@ -43,10 +50,10 @@ def test_upsert_replaces_by_id_and_search_ranks_by_cosine():
 def test_delete_frees_a_slot_that_the_next_item_reuses():
     index = VectorIndex(PARAMS)
     for seed in range(5):
-        index.upsert(f"p{seed}", unit(seed), Item(-1, {}))
+        index.upsert(f"p{seed}", unit(seed), one_photo({}, unit(seed)))
     assert index.delete("p2") and not index.delete("p2")
     assert "p2" not in [hit.id for hit in index.search(unit(2), 5)]
-    index.upsert("p9", unit(9), Item(-1, {}))
+    index.upsert("p9", unit(9), one_photo({}, unit(9)))
     assert index.hnsw.element_count == 5  # the deleted slot was reused, not a new one taken
     assert index.stats()["deleted_slots"] == 0
 
@@ -54,28 +61,30 @@ def test_delete_frees_a_slot_that_the_next_item_reuses():
 def test_capacity_grows_by_itself():
     index = VectorIndex(PARAMS)
     for seed in range(3000):
-        index.upsert(str(seed), unit(seed), Item(-1, {}))
+        index.upsert(str(seed), unit(seed), one_photo({}, unit(seed)))
     assert len(index) == 3000 <= index.hnsw.get_max_elements()
 
 
 def test_filters_and_more_like_this_exclude_the_item_itself():
     index = VectorIndex(PARAMS)
     for seed in range(3000):
-        index.upsert(str(seed), unit(seed), Item(-1, {"gender": "Men" if seed % 3 else "Women", "rare": str(seed)}))
+        index.upsert(
+            str(seed), unit(seed), one_photo({"gender": "Men" if seed % 3 else "Women", "rare": str(seed)}, unit(seed))
+        )
     women = index.search(unit(7), 10, {"gender": "Women"})
     assert len(women) == 10 and all(hit.metadata["gender"] == "Women" for hit in women)
     assert [hit.id for hit in index.search(unit(7), 5, {"rare": "42"})] == ["42"]
     assert index.search(unit(7), 5, {"gender": "Other"}) == []
-    similar = index.search(index.vector("7"), 5, exclude="7")
+    similar = index.search(index.vectors("7"), 5, exclude="7")
     assert len(similar) == 5 and "7" not in [hit.id for hit in similar]
-    index.upsert("9", unit(9), Item(-1, {"gender": "Women"}))  # postings follow metadata changes
+    index.upsert("9", unit(9), one_photo({"gender": "Women"}, unit(9)))  # postings follow metadata changes
     assert "9" in [hit.id for hit in index.search(unit(9), 3, {"gender": "Women"})]
 
 
 def test_a_filter_on_a_field_no_item_has_is_refused_and_keeps_nothing():
     index = VectorIndex(PARAMS)
     for seed in range(50):
-        index.upsert(str(seed), unit(seed), Item(-1, {"gender": "Men", "colour": str(seed % 5)}))
+        index.upsert(str(seed), unit(seed), one_photo({"gender": "Men", "colour": str(seed % 5)}, unit(seed)))
     for name in range(2000):  # what 100 requests of 20 made-up names asked of the owner before
         with pytest.raises(UnknownField, match="filter by one of: colour, gender"):
             index.search(unit(1), 5, {f"made-up-{name}": "x"})
@@ -83,7 +92,7 @@ def test_a_filter_on_a_field_no_item_has_is_refused_and_keeps_nothing():
     index.delete("7")
     assert index.fields() == ["colour", "gender"]
     for item_id in [str(seed) for seed in range(50) if seed != 7]:
-        index.upsert(item_id, None, Item(-1, {"gender": "Men"}))
+        index.upsert(item_id, None, Item({"gender": "Men"}))
     assert index.fields() == ["gender"]  # no item has a colour any more: filtering by one is refused
     with pytest.raises(UnknownField):
         index.search(unit(1), 5, {"colour": "1"})
@@ -93,11 +102,13 @@ def test_lookup_tables_are_kept_for_the_last_few_fields_filtered_by():
     index = VectorIndex(PARAMS)
     fields = {f"field{number}": "same" for number in range(3 * POSTED_FIELDS)}
     for seed in range(20):
-        index.upsert(str(seed), unit(seed), Item(-1, dict(fields)))
+        index.upsert(str(seed), unit(seed), one_photo(dict(fields), unit(seed)))
     for name in fields:
         assert len(index.search(unit(1), 3, {name: "same"})) == 3
     assert list(index._postings) == list(fields)[-POSTED_FIELDS:]
-    index.upsert("0", unit(0), Item(-1, {**fields, "field0": "other"}))  # a field without a table: built again
+    index.upsert(
+        "0", unit(0), one_photo({**fields, "field0": "other"}, unit(0))
+    )  # a field without a table: built again
     assert [hit.id for hit in index.search(unit(0), 3, {"field0": "other"})] == ["0"]
 
 
@@ -108,9 +119,9 @@ def test_an_exact_search_over_many_allowed_items_reads_their_vectors_a_chunk_at_
     index = VectorIndex(PARAMS)
     vectors = {str(seed): unit(seed) for seed in range(300)}
     for item_id, vector in vectors.items():
-        index.upsert(item_id, vector, Item(-1, {"half": str(int(item_id) % 2)}))
+        index.upsert(item_id, vector, one_photo({"half": str(int(item_id) % 2)}, vector))
     query = unit(1000)
-    allowed = {index.items[item_id].label for item_id in vectors if int(item_id) % 2 == 0}
+    allowed = {index.items[item_id].labels[0] for item_id in vectors if int(item_id) % 2 == 0}
     labels, distances = index._filtered_query(query[None, :], 7, allowed)
     expected = sorted((item_id for item_id in vectors if int(item_id) % 2 == 0), key=lambda i: -vectors[i] @ query)
     assert [index.ids_by_label[int(label)] for label in labels[0]] == expected[:7]
@@ -232,12 +243,12 @@ def test_a_crash_in_the_middle_of_a_snapshot_leaves_the_previous_one_loadable(tm
 
 def test_new_metadata_for_the_same_photo_keeps_the_vector():
     index = VectorIndex(PARAMS)
-    index.upsert("p1", unit(1), Item(-1, {"colour": "red"}))
-    index.upsert("p1", None, Item(-1, {"colour": "blue"}))
+    index.upsert("p1", unit(1), one_photo({"colour": "red"}, unit(1)))
+    index.upsert("p1", None, Item({"colour": "blue"}))
     (hit,) = index.search(unit(1), 1, {"colour": "blue"})
     assert (hit.id, hit.score) == ("p1", pytest.approx(1.0, abs=1e-5))
     with pytest.raises(KeyError, match="has no vector yet"):
-        index.upsert("p2", None, Item(-1, {}))
+        index.upsert("p2", None, Item({}))
 
 
 def test_a_failed_log_write_is_undone_before_the_next_change(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from tests.test_scale_out import ask, loaded_stack
 from tests.test_worker import SAMPLE_SIZE, image_bytes
 from web.app import create_app
 from worker.aliases import ADOPTED, read_alias
-from worker.index import IndexParams
+from worker.index import IndexParams, Photo
 from worker.owner import IndexOwner
 from worker.snapshots import ModelIdentity
 from worker.store import DurableIndex
@@ -273,7 +273,17 @@ def test_an_index_folder_from_before_aliases_is_adopted_in_place(tmp_path, modul
     settings = Settings.from_env({"LOOKALIKE_DATA_DIR": str(tmp_path), "LOOKALIKE_MODEL": str(model.path)})
     identity = ModelIdentity(model.sha256, model.contract.dimension, settings.resize)
     legacy = DurableIndex.open(settings.index_dir, identity, IndexParams(dim=identity.dimension))
-    legacy.apply([Change(op="upsert", id="p1", metadata={}, vector=np.ones(identity.dimension, dtype=np.float32))])
+    legacy.apply(
+        [
+            Change(
+                op="upsert",
+                id="p1",
+                metadata={},
+                photos=[Photo("i")],
+                vectors=np.ones((1, identity.dimension), dtype=np.float32),
+            )
+        ]
+    )
     legacy.close()
     assert not (settings.index_dir / "ALIAS").exists()
 

@@ -10,7 +10,7 @@ import pytest
 from lookalike.up import start_workers
 from protocol.client import Client
 from tests.test_worker import SAMPLE_SIZE, image_bytes, search
-from worker.index import IndexParams
+from worker.index import IndexParams, Photo
 from worker.projection import Projection, Reduction
 from worker.snapshots import IndexStoreError, ModelIdentity
 from worker.store import DurableIndex
@@ -33,7 +33,7 @@ def clustered(count: int, seed: int = 3) -> np.ndarray:
 
 def upserts(vectors: np.ndarray, first: int = 0) -> list[Change]:
     return [
-        Change("upsert", f"p{first + number}", {"cluster": str((first + number) % 10)}, "i", "m", vector)
+        Change("upsert", f"p{first + number}", {"cluster": str((first + number) % 10)}, [Photo("i")], "m", vector[None])
         for number, vector in enumerate(vectors)
     ]
 

@@ -209,7 +209,8 @@ def test_items_a_task_could_not_queue_on_are_counted_failed(tasks_here, tmp_path
     assert job["progress"] == {"total": 5, "done": 0, "failed": 3}  # the first batch of two was queued
     assert job["errors_by_code"] == {"enqueue_failed": 3}
     assert sorted(jobs.missing_items(load), key=lambda item: item["id"]) == [
-        {"id": item_id, "area": "catalog", "path": f"shop/{item_id}.jpg", "metadata": {}} for item_id in "ab"
+        {"id": item_id, "photos": [{"area": "catalog", "path": f"shop/{item_id}.jpg"}], "metadata": {}}
+        for item_id in "ab"
     ]  # what the watchdog would queue again
 
     embedded = BatchOutcome(changes=[{"op": "upsert", "id": "a"}, {"op": "upsert", "id": "b"}], unchanged=["c"])

@@ -33,7 +33,8 @@ from protocol import keys
 from protocol.jobs import FINISHED, Jobs, item_error
 from protocol.queues import Task
 from worker.aliases import Build, new_folder
-from worker.index import Item
+from worker.embedding import batches
+from worker.index import Item, Photo
 from worker.reprojection import Source, find_source
 from worker.store import DurableIndex, open_index
 from worker.wal import Change
@@ -177,10 +178,9 @@ class IndexBuild:
         for first in range(0, len(again), REPROJECT_BATCH):
             current_app.send_task(Task.REPROJECT_BATCH, args=[job_id, again[first : first + REPROJECT_BATCH]])
         projected = set(again)
-        embed = [reference_of(item_id, item.metadata) for item_id, item in lacking.items() if item_id not in projected]
-        batch = self.settings.batch
-        for first in range(0, len(embed), batch):
-            current_app.send_task(Task.EMBED_BATCH, args=[job_id, embed[first : first + batch], self.record.model])
+        embed = [reference_of(item_id, item) for item_id, item in lacking.items() if item_id not in projected]
+        for batch in batches(embed, self.settings.batch):
+            current_app.send_task(Task.EMBED_BATCH, args=[job_id, batch, self.record.model])
         log.info("index %s, round %d: %d items to re-project, %d to embed", self.index_id, len(self.record.jobs),
                  len(again), len(embed))  # fmt: skip
         return True
@@ -194,8 +194,8 @@ class IndexBuild:
             item_id: item
             for item_id, item in serving.index.items.items()
             if item_id not in given_up
-            and ((found := built.get(item_id)) is None or found.image_sha256 != item.image_sha256)
-            and reference_of(item_id, item.metadata)
+            and ((found := built.get(item_id)) is None or found.photo_digests != item.photo_digests)
+            and reference_of(item_id, item)
         }
 
     def complete(self, serving: DurableIndex) -> None:
@@ -221,11 +221,11 @@ class IndexBuild:
         if self.store.identity == serving.identity and serving.projection is None:
             reprojected = set(carried)
             copied = [item_id for item_id in absent if item_id not in reprojected]
-            carried, vectors = carried + copied, vectors + [serving.index.vector(item_id) for item_id in copied]
+            carried, vectors = carried + copied, vectors + [serving.index.vectors(item_id) for item_id in copied]
         if carried:
             self.store.apply(
                 [
-                    replace(metadata_change(item_id, items[item_id]), vector=vector)
+                    replace(metadata_change(item_id, items[item_id]), vectors=vector)
                     for item_id, vector in zip(carried, vectors, strict=True)
                 ]
             )
@@ -245,7 +245,7 @@ class IndexBuild:
     def _why_missing(self, item_id: str, item: Item) -> dict[str, str]:
         if item_id in self.failures:
             return self.failures[item_id]
-        if reference_of(item_id, item.metadata) is None:
+        if reference_of(item_id, item) is None:
             return item_error(ErrorCode.MISSING_FILE, "the item names no photo to embed with the new model")
         return item_error(ErrorCode.EMBED_FAILED, "no round of the build embedded it")
 
@@ -259,7 +259,7 @@ class IndexBuild:
         if ready:
             vectors = source.project(ready)
             changes = [
-                replace(metadata_change(item_id, items[item_id]), vector=vector)
+                replace(metadata_change(item_id, items[item_id]), vectors=vector)
                 for item_id, vector in zip(ready, vectors, strict=True)
             ]
             self.store.apply(changes)
@@ -303,20 +303,21 @@ class IndexBuild:
             self.jobs.fail(self.record.jobs[-1], item_error(ErrorCode.NOT_FOUND, reason))
 
 
-def reference_of(item_id: str, metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """An indexed item as an embed batch takes it (its image's area and path are in its metadata), or None."""
-    area, _, path = str(metadata.get("image", "")).partition("/")
-    if not path:
+def reference_of(item_id: str, item: Item) -> dict[str, Any] | None:
+    """An indexed product as an embed batch takes it (its photos' areas and paths), or None without a photo."""
+    photos = [{"area": area, "path": path} for photo in item.photos
+              for area, _, path in [str(photo.image or "").partition("/")] if path]  # fmt: skip
+    if not photos:
         return None
-    return {"id": item_id, "area": area, "path": path, "metadata": {k: v for k, v in metadata.items() if k != "image"}}
+    return {"id": item_id, "photos": photos, "metadata": {k: v for k, v in item.metadata.items() if k != "image"}}
 
 
 def metadata_change(item_id: str, item: Item) -> Change:
-    """An upsert of an item's metadata for the same photo (no vector: the index keeps the one it has)."""
+    """An upsert of a product's metadata for the same photos (no vectors: the index keeps the ones it has)."""
     return Change(
         op="upsert",
         id=item_id,
         metadata=item.metadata,
-        image_sha256=item.image_sha256,
+        photos=[Photo(photo.sha256, photo.image) for photo in item.photos],
         metadata_sha256=item.metadata_sha256,
     )

@@ -1,6 +1,7 @@
-"""Catalogue sources -> items to load: a CSV, a folder of images, a tar archive, or the Fashion dataset layout.
+"""Catalogue sources -> products to load: a CSV, a folder of images, a tar archive, or the Fashion dataset layout.
 
-Items carry references to their images (see `common.areas`), never the image bytes.
+A product has one photo or several, the first its main one; items carry references to their photos (see
+`common.areas`), never the image bytes.
 """
 
 from __future__ import annotations
@@ -28,20 +29,39 @@ UNPACKING = "."  # how the staging folder of an archive being unpacked in DATA_D
 ID_COLUMN, IMAGE_COLUMN = "id", "image"
 
 
-@dataclass
-class CatalogItem:
-    id: str
+@dataclass(frozen=True)
+class Photo:
     area: str  # "catalog", "uploads" or "archives": which configured folder `path` is relative to
     path: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.area}/{self.path}"
+
+
+@dataclass
+class CatalogItem:
+    """A product: its photos (the first the main one) and its metadata."""
+
+    id: str
+    photos: list[Photo]
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def as_message(self) -> dict[str, Any]:
-        return {"id": self.id, "area": self.area, "path": self.path, "metadata": self.metadata}
+        photos = [{"area": photo.area, "path": photo.path} for photo in self.photos]
+        return {"id": self.id, "photos": photos, "metadata": self.metadata}
+
+
+def photos_of(message: dict[str, Any]) -> list[Photo]:
+    """A product message's photos; a message queued before products had several names its one photo by itself."""
+    if "photos" in message:
+        return [Photo(photo["area"], photo["path"]) for photo in message["photos"]]
+    return [Photo(message["area"], message["path"])]
 
 
 @dataclass
 class CatalogPlan:
-    """What a load will do: the items to embed and the rows refused up front (by row id)."""
+    """What a load will do: the products to embed and the rows refused up front (by row id)."""
 
     items: list[CatalogItem] = field(default_factory=list)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -81,66 +101,173 @@ def _reason(error: Exception) -> str:
     return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
+@dataclass
+class _Product:
+    """A product being planned: its photos so far, each with where it came from, and its unusable photos."""
+
+    id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    photos: dict[Photo, str] = field(default_factory=dict)
+    # (row key, the error under it, the error under the product's id when none of its photos is usable)
+    unusable: list[tuple[str, dict[str, str], dict[str, str]]] = field(default_factory=list)
+
+    def finish(self, plan: CatalogPlan) -> None:
+        """Into the plan: the product when a photo of it is usable, else its first unusable photo's error under its id
+        (as a one-photo product fails); its other unusable photos are errors of their rows."""
+        if self.photos:
+            plan.items.append(CatalogItem(self.id, list(self.photos), self.metadata))
+        for number, (key, error, alone) in enumerate(self.unusable):
+            if number == 0 and not self.photos:
+                plan.errors[self.id] = alone
+            else:
+                plan.errors.setdefault(key, error)
+
+
 def _plan_csv(settings: Settings, csv_path: Path) -> CatalogPlan:
-    """One row per product: `id`, optional `image` (relative to the CSV; default images/<id>.jpg), metadata."""
+    """Rows that share an `id` are one product, a photo per row (as Shopify's product CSV repeats the handle on one
+    row per image): `image` is relative to the CSV, default images/<id>.jpg or else the images in images/<id>/; each
+    metadata field is the first row's that has it."""
     plan = CatalogPlan()
-    seen: set[str] = set()
+    products: dict[str, _Product] = {}
     for line, row in _read_rows(settings, csv_path, plan):
         item_id = row.pop(ID_COLUMN, "").strip()
-        image = row.pop(IMAGE_COLUMN, "").strip() or f"images/{item_id}.jpg"
+        image = row.pop(IMAGE_COLUMN, "").strip()
         where = f"line {line} of {csv_path.name}"
         if not item_id:
             plan.errors[f"line {line}"] = item_error(ErrorCode.INVALID_ROW, f"{where} has no id")
-        elif problem := id_problem(item_id):
+            continue
+        if problem := id_problem(item_id):
             plan.errors[f"line {line}"] = item_error(ErrorCode.INVALID_ID, f"{problem}; change it on {where}")
-        elif item_id in seen:
-            plan.errors[f"{item_id} (line {line})"] = item_error(
-                ErrorCode.DUPLICATE_ID, f"id {item_id} appears again on {where}; the first row was loaded"
-            )
-        else:
-            seen.add(item_id)
-            _add(settings, plan, item_id, csv_path.parent / image, image, _clean(row))
+            continue
+        product = products.setdefault(item_id, _Product(item_id))
+        for name, value in _clean(row).items():
+            product.metadata.setdefault(name, value)
+        photos = [(csv_path.parent / image, image)] if image else _default_photos(csv_path.parent, item_id)
+        _add_row(settings, plan, product, photos, line, where, named=bool(image))
+    for product in products.values():
+        product.finish(plan)
     return plan
 
 
+def _add_row(
+    settings: Settings,
+    plan: CatalogPlan,
+    product: _Product,
+    photos: list[tuple[Path, str]],
+    line: int,
+    where: str,
+    named: bool,
+) -> None:
+    """A CSV row's photos (each path with its name as shown) into its product; `named`: the row's `image` names its
+    one photo, rather than the defaults finding them."""
+    key, over = f"{product.id} (line {line})", 0
+    for path, image in photos:
+        photo = _photo(settings, path)
+        if isinstance(photo, tuple):
+            code, how = photo
+            product.unusable.append(
+                (key, item_error(code, f"image {image} on {where} {how}"), item_error(code, f"image {image} {how}"))
+            )
+        elif photo in product.photos:
+            if named:  # a repeat in images/<id>/ is a photo a row named already: loaded once, nothing lost
+                plan.errors[key] = item_error(
+                    ErrorCode.DUPLICATE_ID,
+                    f"image {image} of {product.id} appears again on {where}; it was loaded from "
+                    f"{product.photos[photo]}",
+                )
+        elif len(product.photos) >= settings.max_photos:
+            over += 1
+        else:
+            product.photos[photo] = f"line {line}"
+    if over:
+        what = f"the photo on {where}" if over == 1 else f"{over} photos of {where}"
+        plan.errors[key] = _too_many(settings, product.id, what, over)
+
+
+def _default_photos(folder: Path, item_id: str) -> list[tuple[Path, str]]:
+    """The photos of a row without an image (each path with its name as shown): images/<id>.jpg when it exists, else
+    the images in images/<id>/ by name when there are any, else images/<id>.jpg (which does not exist)."""
+    single, album = folder / "images" / f"{item_id}.jpg", folder / "images" / item_id
+    if not single.is_file() and album.is_dir():
+        photos = sorted(path for path in album.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+        if photos:
+            return [(path, _printable(f"images/{item_id}/{path.name}")) for path in photos]
+    return [(single, f"images/{item_id}.jpg")]
+
+
 def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str, Any]] | None) -> CatalogPlan:
-    """Every image under `folder` is an item whose id is its file name without the suffix."""
+    """Every image under `folder` is a photo of the product its file name without the suffix names, or, in a folder
+    images/<id>/, its folder names: the single file first, then the folder's images by name."""
     plan = CatalogPlan()
-    seen: dict[str, Path] = {}
+    found: dict[str, tuple[list[Path], list[Path]]] = {}  # id -> (its single file, the images of images/<id>/)
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        relative = str(path.relative_to(folder))
-        if not _is_utf8(relative):
-            # Python hands an undecodable byte on as a lone surrogate, which no job record or message can carry
-            shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
+        relative = path.relative_to(folder)
+        if not _is_utf8(str(relative)):
+            shown = _printable(str(relative))
             plan.errors[shown] = item_error(
                 ErrorCode.INVALID_NAME, f"the file name {shown} is not valid UTF-8; rename the file to load it"
             )
             continue
-        item_id = path.stem
+        in_album = len(relative.parts) >= 3 and relative.parts[-3] == "images"
+        item_id = relative.parts[-2] if in_album else path.stem
         if problem := id_problem(item_id):
-            plan.errors[relative] = item_error(
-                ErrorCode.INVALID_ID, f"{problem}; rename the file {relative} to load it"
+            named, kind = (relative.parent, "folder") if in_album else (relative, "file")
+            plan.errors[str(named)] = item_error(
+                ErrorCode.INVALID_ID, f"{problem}; rename the {kind} {named} to load it"
             )
-        elif item_id in seen:
-            plan.errors[relative] = item_error(
-                ErrorCode.DUPLICATE_ID, f"id {item_id} is also {seen[item_id].relative_to(folder)}; that one was loaded"
+            continue
+        single, album = found.setdefault(item_id, ([], []))
+        if in_album:
+            album.append(path)
+        elif single:
+            plan.errors[str(relative)] = item_error(
+                ErrorCode.DUPLICATE_ID, f"id {item_id} is also {single[0].relative_to(folder)}; that one was loaded"
             )
         else:
-            seen[item_id] = path
-            _add(settings, plan, item_id, path, relative, (metadata or {}).get(item_id, {}))
+            single.append(path)
+    for item_id, (single, album) in found.items():
+        product = _Product(item_id, (metadata or {}).get(item_id, {}))
+        for path in [*single, *album]:
+            relative = str(path.relative_to(folder))
+            photo = _photo(settings, path)
+            if isinstance(photo, tuple):
+                error = item_error(photo[0], f"image {relative} {photo[1]}")
+                product.unusable.append((relative, error, error))
+            elif photo in product.photos:
+                continue  # two links to one file: loaded once, nothing lost
+            elif len(product.photos) >= settings.max_photos:
+                plan.errors[relative] = _too_many(settings, item_id, relative)
+            else:
+                product.photos[photo] = relative
+        product.finish(plan)
     return plan
 
 
-def _add(settings: Settings, plan: CatalogPlan, item_id: str, path: Path, shown: str, metadata: dict) -> None:
+def _photo(settings: Settings, path: Path) -> Photo | tuple[ErrorCode, str]:
+    """The photo at `path`, or why it can't be one: (error code, what is wrong with it in words)."""
     try:
         area, relative = locate(settings, path)
     except CatalogError:
-        plan.errors[item_id] = item_error(ErrorCode.OUTSIDE_ROOT, f"image {shown} is outside the catalogue root")
-        return
+        return ErrorCode.OUTSIDE_ROOT, "is outside the catalogue root"
+    if not _is_utf8(str(relative)):
+        return ErrorCode.INVALID_NAME, "has a file name that is not valid UTF-8; rename the file to load it"
     if not path.is_file():
-        plan.errors[item_id] = item_error(ErrorCode.MISSING_FILE, f"image {shown} does not exist")
-        return
-    plan.items.append(CatalogItem(item_id, area, relative.as_posix(), metadata))
+        return ErrorCode.MISSING_FILE, "does not exist"
+    return Photo(area, relative.as_posix())
+
+
+def _too_many(settings: Settings, item_id: str, what: str, count: int = 1) -> dict[str, str]:
+    return item_error(
+        ErrorCode.INVALID_ROW,
+        f"product {item_id} has more than {settings.max_photos} photos (LOOKALIKE_MAX_PHOTOS); {what} "
+        f"{'was' if count == 1 else 'were'} not loaded: raise it to load more",
+    )
+
+
+def _printable(name: str) -> str:
+    """A file name as a job record can carry it: Python hands an undecodable byte on as a lone surrogate, which no
+    job record or message can carry, so it is shown escaped."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _is_utf8(name: str) -> bool:

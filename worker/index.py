@@ -34,13 +34,42 @@ class IndexParams:
 
 
 @dataclass
-class Item:
-    """One catalogue product as the index keeps it (the vector lives in hnswlib under `label`)."""
+class Photo:
+    """One photo of a product: its image's sha256, where it is (`area/path`), and its vector's hnswlib label."""
 
-    label: int
+    sha256: str | None
+    image: str | None = None
+    label: int = -1
+
+    def as_list(self) -> list[Any]:
+        return [self.sha256, self.image]
+
+
+@dataclass
+class Item:
+    """One catalogue product as the index keeps it: its metadata and its photos, main photo first."""
+
     metadata: dict[str, Any]
-    image_sha256: str | None = None
+    photos: list[Photo] = field(default_factory=list)
     metadata_sha256: str | None = None
+
+    @property
+    def labels(self) -> list[int]:
+        return [photo.label for photo in self.photos]
+
+    @property
+    def photo_digests(self) -> str:
+        """Every photo's sha256, in order: two items with the same have the same photos."""
+        return photos_checksum(photo.sha256 for photo in self.photos)
+
+    @property
+    def checksum(self) -> str:
+        """What a load compares to skip an unchanged product: its photos' sha256 and its metadata's."""
+        return f"{self.photo_digests}:{self.metadata_sha256}"
+
+
+def photos_checksum(digests: Iterable[str | None]) -> str:
+    return ",".join(str(digest) for digest in digests)
 
 
 class UnknownField(LookalikeError):
@@ -49,21 +78,26 @@ class UnknownField(LookalikeError):
 
 @dataclass
 class Hit:
+    """A product found: its best photo's score, and which of its photos that is."""
+
     id: str
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    photo: int = 0  # the matched photo's place among the product's photos
+    photos: list[str | None] = field(default_factory=list)  # each photo's image reference, main photo first
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(self.score, 6), "metadata": self.metadata}
+        return {"id": self.id, "score": round(self.score, 6), "metadata": self.metadata, "photo": self.photo,
+                "photos": self.photos}  # fmt: skip
 
 
 class VectorIndex:
-    """Upsert, delete, get and search catalogue items by cosine similarity."""
+    """Upsert, delete, get and search catalogue products by the cosine similarity of their best photo."""
 
     def __init__(self, params: IndexParams, hnsw: hnswlib.Index | None = None) -> None:
         self.params = params
         self.items: dict[str, Item] = {}
-        self.ids_by_label: dict[int, str] = {}
+        self.ids_by_label: dict[int, str] = {}  # each photo's label -> its product's id
         self.next_label = 0
         self.field_counts: Counter[str] = Counter()  # items that have each metadata field
         self._postings: OrderedDict[str, dict[str, set[int]]] = OrderedDict()
@@ -85,96 +119,153 @@ class VectorIndex:
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.items
 
-    def upsert(self, item_id: str, vector: np.ndarray | None, item: Item) -> None:
-        """Insert or replace `item_id`; `vector=None` replaces only the metadata of an existing item."""
+    @property
+    def photo_count(self) -> int:
+        return len(self.ids_by_label)
+
+    def upsert(self, item_id: str, vectors: np.ndarray | None, item: Item) -> None:
+        """Insert `item_id` or replace its set of photos; `vectors` (a row per photo of `item`) may be None when
+        only the metadata changes. A photo the product already has (same sha256) keeps its vector; a photo it no
+        longer has is removed."""
         existing = self.items.get(item_id)
         if existing is not None:
             self._index_metadata(existing, add=False)
-        if vector is None:
+        if vectors is None:
             if existing is None:
                 raise KeyError(f"item {item_id!r} has no vector yet")
-            item.label = existing.label
-            self.items[item_id] = item
-            self._index_metadata(item, add=True)
-            return
-        vector = np.asarray(vector, dtype=np.float32).reshape(1, self.params.dim)
-        if existing is not None:
-            item.label = existing.label
-            self.hnsw.add_items(vector, [item.label])  # same label: hnswlib updates the point in place
+            item.photos = existing.photos
         else:
-            self._reserve(1)
-            item.label = self.next_label
-            self.next_label += 1
-            self.hnsw.add_items(vector, [item.label], replace_deleted=True)
+            rows = np.asarray(vectors, dtype=np.float32).reshape(len(item.photos), self.params.dim)
+            kept: dict[str | None, list[Photo]] = {}
+            for photo in existing.photos if existing is not None else []:
+                kept.setdefault(photo.sha256, []).append(photo)
+            fresh = []
+            for photo, row in zip(item.photos, rows, strict=True):
+                same = kept.get(photo.sha256)
+                if same:
+                    photo.label = same.pop(0).label
+                else:
+                    fresh.append((photo, row))
+            for photo in (photo for left in kept.values() for photo in left):  # photos the product no longer has
+                self.hnsw.mark_deleted(photo.label)  # the slot is reused by the next new photo
+                del self.ids_by_label[photo.label]
+            if fresh:
+                self._reserve(len(fresh))
+                for photo, _ in fresh:
+                    photo.label = self.next_label
+                    self.next_label += 1
+                    self.ids_by_label[photo.label] = item_id
+                self.hnsw.add_items(np.stack([row for _, row in fresh]), [photo.label for photo, _ in fresh],
+                                    replace_deleted=True)  # fmt: skip
         self.items[item_id] = item
-        self.ids_by_label[item.label] = item_id
         self._index_metadata(item, add=True)
 
     def delete(self, item_id: str) -> bool:
         item = self.items.pop(item_id, None)
         if item is None:
             return False
-        self.hnsw.mark_deleted(item.label)  # the slot is reused by the next new item
-        del self.ids_by_label[item.label]
+        for label in item.labels:
+            self.hnsw.mark_deleted(label)  # the slot is reused by the next new photo
+            del self.ids_by_label[label]
         self._index_metadata(item, add=False)
         return True
 
-    def vector(self, item_id: str) -> np.ndarray:
-        """The stored (unit-length) vector of an item."""
-        return np.asarray(self.hnsw.get_items([self.items[item_id].label]), dtype=np.float32)[0]
+    def vectors(self, item_id: str) -> np.ndarray:
+        """The stored (unit-length) vectors of a product's photos, a row each, main photo first."""
+        return np.asarray(self.hnsw.get_items(self.items[item_id].labels), dtype=np.float32)
 
     def search(
         self,
-        vector: np.ndarray,
+        queries: np.ndarray,
         k: int,
         filters: Mapping[str, str] | None = None,
         exclude: str | None = None,
     ) -> list[Hit]:
-        """Top-`k` items by cosine similarity, optionally only those whose metadata equals every filter (of fields
-        the catalogue has: else UnknownField)."""
+        """The `k` products whose best photo is most similar to any of the query vectors (one, or a row each),
+        each once; optionally only products whose metadata equals every filter (of fields the catalogue has: else
+        UnknownField). Photos are asked for until `k` products are found or none are left, so a product with many
+        near-identical photos can't crowd the others out."""
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.params.dim)
         allowed = self._matching_labels(filters) if filters else None
-        wanted = k + (1 if exclude in self.items else 0)
-        available = len(self.items) if allowed is None else len(allowed)
-        if wanted == 0 or available == 0:
+        excluded = set(self.items[exclude].labels) if exclude in self.items else set()
+        if allowed is not None:
+            allowed -= excluded
+        pool = self.photo_count if allowed is None else len(allowed)  # photos a query may return
+        if k == 0 or pool - (len(excluded) if allowed is None else 0) <= 0 or len(queries) == 0:
             return []
-        count = min(wanted, available)
-        query = np.asarray(vector, dtype=np.float32).reshape(1, self.params.dim)
-        self.hnsw.set_ef(max(self.params.ef, count))
-        if allowed is None:
-            labels, distances = self.hnsw.knn_query(query, k=count)
-        else:
-            labels, distances = self._filtered_query(query, count, allowed)
-        hits = []
-        for label, distance in zip(labels[0], distances[0], strict=True):
-            item_id = self.ids_by_label[int(label)]
-            if item_id != exclude:
-                hits.append(Hit(item_id, 1.0 - float(distance), self.items[item_id].metadata))
-        return hits[:k]
+        count = min(k + (len(excluded) if allowed is None else 0), pool)
+        while True:
+            best = self._best_per_product(queries, count, allowed, exclude)
+            if min(best.found_per_query) >= k or count == pool:
+                break
+            count = min(2 * count, pool)
+        ranked = sorted(best.hits.values(), key=lambda hit: (-hit.score, hit.id))
+        return ranked[:k]
 
-    def _filtered_query(self, query: np.ndarray, count: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
-        """hnswlib's filtered search, or exact search over the allowed items when the filter is selective."""
+    def _best_per_product(
+        self, queries: np.ndarray, count: int, allowed: set[int] | None, exclude: str | None
+    ) -> _Products:
+        """Each product's best photo among the `count` nearest photos of each query."""
+        if allowed is None:
+            labels, distances = self._query(queries, count)
+        else:
+            labels, distances = self._filtered_query(queries, count, allowed)
+        products = _Products()
+        for row_labels, row_distances in zip(labels, distances, strict=True):
+            found = set()
+            for label, distance in zip(row_labels, row_distances, strict=True):
+                item_id = self.ids_by_label[int(label)]
+                if item_id == exclude:
+                    continue
+                found.add(item_id)
+                score = 1.0 - float(distance)
+                hit = products.hits.get(item_id)
+                if hit is None or score > hit.score:
+                    item = self.items[item_id]
+                    products.hits[item_id] = Hit(item_id, score, item.metadata, item.labels.index(int(label)),
+                                                 [photo.image for photo in item.photos])  # fmt: skip
+            products.found_per_query.append(len(found))
+        return products
+
+    def _query(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        self.hnsw.set_ef(max(self.params.ef, count))
+        try:
+            return self.hnsw.knn_query(queries, k=count)
+        except RuntimeError:  # fewer than `count` reachable within the beam: asked for (nearly) every photo
+            return self.exact_query(queries, count, np.fromiter(self.ids_by_label, dtype=np.uint64))
+
+    def _filtered_query(self, queries: np.ndarray, count: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """hnswlib's filtered search, or exact search over the allowed photos when the filter is selective."""
         if len(allowed) > max(EXACT_FILTER_LIMIT, 4 * count):
             try:
-                return self.hnsw.knn_query(query, k=count, filter=lambda label: label in allowed)
+                self.hnsw.set_ef(max(self.params.ef, count))
+                return self.hnsw.knn_query(queries, k=count, filter=lambda label: label in allowed)
             except RuntimeError:  # hnswlib found fewer than `count` matches within its beam
                 pass
-        unit_query = query[0] / max(float(np.linalg.norm(query)), 1e-12)
-        all_labels = np.fromiter(allowed, dtype=np.uint64, count=len(allowed))
-        best_labels, best_distances = np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.float32)
-        for start in range(0, len(all_labels), EXACT_CHUNK):  # bounded memory: a chunk of vectors at a time
-            labels = np.concatenate([best_labels, all_labels[start : start + EXACT_CHUNK]])
-            vectors = np.asarray(self.hnsw.get_items(labels[len(best_labels) :]), dtype=np.float32)
-            distances = np.concatenate([best_distances, 1.0 - vectors @ unit_query])
-            order = np.argsort(distances, kind="stable")[:count]
-            best_labels, best_distances = labels[order], distances[order]
-        return best_labels[None, :], best_distances[None, :]
+        return self.exact_query(queries, count, np.fromiter(allowed, dtype=np.uint64, count=len(allowed)))
+
+    def exact_query(self, queries: np.ndarray, count: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The `count` nearest of `labels` to each query by brute force, in chunks of EXACT_CHUNK vectors."""
+        units = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        best_labels = np.empty((len(queries), 0), dtype=np.uint64)
+        best_distances = np.empty((len(queries), 0), dtype=np.float32)
+        for start in range(0, len(labels), EXACT_CHUNK):  # bounded memory: a chunk of vectors at a time
+            chunk = labels[start : start + EXACT_CHUNK]
+            vectors = np.asarray(self.hnsw.get_items(chunk), dtype=np.float32)
+            candidates = np.concatenate([best_labels, np.broadcast_to(chunk, (len(queries), len(chunk)))], axis=1)
+            distances = np.concatenate([best_distances, 1.0 - units @ vectors.T], axis=1)
+            order = np.argsort(distances, axis=1, kind="stable")[:, :count]
+            best_labels = np.take_along_axis(candidates, order, axis=1)
+            best_distances = np.take_along_axis(distances, order, axis=1)
+        return best_labels, best_distances
 
     def fields(self) -> list[str]:
         """The metadata fields items have, the ones a filter may name."""
         return sorted(self.field_counts)
 
     def _matching_labels(self, filters: Mapping[str, str]) -> set[int]:
-        """Labels whose metadata equals every filter, from per-field postings built on a field's first use."""
+        """Labels of the photos of products whose metadata equals every filter, from per-field postings built on
+        a field's first use."""
         problem = unknown_field(filters, self.field_counts)
         if problem:
             raise UnknownField(problem)
@@ -191,7 +282,7 @@ class VectorIndex:
             return self._postings[name]
         postings: dict[str, set[int]] = {}
         for item in self.items.values():
-            postings.setdefault(str(item.metadata.get(name)), set()).add(item.label)
+            postings.setdefault(str(item.metadata.get(name)), set()).update(item.labels)
         self._postings[name] = postings
         if len(self._postings) > POSTED_FIELDS:
             self._postings.popitem(last=False)
@@ -205,9 +296,9 @@ class VectorIndex:
         for name, postings in self._postings.items():
             labels = postings.setdefault(str(item.metadata.get(name)), set())
             if add:
-                labels.add(item.label)
+                labels.update(item.labels)
             else:
-                labels.discard(item.label)
+                labels.difference_update(item.labels)
 
     def facets(self, max_values: int) -> dict[str, list[str]]:
         """Metadata fields with 2..`max_values` distinct values (gender, category, ...), values most common first."""
@@ -234,9 +325,10 @@ class VectorIndex:
     def stats(self) -> dict[str, Any]:
         return {
             "items": len(self.items),
+            "photos": self.photo_count,
             "dimension": self.params.dim,
             "capacity": self.hnsw.get_max_elements(),
-            "deleted_slots": self.hnsw.element_count - len(self.items),
+            "deleted_slots": self.hnsw.element_count - self.photo_count,
             "M": self.params.m,
             "ef_construction": self.params.ef_construction,
             "ef": self.params.ef,
@@ -246,28 +338,31 @@ class VectorIndex:
         self.hnsw.save_index(str(path))
 
     def stored_vectors(self) -> tuple[list[str], np.ndarray]:
-        """Every item's id and its unit vector as stored, in the same order."""
-        ids = list(self.items)
-        if not ids:
+        """Every photo's vector as stored, a row each (products in order, their photos in order), with its
+        product's id."""
+        labels = [label for item in self.items.values() for label in item.labels]
+        ids = [item_id for item_id, item in self.items.items() for _ in item.photos]
+        if not labels:
             return ids, np.zeros((0, self.params.dim), dtype=np.float32)
-        labels = [self.items[item_id].label for item_id in ids]
         return ids, np.asarray(self.hnsw.get_items(labels), dtype=np.float32)
 
     @classmethod
     def build(cls, params: IndexParams, entries: list[tuple[str, Item]], vectors: np.ndarray) -> VectorIndex:
-        """A new index of `entries` and their `vectors` (same order), built in one call on every core."""
+        """A new index of `entries` and their photos' `vectors` (a row per photo, in the same order), built in one
+        call on every core."""
+        photos = [photo for _, item in entries for photo in item.photos]
         hnsw = hnswlib.Index(space="cosine", dim=params.dim)
         hnsw.init_index(
-            max_elements=max(INITIAL_CAPACITY, len(entries)),
+            max_elements=max(INITIAL_CAPACITY, len(photos)),
             M=params.m,
             ef_construction=params.ef_construction,
             allow_replace_deleted=True,
         )
-        if entries:
-            hnsw.add_items(np.asarray(vectors, dtype=np.float32), np.arange(len(entries)), num_threads=-1)
-        for label, (_, item) in enumerate(entries):
-            item.label = label
-        return cls(params, hnsw)._adopt(entries, next_label=len(entries))
+        if photos:
+            hnsw.add_items(np.asarray(vectors, dtype=np.float32), np.arange(len(photos)), num_threads=-1)
+        for label, photo in enumerate(photos):
+            photo.label = label
+        return cls(params, hnsw)._adopt(entries, next_label=len(photos))
 
     @classmethod
     def load(cls, params: IndexParams, path: Path, items: Iterable[tuple[str, Item]], next_label: int) -> VectorIndex:
@@ -278,7 +373,15 @@ class VectorIndex:
     def _adopt(self, items: Iterable[tuple[str, Item]], next_label: int) -> VectorIndex:
         for item_id, item in items:
             self.items[item_id] = item
-            self.ids_by_label[item.label] = item_id
+            self.ids_by_label.update((label, item_id) for label in item.labels)
             self.field_counts.update(item.metadata.keys())
         self.next_label = next_label
         return self
+
+
+@dataclass
+class _Products:
+    """Products found by a search so far: the best hit of each, and how many each query found."""
+
+    hits: dict[str, Hit] = field(default_factory=dict)
+    found_per_query: list[int] = field(default_factory=list)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import redis
 from celery import Celery, current_app
 
@@ -39,6 +40,7 @@ from worker.aliases import (
 )
 from worker.builds import IndexBuild, reference_of
 from worker.feed import ChangeFeed
+from worker.index import Item, Photo
 from worker.reader import IndexReader
 from worker.recovery import give_back
 from worker.snapshots import ModelIdentity, ModelMismatch
@@ -141,7 +143,7 @@ class IndexOwner:
             pipe.delete(keys.CHECKSUMS)
             pending = {}
             for item_id, item in self.store.index.items.items():
-                pending[item_id] = f"{item.image_sha256}:{item.metadata_sha256}"
+                pending[item_id] = item.checksum
                 if len(pending) == 5000:
                     pipe.hset(keys.CHECKSUMS, mapping=pending)
                     pending = {}
@@ -193,7 +195,9 @@ class IndexOwner:
                 f"item {message['id']} was deleted while this load read it; load the catalogue again to index it",
             )
             for message in messages
-            if message["op"] == "upsert" and not message.get("vector") and message["id"] not in store.index
+            if message["op"] == "upsert"
+            and not (message.get("vectors") or message.get("vector"))
+            and message["id"] not in store.index
         }
         foreign = {**vanished, **foreign}
         try:
@@ -232,7 +236,7 @@ class IndexOwner:
             for message in messages
             if message["op"] == "upsert"
             and (message.get("model_sha256"), message.get("resize")) == (replaced.sha256, replaced.resize)
-            and (reference := reference_of(message["id"], message.get("metadata") or {}))
+            and (reference := reference_of(message["id"], _item(message)))
         ]
         if again:
             current_app.send_task(Task.EMBED_BATCH, args=[job_id, again, str(self.model.path)])
@@ -394,10 +398,11 @@ class IndexOwner:
     def _update_checksums(self, changes: list[Change]) -> None:
         with self.redis.pipeline() as pipe:
             for change in changes:
-                if change.op == "delete":
+                item = self.store.index.items.get(change.id)
+                if item is None:
                     pipe.hdel(keys.CHECKSUMS, change.id)
                 else:
-                    pipe.hset(keys.CHECKSUMS, change.id, f"{change.image_sha256}:{change.metadata_sha256}")
+                    pipe.hset(keys.CHECKSUMS, change.id, item.checksum)
             pipe.execute()
 
     def duplicate_pairs(
@@ -411,7 +416,7 @@ class IndexOwner:
         ids = sorted(item_id for item_id in index.items if after is None or item_id > after)[:count]
         pairs = []
         for item_id in ids:
-            for hit in index.search(index.vector(item_id), k, exclude=item_id):
+            for hit in index.search(index.vectors(item_id), k, exclude=item_id):
                 if hit.score >= threshold:
                     pairs.append({"a": min(item_id, hit.id), "b": max(item_id, hit.id), "score": round(hit.score, 6)})
         return pairs, ids
@@ -448,14 +453,24 @@ class IndexOwner:
 
 
 def _change(message: dict[str, Any]) -> Change:
+    """An embed worker's upsert (or delete) as the log keeps it."""
+    vectors = message.get("vectors") or ([message["vector"]] if message.get("vector") else None)
     return Change(
         op=message["op"],
         id=message["id"],
         metadata=message.get("metadata"),
-        image_sha256=message.get("image_sha256"),
+        photos=_item(message).photos,
         metadata_sha256=message.get("metadata_sha256"),
-        vector=decode_vector(message["vector"]) if message.get("vector") else None,
+        vectors=np.stack([decode_vector(vector) for vector in vectors]) if vectors else None,
     )
+
+
+def _item(message: dict[str, Any]) -> Item:
+    """The product an embed worker's upsert describes (one sent before products had several photos has one)."""
+    metadata = message.get("metadata") or {}
+    listed = message.get("photos") or [{"sha256": message.get("image_sha256"), "image": metadata.get("image")}]
+    photos = [Photo(photo["sha256"], photo["image"]) for photo in listed]
+    return Item(metadata, photos, message.get("metadata_sha256"))
 
 
 def _refusal_code(error: Exception) -> ErrorCode:

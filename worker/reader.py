@@ -79,7 +79,7 @@ class IndexReader:
             return {"answers": answers, "seq": self.state.seq, **calibrated}
 
     def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int) -> dict[str, Any]:
-        """'More like this': the item's own vector as the query, the item itself left out."""
+        """'More like this': every photo of the product as a query, the product itself left out."""
         refused = self.refusal(min_seq)
         if refused:
             return refused
@@ -88,7 +88,7 @@ class IndexReader:
             if item_id not in index:
                 return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
             try:
-                hits = index.search(index.vector(item_id), k, filters, exclude=item_id)
+                hits = index.search(index.vectors(item_id), k, filters, exclude=item_id)
             except UnknownField as error:
                 return {"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))}
             found, verdict = self.judged(hits)
@@ -108,7 +108,8 @@ class IndexReader:
         item = self.state.index.items.get(item_id)
         if item is None:
             return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
-        return {"item": {"id": item_id, "metadata": item.metadata}, "seq": self.state.seq}
+        photos = [photo.image for photo in item.photos]
+        return {"item": {"id": item_id, "metadata": item.metadata, "photos": photos}, "seq": self.state.seq}
 
     def figures(self) -> dict[str, Any]:
         """What the index holds: items, dimension, hnswlib's parameters, the model, the sequence number, the PCA."""
@@ -122,15 +123,17 @@ class IndexReader:
         }
 
     def digest(self) -> str:
-        """A sha256 of every item: its id, metadata and checksums, and its vector as stored. Two readers with the
-        same digest hold the same catalogue (replicas are compared with the owner this way)."""
+        """A sha256 of every product: its id, metadata, photos and checksums, and its photos' vectors as stored.
+        Two readers with the same digest hold the same catalogue (replicas are compared with the owner this way)."""
         digest = hashlib.sha256()
         with self.lock:
-            ids, vectors = self.state.index.stored_vectors()
-            for item_id, vector in sorted(zip(ids, vectors, strict=True), key=lambda pair: pair[0]):
-                item = self.state.index.items[item_id]
-                fields = [item_id, item.metadata, item.image_sha256, item.metadata_sha256]
-                digest.update(json.dumps(fields, sort_keys=True).encode() + vector.astype("<f4").tobytes())
+            index = self.state.index
+            for item_id in sorted(index.items):
+                item = index.items[item_id]
+                fields = [item_id, item.metadata, [photo.as_list() for photo in item.photos], item.metadata_sha256]
+                digest.update(
+                    json.dumps(fields, sort_keys=True).encode() + index.vectors(item_id).astype("<f4").tobytes()
+                )
         return digest.hexdigest()
 
     def filterable(self) -> dict[str, Any]:

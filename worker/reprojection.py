@@ -47,12 +47,15 @@ class Source:
     index_id: str
 
     def holds(self, item_id: str, item: Item) -> bool:
-        """Whether the source holds the item's vector, for the same photo."""
+        """Whether the source holds the product's vectors, for the same photos."""
         found = self.index.items.get(item_id)
-        return found is not None and found.image_sha256 == item.image_sha256
+        return found is not None and found.photo_digests == item.photo_digests
 
-    def project(self, ids: list[str]) -> np.ndarray:
-        return self.head.project(np.stack([self.index.vector(item_id) for item_id in ids]))
+    def project(self, ids: list[str]) -> list[np.ndarray]:
+        """Each product's photos' vectors, re-projected (a row per photo)."""
+        stored = [self.index.vectors(item_id) for item_id in ids]
+        projected = self.head.project(np.concatenate(stored))
+        return np.split(projected, np.cumsum([len(vectors) for vectors in stored])[:-1])
 
 
 def head_of(model: EmbeddingModel) -> tuple[str, Path] | None:

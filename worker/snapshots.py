@@ -19,7 +19,7 @@ from typing import Any
 
 from common.errors import LookalikeError
 from common.files import atomic_write_bytes, file_sha256, fsync_path
-from worker.index import IndexParams, Item, VectorIndex
+from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.projection import Projection
 
 FORMAT = "lookalike-index/1"
@@ -124,16 +124,22 @@ def read_snapshot(folder: Path, ef: int) -> Snapshot:
     params = IndexParams(**{**manifest["params"], "ef": ef})
     projection = Projection.load(folder / PROJECTION) if manifest.get("projection") else None
     try:
-        items = (
-            (item_id, Item(label, metadata, image_sha, meta_sha))
-            for item_id, label, metadata, image_sha, meta_sha in json.loads((folder / ITEMS).read_text())
-        )
+        items = (read_item(row) for row in json.loads((folder / ITEMS).read_text()))
         index = VectorIndex.load(params, folder / VECTORS, items, manifest["next_label"])
     except (OSError, ValueError, RuntimeError) as error:  # hnswlib raises RuntimeError on a file it can't read
         raise IndexStoreError(f"index snapshot {folder} can't be read: {error}") from error
     identity = ModelIdentity(**manifest["model"])
     index_id = manifest.get("index_id", "")
     return Snapshot(folder.name, index_id, manifest["seq"], identity, params, projection, index, manifest["items"])
+
+
+def read_item(row: list[Any]) -> tuple[str, Item]:
+    """One product of items.json: [id, [[sha256, image, label], ...], metadata, metadata sha256]."""
+    if len(row) == 5:  # written before products had several photos: [id, label, metadata, image sha256, metadata's]
+        item_id, label, metadata, image_sha, meta_sha = row
+        return item_id, Item(metadata, [Photo(image_sha, metadata.get("image"), label)], meta_sha)
+    item_id, photos, metadata, meta_sha = row
+    return item_id, Item(metadata, [Photo(digest, image, label) for digest, image, label in photos], meta_sha)
 
 
 def write_snapshot(
@@ -156,7 +162,7 @@ def write_snapshot(
         projection.save(staging / PROJECTION)
         files.append(PROJECTION)
     items = [
-        [item_id, item.label, item.metadata, item.image_sha256, item.metadata_sha256]
+        [item_id, [[*photo.as_list(), photo.label] for photo in item.photos], item.metadata, item.metadata_sha256]
         for item_id, item in index.items.items()
     ]
     items_data = json.dumps(items, separators=(",", ":")).encode()

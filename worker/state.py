@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.index import IndexParams, Item, VectorIndex
+from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.projection import Projection
 from worker.snapshots import ModelIdentity, Snapshot
 from worker.wal import Change
@@ -34,13 +34,14 @@ class IndexState:
         if change.op == "delete":
             self.index.delete(change.id)
             return
-        if change.vector is None and change.id not in self.index:
+        if change.vectors is None and change.id not in self.index:
             return  # a metadata-only change to an item deleted since: nothing to update
-        item = Item(-1, change.metadata or {}, change.image_sha256, change.metadata_sha256)
-        self.index.upsert(change.id, self.to_index_space(change.vector), item)
+        photos = [Photo(photo.sha256, photo.image) for photo in change.photos]
+        item = Item(change.metadata or {}, photos, change.metadata_sha256)
+        self.index.upsert(change.id, self.to_index_space(change.vectors), item)
 
-    def to_index_space(self, vector: np.ndarray | None) -> np.ndarray | None:
-        """A model vector as the index compares it: reduced when a PCA has been fitted."""
-        if vector is None or self.projection is None:
-            return vector
-        return self.projection.apply(vector[None])[0]
+    def to_index_space(self, vectors: np.ndarray | None) -> np.ndarray | None:
+        """Model vectors (a row each) as the index compares them: reduced when a PCA has been fitted."""
+        if vectors is None or self.projection is None:
+            return vectors
+        return self.projection.apply(np.atleast_2d(vectors))

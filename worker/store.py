@@ -135,9 +135,11 @@ class DurableIndex(IndexState):
         if not changes:
             return
         for number, change in enumerate(changes, start=self.seq + 1):
-            if change.vector is not None and change.vector.shape != (self.identity.dimension,):
-                expected = (self.identity.dimension,)
-                raise IndexStoreError(f"vector of {change.id!r} has shape {change.vector.shape}, expected {expected}")
+            expected = (len(change.photos), self.identity.dimension)
+            if change.vectors is not None and (not change.photos or change.vectors.shape != expected):
+                raise IndexStoreError(
+                    f"vectors of {change.id!r} have shape {change.vectors.shape}, expected {expected}"
+                )
             change.seq = number
         self.wal.append(changes)  # a batch the log did not take leaves no hole in the sequence numbers
         self.seq = changes[-1].seq
@@ -158,14 +160,14 @@ class DurableIndex(IndexState):
         wish = self.reduction
         if wish is None or self.projection is not None or self.mismatch or len(self.index) < wish.fit_items:
             return False
-        ids, vectors = self.index.stored_vectors()
+        _, vectors = self.index.stored_vectors()
         projection = Projection.fit(vectors, wish.dimension)
-        entries = [(item_id, self.index.items[item_id]) for item_id in ids]
+        entries = list(self.index.items.items())  # in the order of the vectors' products
         self.params = replace(self.params, dim=projection.dimension)
         self.index = VectorIndex.build(self.params, entries, projection.apply(vectors))
         self.projection = projection
         log.info(
-            "index %s reduced by PCA from %d to %d dimensions, fitted on %d items (%.1f%% of the variance kept)",
+            "index %s reduced by PCA from %d to %d dimensions, fitted on %d photos (%.1f%% of the variance kept)",
             self.directory,
             projection.input_dimension,
             projection.dimension,

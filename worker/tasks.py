@@ -19,7 +19,7 @@ from protocol.jobs import item_error
 from protocol.queues import Task
 from worker import runtime
 from worker.catalog import plan_catalog
-from worker.embedding import embed_items
+from worker.embedding import batches, embed_items
 from worker.owner import IndexOwner
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ def plan_load(self: Any, job_id: str, source: str, metadata_csv: str | None = No
     jobs.remember_items(job_id, messages)  # what the watchdog re-queues should a message be lost
     queued = 0
     try:
-        for queued in range(0, len(messages), settings.batch):
-            embed_batch.delay(job_id, messages[queued : queued + settings.batch])
-        queued = len(messages)
+        for batch in batches(messages, settings.batch):
+            embed_batch.delay(job_id, batch)
+            queued += len(batch)
     except Exception as error:  # the items not queued are counted failed, or the load would wait for them for ever
         log.exception("load %s: %d items could not be queued", job_id, len(messages) - queued)
         reason = item_error(ErrorCode.ENQUEUE_FAILED, f"the item could not be queued: {error}; load it again")

@@ -8,7 +8,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,9 +17,10 @@ import numpy as np
 
 from common.errors import LookalikeError
 from common.files import fsync_path
+from worker.index import Photo
 
 # Each record: payload length, CRC-32 of the payload, sequence number; then the payload:
-# JSON length, JSON (operation, id, metadata, checksums), and the raw float32 vector if there is one.
+# JSON length, JSON (operation, id, metadata, photos, checksum), and the raw float32 vectors if there are any.
 RECORD_HEADER = struct.Struct("<IIQ")
 JSON_LENGTH = struct.Struct("<I")
 PREFIX = "wal-"
@@ -31,14 +32,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Change:
-    """An upsert (with or without a new vector) or a delete of one catalogue item."""
+    """An upsert (of a product's photos and metadata, or its metadata alone) or a delete of one catalogue product."""
 
     op: str
     id: str
     metadata: dict[str, Any] | None = None
-    image_sha256: str | None = None
+    photos: list[Photo] = field(default_factory=list)  # main photo first
     metadata_sha256: str | None = None
-    vector: np.ndarray | None = None
+    vectors: np.ndarray | None = None  # the model's vector of each photo, a row each; None: only the metadata changes
     seq: int = 0
 
     def encode(self) -> bytes:
@@ -47,21 +48,25 @@ class Change:
                 "op": self.op,
                 "id": self.id,
                 "metadata": self.metadata,
-                "image_sha256": self.image_sha256,
+                "photos": [photo.as_list() for photo in self.photos],
                 "metadata_sha256": self.metadata_sha256,
             },
             separators=(",", ":"),
         ).encode()
-        vector = b"" if self.vector is None else np.asarray(self.vector, dtype="<f4").tobytes()
-        return JSON_LENGTH.pack(len(header)) + header + vector
+        vectors = b"" if self.vectors is None else np.asarray(self.vectors, dtype="<f4").tobytes()
+        return JSON_LENGTH.pack(len(header)) + header + vectors
 
     @classmethod
     def decode(cls, payload: bytes, seq: int) -> Change:
         (length,) = JSON_LENGTH.unpack_from(payload)
         fields = json.loads(payload[JSON_LENGTH.size : JSON_LENGTH.size + length])
+        if "photos" in fields:
+            photos = [Photo(digest, image) for digest, image in fields.pop("photos")]
+        else:  # written before products had several photos: one, whose place the metadata names
+            photos = [Photo(fields.pop("image_sha256"), (fields.get("metadata") or {}).get("image"))]
         raw = payload[JSON_LENGTH.size + length :]
-        vector = np.frombuffer(raw, dtype="<f4").copy() if raw else None
-        return cls(vector=vector, seq=seq, **fields)
+        vectors = np.frombuffer(raw, dtype="<f4").reshape(len(photos), -1).copy() if raw else None
+        return cls(photos=photos, vectors=vectors, seq=seq, **fields)
 
 
 class WriteAheadLog:

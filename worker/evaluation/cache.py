@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import atomic_write_bytes
+from worker.index import photos_checksum
 
 
 class EmbeddingCache:
@@ -26,16 +27,22 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def known_images(self) -> dict[str, str]:
-        """Item id -> the sha256 of the image it had when it was cached (an item whose image changed is embedded)."""
-        return {item_id: image for item_id, image in self._images_by_id.items() if image in self._vectors}
+    def known_photos(self) -> dict[str, str]:
+        """Product id -> its photos' sha256s when it was cached, if each is still cached (a changed product is
+        embedded)."""
+        return {
+            item_id: photos
+            for item_id, photos in self._images_by_id.items()
+            if all(digest in self._vectors for digest in photos.split(","))
+        }
 
     def vector(self, image_sha256: str) -> np.ndarray:
         return self._vectors[image_sha256]
 
-    def add(self, item_id: str, image_sha256: str, vector: np.ndarray) -> None:
-        self._vectors[image_sha256] = np.asarray(vector, dtype=np.float32)
-        self._images_by_id[item_id] = image_sha256
+    def add(self, item_id: str, digests: list[str], vectors: list[np.ndarray]) -> None:
+        for digest, vector in zip(digests, vectors, strict=True):
+            self._vectors[digest] = np.asarray(vector, dtype=np.float32)
+        self._images_by_id[item_id] = photos_checksum(digests)
         self._added += 1
 
     def save(self) -> None:

@@ -33,7 +33,7 @@ from worker.evaluation.calibration import (
 )
 from worker.evaluation.labels import require_label
 from worker.evaluation.metrics import TOP_K, LabelQuality, exact_neighbours, label_quality, recall
-from worker.index import IndexParams, Item, VectorIndex
+from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.projection import Projection
 
 
@@ -165,24 +165,26 @@ def embed_plan(
     ids, vectors, metadata = [], [], []
     errors = dict(plan.errors)
     messages = [item.as_message() for item in plan.items]
-    # A cached image is `known` with an empty metadata checksum: embed_items then reads and hashes it, and when the
-    # image is the same answers a change without a vector (as for new metadata), which the cache's vector fills.
-    known = {item_id: (image, "") for item_id, image in cache.known_images().items()} if cache else {}
+    # A cached product is `known` with an empty metadata checksum: embed_items then reads and hashes its photos, and
+    # when they are the same answers a change without vectors (as for new metadata), which the cache's fill.
+    known = {item_id: (photos, "") for item_id, photos in cache.known_photos().items()} if cache else {}
     embedded = 0
     for start in range(0, len(messages), settings.batch):
         outcome = embed_items(messages[start : start + settings.batch], model, settings, known=known)
         errors |= outcome.errors
         for change in outcome.changes:
-            if "vector" in change:
-                vector = decode_vector(change["vector"])
-                embedded += 1
+            digests = [photo["sha256"] for photo in change["photos"]]
+            if "vectors" in change:
+                photo_vectors = [decode_vector(vector) for vector in change["vectors"]]
+                embedded += len(photo_vectors)
                 if cache is not None:
-                    cache.add(change["id"], change["image_sha256"], vector)
+                    cache.add(change["id"], digests, photo_vectors)
             else:
-                vector = cache.vector(change["image_sha256"])
-            ids.append(change["id"])
-            vectors.append(vector)
-            metadata.append(change["metadata"])
+                photo_vectors = [cache.vector(digest) for digest in digests]
+            for vector in photo_vectors:  # a row per photo, each with its product's id and metadata
+                ids.append(change["id"])
+                vectors.append(vector)
+                metadata.append(change["metadata"])
         if progress:
             progress(min(start + settings.batch, len(messages)), len(messages))
     if cache is not None:
@@ -199,8 +201,10 @@ def reduce(embeddings: Embeddings, projection: Projection) -> Embeddings:
 def build_index(embeddings: Embeddings, params: IndexParams) -> VectorIndex:
     """One item at a time, as a load builds the service's index."""
     index = VectorIndex(params)
-    for item_id, vector, metadata in zip(embeddings.ids, embeddings.vectors, embeddings.metadata, strict=True):
-        index.upsert(item_id, vector, Item(label=-1, metadata=metadata))
+    for number, (item_id, vector, metadata) in enumerate(
+        zip(embeddings.ids, embeddings.vectors, embeddings.metadata, strict=True)
+    ):
+        index.upsert(item_id, vector, Item(metadata, [Photo(str(number))]))
     return index
 
 

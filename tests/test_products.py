@@ -1,0 +1,224 @@
+"""Products with several photos: the index holds a vector per photo and answers products, each once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.stack import Stack
+from lookalike.up import start_workers
+from protocol.client import Client
+from protocol.queues import Queue, Task
+from tests.test_index import DIM, IDENTITY, PARAMS, unit
+from tests.test_scale_out import ask
+from worker.aliases import serving_folder
+from worker.index import IndexParams, Item, Photo, VectorIndex
+from worker.reader import IndexReader
+from worker.snapshots import current_name, read_item, read_snapshot
+from worker.state import IndexState
+from worker.store import DurableIndex
+from worker.wal import JSON_LENGTH, Change, WriteAheadLog
+
+
+def near(vector: np.ndarray, seed: int, spread: float = 0.05) -> np.ndarray:
+    """A photo of the same product: close to `vector`."""
+    noisy = vector + spread * np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+    return noisy / np.linalg.norm(noisy)
+
+
+def product(seeds: list[int], **metadata: str) -> tuple[Item, np.ndarray]:
+    """A product whose photos are named by their seeds (a photo's sha256 stands for its seed)."""
+    return Item(dict(metadata), [Photo(f"img{seed}", f"catalog/{seed}.jpg") for seed in seeds]), np.stack(
+        [unit(seed) for seed in seeds]
+    )
+
+
+def add(index: VectorIndex, item_id: str, seeds: list[int], **metadata: str) -> None:
+    item, vectors = product(seeds, **metadata)
+    index.upsert(item_id, vectors, item)
+
+
+def test_a_search_answers_products_once_with_the_best_photos_score_and_which_photo_matched():
+    index = VectorIndex(PARAMS)
+    add(index, "jacket", [1, 2, 3])
+    add(index, "shirt", [4])
+    add(index, "shoe", [5, 6])
+    hits = index.search(unit(2), 3)
+    assert hits[0].id == "jacket" and len({hit.id for hit in hits}) == 3
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5) and hits[0].photo == 1
+    assert hits[0].photos == ["catalog/1.jpg", "catalog/2.jpg", "catalog/3.jpg"]
+    assert index.stats()["items"] == 3 and index.stats()["photos"] == 6
+
+
+def test_a_product_with_many_near_identical_photos_cannot_crowd_the_others_out():
+    index = VectorIndex(PARAMS)
+    crowd = unit(1000)
+    index.upsert("crowd", np.stack([near(crowd, seed, 0.01) for seed in range(40)]),
+                 Item({}, [Photo(f"c{seed}") for seed in range(40)]))  # fmt: skip
+    for seed in range(50):
+        index.upsert(f"p{seed}", near(crowd, 100 + seed, 0.6)[None], Item({}, [Photo(f"p{seed}")]))
+    hits = index.search(crowd, 5)
+    assert hits[0].id == "crowd" and len(hits) == 5 and len({hit.id for hit in hits}) == 5
+
+
+def test_a_filter_applies_to_the_product_and_more_like_this_uses_every_photo_but_never_the_product_itself():
+    index = VectorIndex(PARAMS)
+    add(index, "a", [1, 2], colour="red")
+    add(index, "b", [3], colour="blue")
+    index.upsert("front-match", near(unit(1), 7)[None], Item({"colour": "red"}, [Photo("f")]))
+    index.upsert("back-match", near(unit(2), 8)[None], Item({"colour": "blue"}, [Photo("g")]))
+    similar = index.search(index.vectors("a"), 2, exclude="a")
+    assert {hit.id for hit in similar} == {"front-match", "back-match"}  # one found by each photo
+    assert [hit.id for hit in index.search(index.vectors("a"), 3, {"colour": "blue"}, exclude="a")] == [
+        "back-match",
+        "b",
+    ]
+    assert all(hit.id != "a" for hit in index.search(unit(1), 10, exclude="a"))
+
+
+def test_an_upsert_replaces_the_set_of_photos_and_keeps_the_vectors_of_the_photos_it_still_has():
+    index = VectorIndex(PARAMS)
+    add(index, "p", [1, 2, 3])
+    before = {photo.sha256: photo.label for photo in index.items["p"].photos}
+    kept = index.vectors("p")[:2]
+    item, vectors = product([1, 2, 4])  # photo 3 removed, photo 4 added
+    index.upsert("p", vectors, item)
+    after = {photo.sha256: photo.label for photo in index.items["p"].photos}
+    assert after["img1"] == before["img1"] and after["img2"] == before["img2"] and "img3" not in after
+    np.testing.assert_array_equal(index.vectors("p")[:2], kept)
+    assert index.photo_count == 3 and before["img3"] not in index.ids_by_label  # no orphan vector
+    assert all(hit.photo != 2 or hit.photos[2] == "catalog/4.jpg" for hit in index.search(unit(3), 1))
+    index.delete("p")
+    assert index.photo_count == 0 and index.search(unit(1), 5) == []
+
+
+def test_exact_and_hnswlib_search_agree_on_the_products_they_return():
+    index = VectorIndex(IndexParams(dim=DIM, m=16, ef_construction=200, ef=400))
+    for number in range(300):
+        centre = unit(number)
+        photos = 1 + number % 3
+        index.upsert(f"p{number}", np.stack([near(centre, 10_000 + 10 * number + n, 0.3) for n in range(photos)]),
+                     Item({"half": str(number % 2)}, [Photo(f"{number}-{n}") for n in range(photos)]))  # fmt: skip
+    for seed in range(20):
+        query = unit(5000 + seed)
+        everything = np.fromiter(index.ids_by_label, dtype=np.uint64)
+        labels, _ = index.exact_query(query[None], len(everything), everything)
+        ordered = list(dict.fromkeys(index.ids_by_label[int(label)] for label in labels[0]))  # products, best first
+        assert [hit.id for hit in index.search(query, 10)] == ordered[:10]
+        halves = [item_id for item_id in ordered if index.items[item_id].metadata["half"] == "1"]
+        assert [hit.id for hit in index.search(query, 10, {"half": "1"})] == halves[:10]
+
+
+def test_a_snapshot_and_the_log_keep_every_photo_and_replay_to_the_same_index(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS, snapshot_every=3)
+    for number in range(5):
+        item, vectors = product([10 * number + n for n in range(1 + number % 3)], n=str(number))
+        store.apply([Change("upsert", f"p{number}", item.metadata, item.photos, "m", vectors)])
+    item, vectors = product([1, 40])
+    store.apply([Change("upsert", "p4", {"n": "4"}, item.photos, "m2", vectors), Change("delete", "p0")])
+    digest = IndexReader(store).digest()
+    store.close()
+    again = DurableIndex.open(tmp_path, IDENTITY, PARAMS, snapshot_every=3)
+    assert IndexReader(again).digest() == digest
+    assert [photo.sha256 for photo in again.index.items["p4"].photos] == ["img1", "img40"]
+    assert again.index.photo_count == sum(len(item.photos) for item in again.index.items.values())
+
+
+def test_log_records_and_snapshot_rows_written_before_products_had_photos_are_read_as_one_photo():
+    header = json.dumps({"op": "upsert", "id": "p1", "metadata": {"image": "catalog/p1.jpg"}, "image_sha256": "abc",
+                         "metadata_sha256": "m"}).encode()  # fmt: skip
+    old = Change.decode(JSON_LENGTH.pack(len(header)) + header + unit(1).astype("<f4").tobytes(), seq=7)
+    assert [(photo.sha256, photo.image) for photo in old.photos] == [("abc", "catalog/p1.jpg")]
+    assert old.vectors.shape == (1, DIM) and old.seq == 7
+    item_id, item = read_item(["p1", 5, {"image": "catalog/p1.jpg"}, "abc", "m"])
+    assert item_id == "p1" and item.labels == [5] and item.photos[0].image == "catalog/p1.jpg"
+    assert item.checksum == "abc:m"
+
+
+def photo_files(shared_dir: Path, count: int) -> list[Path]:
+    return sorted((shared_dir / "data" / "fashion" / "images").glob("*.jpg"))[:count]
+
+
+def owner_and_replica(client: Client, seq: int) -> tuple[dict, dict]:
+    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, seq, True)["stats"]
+    replica = ask(client, Queue.READ, Task.INDEX_STATS, seq, True)["stats"]
+    return owner, replica
+
+
+@pytest.mark.slow
+def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos_that_changed(make_stack, shared_dir):
+    """Real processes: a Shopify-style CSV (an id repeated on a row per photo) and a folder (`images/<id>/`) load
+    products with several photos; a re-load with a photo added, one removed and one changed changes exactly those
+    vectors; a search names each product once and says which photo matched; "more like this" never answers the
+    product itself; a delete removes every photo; the replica ends with the owner's vectors."""
+    stack = make_stack()
+    start_workers(stack, stack.settings)
+    client = Client(stack.settings)
+    photos = photo_files(shared_dir, 12)
+    shop = stack.settings.uploads_dir / "shop"
+    (shop / "images").mkdir(parents=True)
+    for number, photo in enumerate(photos):
+        shutil.copy(photo, shop / "images" / f"{number}.jpg")
+    (shop / "products.csv").write_text(
+        "id,image,name,colour\n"
+        "jacket,images/0.jpg,Jacket,Blue\njacket,images/1.jpg,,\njacket,images/2.jpg,,\n"
+        "shirt,images/3.jpg,Shirt,White\nshirt,images/4.jpg,,\n"
+        "shoe,images/5.jpg,Shoe,Black\n"
+    )
+    job = client.follow(client.start_load(shop / "products.csv"), timeout=180)
+    assert job["state"] == "done" and job["progress"] == {"total": 3, "done": 3, "failed": 0}, job
+    jacket = client.get_item("jacket", min_seq=job["seq"])
+    assert jacket["metadata"]["name"] == "Jacket" and len(jacket["photos"]) == 3
+    owner, replica = owner_and_replica(client, job["seq"])
+    assert (owner["items"], owner["photos"]) == (3, 6) and replica["digest"] == owner["digest"]
+
+    found = client.follow(client.search(photos[1].read_bytes(), 3), timeout=120)["result"]["hits"]
+    assert found[0]["id"] == "jacket" and len({hit["id"] for hit in found}) == 3
+    assert found[0]["photo"] == 1 and found[0]["score"] > 0.99
+    assert all(hit["id"] != "jacket" for hit in client.similar("jacket", 5, min_seq=job["seq"])["hits"])
+
+    before = {photo.sha256: photo for photo in stored_photos(stack, "jacket")}
+    (shop / "images" / "2.jpg").write_bytes(photos[8].read_bytes())  # changed
+    (shop / "products.csv").write_text(
+        "id,image,name,colour\n"
+        "jacket,images/0.jpg,Jacket,Blue\njacket,images/2.jpg,,\njacket,images/6.jpg,,\n"  # 1 removed, 6 added
+        "shirt,images/3.jpg,Shirt,White\nshirt,images/4.jpg,,\n"
+        "shoe,images/5.jpg,Shoe,Black\n"
+    )
+    shutil.copy(photos[6], shop / "images" / "6.jpg")
+    again = client.follow(client.start_load(shop / "products.csv"), timeout=180)
+    assert again["state"] == "done" and again["seq"] == job["seq"] + 1  # the shirt and the shoe did not change
+    owner, replica = owner_and_replica(client, again["seq"])
+    assert (owner["items"], owner["photos"]) == (3, 6) and replica["digest"] == owner["digest"]
+    after = stored_photos(stack, "jacket")
+    assert [photo.image for photo in after] == [f"uploads/shop/images/{n}.jpg" for n in (0, 2, 6)]
+    assert after[0].label == before[after[0].sha256].label  # the unchanged photo kept its vector
+    assert after[1].sha256 not in before and after[2].sha256 not in before
+
+    folder = stack.settings.uploads_dir / "folder" / "images"
+    (folder / "coat").mkdir(parents=True)
+    for number in (9, 10):
+        shutil.copy(photos[number], folder / "coat" / f"{number}.jpg")
+    shutil.copy(photos[11], folder / "hat.jpg")
+    loaded = client.follow(client.start_load(folder.parent), timeout=180)
+    assert loaded["state"] == "done" and loaded["progress"]["done"] == 2, loaded
+    assert len(client.get_item("coat", min_seq=loaded["seq"])["photos"]) == 2
+
+    deleted = client.delete(["jacket"])
+    owner, replica = owner_and_replica(client, deleted["seq"])
+    assert (owner["items"], owner["photos"]) == (4, 6) and replica["digest"] == owner["digest"]
+
+
+def stored_photos(stack: Stack, item_id: str) -> list[Photo]:
+    """A product's photos as the owner holds them, read as a replica would: its snapshot, then its log."""
+    folder = serving_folder(stack.settings.index_dir)
+    snapshot = read_snapshot(folder / current_name(folder), ef=10)
+    state = IndexState(snapshot.identity, snapshot.params)
+    state.adopt(snapshot)
+    for change in WriteAheadLog(folder).replay(after_seq=state.seq):
+        state.apply_change(change)
+    return state.index.items[item_id].photos
