@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from lookalike.stack import Stack
 from lookalike.up import start_workers
 from protocol.client import Client
 from protocol.queues import Queue, Task
 from tests.test_index import DIM, IDENTITY, PARAMS, unit
+from tests.test_index_switch import another_model, switched
 from tests.test_scale_out import ask
+from tests.test_web import API_KEY, AUTH
+from web.app import create_app
 from worker.aliases import serving_folder
 from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.reader import IndexReader
+from worker.reprojection import Head, Source
 from worker.snapshots import current_name, read_item, read_snapshot
 from worker.state import IndexState
 from worker.store import DurableIndex
@@ -150,12 +158,14 @@ def owner_and_replica(client: Client, seq: int) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos_that_changed(make_stack, shared_dir):
+def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos_that_changed(
+    make_stack, shared_dir, pretrained_model, tmp_path
+):
     """Real processes: a Shopify-style CSV (an id repeated on a row per photo) and a folder (`images/<id>/`) load
     products with several photos; a re-load with a photo added, one removed and one changed changes exactly those
     vectors; a search names each product once and says which photo matched; "more like this" never answers the
     product itself; a delete removes every photo; the replica ends with the owner's vectors."""
-    stack = make_stack()
+    stack = make_stack(LOOKALIKE_API_KEY=API_KEY)
     start_workers(stack, stack.settings)
     client = Client(stack.settings)
     photos = photo_files(shared_dir, 12)
@@ -179,6 +189,16 @@ def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos
     found = client.follow(client.search(photos[1].read_bytes(), 3), timeout=120)["result"]["hits"]
     assert found[0]["id"] == "jacket" and len({hit["id"] for hit in found}) == 3
     assert found[0]["photo"] == 1 and found[0]["score"] > 0.99
+    web = create_app(stack.settings).test_client()
+    job_url = f"/api/jobs/{client.search(photos[1].read_bytes(), 3)}"
+    stack.wait_for(lambda: web.get(job_url).get_json()["state"] == "done", "the search")
+    hit = web.get(job_url).get_json()["result"]["hits"][0]
+    assert hit["thumbnail_url"] == "/thumbnails/uploads/shop/images/1.jpg" == hit["photo_urls"][0]  # matched first
+    assert len(hit["photo_urls"]) == 3 and hit["photos"][0] == "uploads/shop/images/0.jpg"
+    item = web.get("/api/items/jacket").get_json()
+    assert item["photos"] == [f"uploads/shop/images/{n}.jpg" for n in range(3)] and len(item["photo_urls"]) == 3
+    page = web.get("/items/jacket").get_data(as_text=True)
+    assert all(f"/thumbnails/uploads/shop/images/{n}.jpg" in page for n in range(3))
     assert all(hit["id"] != "jacket" for hit in client.similar("jacket", 5, min_seq=job["seq"])["hits"])
 
     before = {photo.sha256: photo for photo in stored_photos(stack, "jacket")}
@@ -208,9 +228,47 @@ def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos
     assert loaded["state"] == "done" and loaded["progress"]["done"] == 2, loaded
     assert len(client.get_item("coat", min_seq=loaded["seq"])["photos"]) == 2
 
+    archive = io.BytesIO()  # through the API: an archive of images/<id>/ folders
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for number in (3, 4):
+            tar.add(photos[number], arcname=f"shop/images/scarf/{number}.jpg")
+    archive.seek(0)
+    answer = web.post("/api/catalog/loads", data={"archive": (archive, "scarf.tar.gz")}, headers=AUTH)
+    assert answer.status_code == 202, answer.get_json()
+    scarf = client.follow(answer.get_json()["job_id"], timeout=180)
+    assert scarf["state"] == "done" and len(client.get_item("scarf", min_seq=scarf["seq"])["photos"]) == 2
+    client.delete(["scarf"])
+
     deleted = client.delete(["jacket"])
     owner, replica = owner_and_replica(client, deleted["seq"])
     assert (owner["items"], owner["photos"]) == (4, 6) and replica["digest"] == owner["digest"]
+
+    # an index of another model embeds every photo of every product again
+    coat = [photo.sha256 for photo in stored_photos(stack, "coat")]
+    built = client.build_index(str(another_model(pretrained_model, tmp_path)))
+    stack.wait_for(lambda: switched(stack, built["index_id"]), "the switch", timeout=300)
+    stack.wait_for(lambda: len({stats["digest"] for stats in owner_and_replica(client, 0)}) == 1, "the replica")
+    owner, _ = owner_and_replica(client, 0)
+    assert (owner["items"], owner["photos"]) == (4, 6) and owner["index_id"] == built["index_id"]
+    assert [photo.sha256 for photo in stored_photos(stack, "coat")] == coat
+
+
+def test_a_reprojection_carries_every_photo_of_a_product(tmp_path):
+    weights = np.random.default_rng(0).normal(size=(DIM, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["vectors", "weights"], ["projected"])],
+        "head",
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, [None, DIM])],
+        [helper.make_tensor_value_info("projected", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(weights, "weights")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "head.onnx")
+    index = VectorIndex(PARAMS)
+    add(index, "jacket", [1, 2, 3])
+    add(index, "shirt", [4])
+    jacket, shirt = Source(Head(tmp_path / "head.onnx"), index, "serving").project(["jacket", "shirt"])
+    assert jacket.shape == (3, 4) and shirt.shape == (1, 4)
+    np.testing.assert_allclose(jacket, index.vectors("jacket") @ weights, rtol=1e-5, atol=1e-6)
 
 
 def stored_photos(stack: Stack, item_id: str) -> list[Photo]:

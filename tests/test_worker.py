@@ -246,6 +246,10 @@ def test_near_duplicates_are_found_through_the_index_in_chunks(loaded, shared_di
     folder = stack.settings.uploads_dir / "again"
     folder.mkdir(parents=True)
     (folder / "copy-of-10230.jpg").write_bytes(image_bytes(shared_dir, "10230"))  # the same photo, a new product id
+    twins = folder / "images" / "twins"  # a product of two photos that look the same: one product, not a pair
+    twins.mkdir(parents=True)
+    (twins / "front.jpg").write_bytes(image_bytes(shared_dir, "10186"))
+    Image.open(io.BytesIO(image_bytes(shared_dir, "10186"))).save(twins / "again.png")
     client.follow(client.start_load(folder), timeout=120)
 
     result = subprocess.run([LOOKALIKE, "duplicates", "--threshold", "0.99", "--json"], env=stack.env,
@@ -255,6 +259,7 @@ def test_near_duplicates_are_found_through_the_index_in_chunks(loaded, shared_di
     items = client.stats()["items"]
     assert job["state"] == "done" and job["progress"]["done"] == job["progress"]["total"] == items  # several chunks
     pairs = {(pair["a"], pair["b"]): pair["score"] for pair in job["result"]["pairs"]}
-    assert pairs[("10230", "copy-of-10230")] > 0.999
+    assert pairs[("10230", "copy-of-10230")] > 0.999 and pairs[("10186", "twins")] > 0.99
+    assert all(a != b for a, b in pairs) and len(client.get_item("twins")["photos"]) == 2
     assert job["result"]["total_pairs"] == len(pairs)
     assert job["id"] not in [load["id"] for load in client.jobs.list_loads()]

@@ -19,6 +19,7 @@ import numpy as np
 
 from common.errors import UsageError
 from common.files import atomic_write_bytes
+from worker.evaluation.metrics import EXACT_BLOCK, one_photo_each, product_similarities
 
 FILE = "calibration.json"  # in the index's own folder: it travels with that index (a switch, a rollback)
 FORMAT = "lookalike-calibration/1"
@@ -227,13 +228,26 @@ def with_random_pairs(neighbours: np.ndarray, catalogue_size: int, leave_one_out
     return np.hstack([neighbours, drawn])
 
 
-def neighbour_similarities(queries: np.ndarray, catalogue: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """The cosine of each query with each of its neighbours (unit rows), a block of queries at a time."""
+def neighbour_similarities(
+    queries: np.ndarray,
+    catalogue: np.ndarray,
+    neighbours: np.ndarray,
+    query_starts: np.ndarray | None = None,
+    catalogue_starts: np.ndarray | None = None,
+) -> np.ndarray:
+    """The cosine of each query product with each of its neighbours (products: as similar as their most similar
+    photos; by default a vector is a product), a block of queries at a time."""
+    query_starts = one_photo_each(len(queries)) if query_starts is None else query_starts
+    catalogue_starts = one_photo_each(len(catalogue)) if catalogue_starts is None else catalogue_starts
     result = np.empty(neighbours.shape, dtype=np.float32)
-    for start in range(0, len(queries), 1024):
-        block = neighbours[start : start + 1024]
-        result[start : start + len(block)] = np.einsum("qd,qkd->qk", queries[start : start + len(block)],
-                                                       catalogue[block])  # fmt: skip
+    if len(query_starts) == len(queries) and len(catalogue_starts) == len(catalogue):  # a photo each: no matrix
+        for start in range(0, len(queries), EXACT_BLOCK):
+            block = neighbours[start : start + EXACT_BLOCK]
+            result[start : start + len(block)] = np.einsum("qd,qkd->qk", queries[start : start + len(block)],
+                                                           catalogue[block])  # fmt: skip
+        return result
+    for start, scores in product_similarities(queries, query_starts, catalogue, catalogue_starts):
+        result[start : start + len(scores)] = np.take_along_axis(scores, neighbours[start : start + len(scores)], 1)
     return result
 
 

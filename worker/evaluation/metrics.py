@@ -6,7 +6,7 @@ No model, index or file here; `worker.evaluation.run` feeds them, `worker.evalua
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +19,40 @@ MIN_VALUE_QUERIES = 3  # a label value needs this many queries before its precis
 EXACT_BLOCK = 1024  # queries per block of the exact similarity matrix (bounded memory, no all-pairs matrix)
 
 
-def exact_neighbours(queries: np.ndarray, catalogue: np.ndarray, k: int, leave_one_out: bool) -> np.ndarray:
-    """Indices of the top-`k` catalogue vectors by cosine for each query; with `leave_one_out`, query i is
-    catalogue item i and never its own neighbour."""
-    k = min(k, len(catalogue) - (1 if leave_one_out else 0))
-    result = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), EXACT_BLOCK):
-        scores = queries[start : start + EXACT_BLOCK] @ catalogue.T
+def one_photo_each(count: int) -> np.ndarray:
+    """The product starts of vectors that are a product each."""
+    return np.arange(count)
+
+
+def product_similarities(
+    queries: np.ndarray, query_starts: np.ndarray, catalogue: np.ndarray, catalogue_starts: np.ndarray
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The product-by-product cosine matrix a block of query products at a time, as (first product, block): two
+    products are as similar as their most similar photos. A product's photos are consecutive rows; `*_starts` are
+    the rows where each product begins."""
+    ends = np.append(query_starts, len(queries))
+    for first in range(0, len(query_starts), EXACT_BLOCK):
+        last = min(first + EXACT_BLOCK, len(query_starts))
+        rows = queries[ends[first] : ends[last]] @ catalogue.T
+        by_product = np.maximum.reduceat(rows, catalogue_starts, axis=1)
+        yield first, np.maximum.reduceat(by_product, query_starts[first:last] - ends[first], axis=0)
+
+
+def exact_neighbours(
+    queries: np.ndarray,
+    catalogue: np.ndarray,
+    k: int,
+    leave_one_out: bool,
+    query_starts: np.ndarray | None = None,
+    catalogue_starts: np.ndarray | None = None,
+) -> np.ndarray:
+    """Positions of the top-`k` catalogue products by cosine for each query product (by default a vector is a
+    product); with `leave_one_out`, query i is catalogue product i and never its own neighbour."""
+    query_starts = one_photo_each(len(queries)) if query_starts is None else query_starts
+    catalogue_starts = one_photo_each(len(catalogue)) if catalogue_starts is None else catalogue_starts
+    k = min(k, len(catalogue_starts) - (1 if leave_one_out else 0))
+    result = np.empty((len(query_starts), k), dtype=np.int64)
+    for start, scores in product_similarities(queries, query_starts, catalogue, catalogue_starts):
         if leave_one_out:
             rows = np.arange(len(scores))
             scores[rows, start + rows] = -np.inf

@@ -39,7 +39,8 @@ from worker.projection import Projection
 
 @dataclass
 class Embeddings:
-    """A catalogue's items as the index would hold them: ids, unit vectors, metadata; and what failed."""
+    """A catalogue's photos as the index would hold them, a row each (a product's photos in consecutive rows, each
+    with its product's id and metadata): ids, unit vectors, metadata; and what failed."""
 
     ids: list[str]
     vectors: np.ndarray
@@ -47,6 +48,20 @@ class Embeddings:
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     seconds: float = 0.0
     embedded: int = 0  # images the model ran on (the rest came from the cache)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """The row where each product begins."""
+        return np.array([row for row, item_id in enumerate(self.ids) if row == 0 or self.ids[row - 1] != item_id],
+                        dtype=np.int64)  # fmt: skip
+
+    @property
+    def products(self) -> list[str]:
+        return [self.ids[row] for row in self.starts]
+
+    @property
+    def product_metadata(self) -> list[dict[str, Any]]:
+        return [self.metadata[row] for row in self.starts]
 
 
 @dataclass
@@ -199,13 +214,18 @@ def reduce(embeddings: Embeddings, projection: Projection) -> Embeddings:
 
 
 def build_index(embeddings: Embeddings, params: IndexParams) -> VectorIndex:
-    """One item at a time, as a load builds the service's index."""
+    """One product at a time, as a load builds the service's index."""
     index = VectorIndex(params)
-    for number, (item_id, vector, metadata) in enumerate(
-        zip(embeddings.ids, embeddings.vectors, embeddings.metadata, strict=True)
-    ):
-        index.upsert(item_id, vector, Item(metadata, [Photo(str(number))]))
+    for first, last in product_rows(embeddings):
+        photos = [Photo(str(row)) for row in range(first, last)]
+        index.upsert(embeddings.ids[first], embeddings.vectors[first:last], Item(embeddings.metadata[first], photos))
     return index
+
+
+def product_rows(embeddings: Embeddings) -> list[tuple[int, int]]:
+    """Each product's rows, as (first, past the last)."""
+    starts = embeddings.starts.tolist()
+    return list(zip(starts, [*starts[1:], len(embeddings.ids)], strict=True))
 
 
 def index_mebibytes(index: VectorIndex) -> float:
@@ -217,13 +237,14 @@ def index_mebibytes(index: VectorIndex) -> float:
 
 
 def ann_neighbours(
-    index: VectorIndex, queries: np.ndarray, query_ids: Sequence[str] | None, positions: dict[str, int], k: int
+    index: VectorIndex, queries: Embeddings, leave_one_out: bool, positions: dict[str, int], k: int
 ) -> np.ndarray:
-    """The index's top-`k` for each query as catalogue positions (a query with an id leaves itself out)."""
+    """The index's top-`k` products for each query product (searched with all its photos) as catalogue positions;
+    `leave_one_out`: a query is a catalogue product, which leaves itself out."""
     rows = []
-    for number, vector in enumerate(queries):
-        exclude = query_ids[number] if query_ids is not None else None
-        rows.append([positions[hit.id] for hit in index.search(vector, k, exclude=exclude)])
+    for first, last in product_rows(queries):
+        exclude = queries.ids[first] if leave_one_out else None
+        rows.append([positions[hit.id] for hit in index.search(queries.vectors[first:last], k, exclude=exclude)])
     width = min(len(row) for row in rows) if rows else 0
     return np.array([row[:width] for row in rows], dtype=np.int64)
 
@@ -242,19 +263,21 @@ def evaluate(
     leave_one_out = queries is None
     asking = catalogue if queries is None else queries
     exact_started = time.perf_counter()
-    exact = exact_neighbours(asking.vectors, catalogue.vectors, TOP_K, leave_one_out)
-    exact_rate = len(asking.ids) / max(time.perf_counter() - exact_started, 1e-9)
+    asking_starts, catalogue_starts = asking.starts, catalogue.starts
+    exact = exact_neighbours(asking.vectors, catalogue.vectors, TOP_K, leave_one_out, asking_starts, catalogue_starts)
+    exact_rate = len(asking_starts) / max(time.perf_counter() - exact_started, 1e-9)
+    asking_metadata, catalogue_metadata = asking.product_metadata, catalogue.product_metadata
     qualities = [
         label_quality(
             label,
-            [metadata.get(label) for metadata in asking.metadata],
-            [metadata.get(label) for metadata in catalogue.metadata],
+            [metadata.get(label) for metadata in asking_metadata],
+            [metadata.get(label) for metadata in catalogue_metadata],
             exact,
             leave_one_out,
         )
         for label in labels
     ]
-    positions = {item_id: number for number, item_id in enumerate(catalogue.ids)}
+    positions = {item_id: number for number, item_id in enumerate(catalogue.products)}
     vectors_mib = catalogue.vectors.nbytes / 2**20
     ann = [{"index": "exact (numpy)", "recall@10": 1.0, "queries/s": round(exact_rate), "MiB": round(vectors_mib, 1)}]
     built: dict[tuple[int, int], VectorIndex] = {}
@@ -266,8 +289,8 @@ def evaluate(
         index = built[graph]
         index.params = params
         started = time.perf_counter()
-        found = ann_neighbours(index, asking.vectors, asking.ids if leave_one_out else None, positions, TOP_K)
-        rate = len(asking.ids) / max(time.perf_counter() - started, 1e-9)
+        found = ann_neighbours(index, asking, leave_one_out, positions, TOP_K)
+        rate = len(asking_starts) / max(time.perf_counter() - started, 1e-9)
         name = f"hnswlib M={params.m} ef_construction={params.ef_construction} ef={params.ef}"
         ann.append(
             {
@@ -279,9 +302,9 @@ def evaluate(
         )
     calibration = None
     if calibrate_for is not None:
-        pairs = with_random_pairs(exact, len(catalogue.ids), leave_one_out)
-        similarities = neighbour_similarities(asking.vectors, catalogue.vectors, pairs)
-        calibration = fit_calibration(labels, asking.metadata, catalogue.metadata, pairs, similarities, calibrate_for)
+        pairs = with_random_pairs(exact, len(catalogue_starts), leave_one_out)
+        similarities = neighbour_similarities(asking.vectors, catalogue.vectors, pairs, asking_starts, catalogue_starts)
+        calibration = fit_calibration(labels, asking_metadata, catalogue_metadata, pairs, similarities, calibrate_for)
     return Evaluation(
-        setting or {}, len(catalogue.ids), len(catalogue.errors), catalogue.seconds, qualities, ann, calibration
+        setting or {}, len(catalogue_starts), len(catalogue.errors), catalogue.seconds, qualities, ann, calibration
     )
