@@ -16,18 +16,27 @@ from protocol.client import Client
 FUZZ_SECONDS = 90  # coverage, fuzzing and the stateful phase together: about 900 requests on 2 cores
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 ITEMS = 40
+MANY_PHOTOS = 10  # products with three photos
 API_KEY = "fuzzing-key"
 
 
 def small_catalog(shared_dir: Path, root: Path) -> None:
-    """A 40-product shop of the shared images: the fuzzer may delete and load, so it gets a catalogue of its own."""
+    """A 40-product shop of the shared images, the first ten with three photos each (`images/<id>/`): the fuzzer
+    may delete and load, so it gets a catalogue of its own."""
     sample = shared_dir / "data" / "fashion"
-    (root / "shop" / "images").mkdir(parents=True)
+    images = root / "shop" / "images"
+    images.mkdir(parents=True)
     lines = (sample / "styles.csv").read_text().splitlines()
     rows = [line for line in lines[1:] if (sample / "images" / f"{line.split(',')[0]}.jpg").exists()][:ITEMS]
     (root / "shop" / "styles.csv").write_text("\n".join([lines[0], *rows]) + "\n")
-    for row in rows:
-        shutil.copy(sample / "images" / f"{row.split(',')[0]}.jpg", root / "shop" / "images")
+    ids = [row.split(",")[0] for row in rows]
+    for number, item_id in enumerate(ids):
+        if number < MANY_PHOTOS:
+            (images / item_id).mkdir()
+            for other in ids[number : number + 3]:
+                shutil.copy(sample / "images" / f"{other}.jpg", images / item_id)
+        else:
+            shutil.copy(sample / "images" / f"{item_id}.jpg", images)
 
 
 @pytest.mark.slow

@@ -190,6 +190,7 @@ def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos
     assert found[0]["id"] == "jacket" and len({hit["id"] for hit in found}) == 3
     assert found[0]["photo"] == 1 and found[0]["score"] > 0.99
     web = create_app(stack.settings).test_client()
+    stack.wait_for(lambda: web.get("/healthz").get_json()["index"].get("photos") == 6, "/healthz to count photos")
     job_url = f"/api/jobs/{client.search(photos[1].read_bytes(), 3)}"
     stack.wait_for(lambda: web.get(job_url).get_json()["state"] == "done", "the search")
     hit = web.get(job_url).get_json()["result"]["hits"][0]
@@ -214,6 +215,8 @@ def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos
     assert again["state"] == "done" and again["seq"] == job["seq"] + 1  # the shirt and the shoe did not change
     owner, replica = owner_and_replica(client, again["seq"])
     assert (owner["items"], owner["photos"]) == (3, 6) and replica["digest"] == owner["digest"]
+    unchanged = client.follow(client.start_load(shop / "products.csv"), timeout=180)
+    assert unchanged["state"] == "done" and client.stats(min_seq=again["seq"])["seq"] == again["seq"]
     after = stored_photos(stack, "jacket")
     assert [photo.image for photo in after] == [f"uploads/shop/images/{n}.jpg" for n in (0, 2, 6)]
     assert after[0].label == before[after[0].sha256].label  # the unchanged photo kept its vector

@@ -264,8 +264,8 @@ class Service:
         owner = owners[0] if owners else None
         index: dict[str, Any] = {"alive": owner is not None}
         if owner:
-            fields = ("index_id", "items", "model", "model_sha256", "resize", "pca", "seq", "snapshot", "building",
-                      "calibration")  # fmt: skip
+            fields = ("index_id", "items", "photos", "model", "model_sha256", "resize", "pca", "seq", "snapshot",
+                      "building", "calibration")  # fmt: skip
             index |= {key: owner.get(key) for key in fields}
             index["seconds_since_heartbeat"] = round(time.time() - owner["seen"], 1)
             if owner.get("mismatch"):

@@ -437,7 +437,8 @@ class IndexOwner:
 
     def _heartbeat(self) -> dict[str, Any]:
         status = self.status()
-        fields = ("items", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id", "snapshot")
+        fields = ("items", "photos", "model", "model_sha256", "resize", "mismatch", "pca", "seq", "index_id",
+                  "snapshot")  # fmt: skip
         calibration = self.reader.calibration.summary() if self.reader.calibration else None
         return {**{key: status[key] for key in fields}, "building": self.build_progress(), "calibration": calibration,
                 **self.reader.filterable()}  # fmt: skip
