@@ -28,6 +28,7 @@ FINISHED = ("done", "failed", "partial")
 ERROR_PAGE = 50
 HIT_FIELDS = 12  # metadata values a search record keeps of each hit (the image besides)
 HIT_CHARS = 100  # a longer value stays with the item: GET /api/items/<id> has it
+HIT_PHOTOS = 4  # photos a search record keeps of each hit: the item has them all
 SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 ITEM, PLANNING = "i:", "p:"  # how a failure is keyed: an item's id, or a row refused while planning
 SCAN_CHUNK = 1000
@@ -160,11 +161,17 @@ def now() -> str:
 
 def compact_hit(hit: dict[str, Any]) -> dict[str, Any]:
     """A hit as a search record keeps it: its id, score (and confidence), its image and its first HIT_FIELDS metadata
-    values of at most HIT_CHARS characters; long ones (descriptions, HTML) stay with the item, a read away."""
+    values of at most HIT_CHARS characters; long ones (descriptions, HTML) stay with the item, a read away. Of its
+    photos, the matched one and the first others up to HIT_PHOTOS (`photo_count` says how many it has)."""
     metadata: dict[str, Any] = hit.get("metadata") or {}
     short = [(name, value) for name, value in metadata.items() if name != "image" and len(str(value)) <= HIT_CHARS]
     kept = dict(short[:HIT_FIELDS]) | ({"image": metadata["image"]} if "image" in metadata else {})
-    return {**hit, "metadata": kept}
+    photos, matched = hit.get("photos") or [], hit.get("photo", 0)
+    if len(photos) <= HIT_PHOTOS:
+        return {**hit, "metadata": kept}
+    places = sorted([matched, *[place for place in range(len(photos)) if place != matched][: HIT_PHOTOS - 1]])
+    shown = {"photos": [photos[place] for place in places], "photo": places.index(matched), "photo_count": len(photos)}
+    return {**hit, "metadata": kept, **shown}
 
 
 def item_error(code: ErrorCode, message: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from protocol.jobs import Jobs, item_error
+from protocol.jobs import Jobs, compact_hit, item_error
 
 
 @pytest.fixture
@@ -168,3 +168,13 @@ def test_the_items_a_running_load_is_missing_are_those_neither_done_nor_failed(j
     activity = jobs.activity(job_id)
     assert (activity.state, activity.total, activity.requeued) == ("running", 2501, 0)
     assert jobs.note_requeued(job_id) == 1 and jobs.activity(job_id).idle_seconds < 1
+
+
+def test_a_search_record_keeps_the_matched_photo_and_a_few_others_of_a_hit():
+    photos = [f"catalog/p/{number}.jpg" for number in range(10)]
+    hit = {"id": "p", "score": 0.9, "metadata": {"image": photos[0]}, "photo": 7, "photos": photos}
+    kept = compact_hit(hit)
+    assert kept["photos"] == [photos[0], photos[1], photos[2], photos[7]] and kept["photo"] == 3
+    assert kept["photos"][kept["photo"]] == photos[7] and kept["photo_count"] == 10
+    few = {**hit, "photo": 1, "photos": photos[:3]}
+    assert compact_hit(few) == few
