@@ -112,7 +112,9 @@ def run_search(args: argparse.Namespace) -> int:
     if not args.json:
         for rank, hit in enumerate(job["result"]["hits"], start=1):
             name = hit["metadata"].get("productDisplayName", "")
-            print(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}  {name}")
+            photos = hit.get("photo_count") or len(hit.get("photos") or [])
+            matched = f"  (photo {hit['photos'][hit['photo']]})" if photos > 1 else ""  # which of its photos
+            print(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}  {name}{matched}")
     return 0
 
 

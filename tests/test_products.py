@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lookalike.stack import Stack
+from lookalike.stack import LOOKALIKE, Stack
 from lookalike.up import start_workers
 from protocol.client import Client
 from protocol.queues import Queue, Task
@@ -189,6 +190,10 @@ def test_products_load_by_csv_and_folder_and_a_reload_changes_exactly_the_photos
     found = client.follow(client.search(photos[1].read_bytes(), 3), timeout=120)["result"]["hits"]
     assert found[0]["id"] == "jacket" and len({hit["id"] for hit in found}) == 3
     assert found[0]["photo"] == 1 and found[0]["score"] > 0.99
+    searched = subprocess.run([LOOKALIKE, "search", photos[1], "-k", "3"], env=stack.env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    first = searched.stdout.splitlines()[0]
+    assert " jacket " in first and first.endswith("(photo uploads/shop/images/1.jpg)")
     web = create_app(stack.settings).test_client()
     stack.wait_for(lambda: web.get("/healthz").get_json()["index"].get("photos") == 6, "/healthz to count photos")
     job_url = f"/api/jobs/{client.search(photos[1].read_bytes(), 3)}"
