@@ -275,7 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--products", type=int, default=2000, help="products drawn (all labelled ones if fewer)")
     parser.add_argument("--catalog", type=Path, default=ARCHIVE if ARCHIVE.exists() else SAMPLE,
-                        help="a tar archive or a folder of <id>.jpg (default: the 39,072, else the sample)")  # fmt: skip
+                        help="a tar archive or a folder of <id>.jpg (default: the 39,072, else the 1,002)")  # fmt: skip
     parser.add_argument("--metadata", type=Path, default=SAMPLE / "styles.csv", help="the labels (styles.csv)")
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "efficientnet_lite0_max.onnx")
     parser.add_argument("--seed", type=int, default=0, help="draws the products and makes their views")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -27,7 +28,7 @@ from worker.aliases import serving_folder
 from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.reader import IndexReader
 from worker.reprojection import Head, Source
-from worker.snapshots import current_name, read_item, read_snapshot
+from worker.snapshots import ITEMS, MANIFEST, current_name, read_item, read_snapshot
 from worker.state import IndexState
 from worker.store import DurableIndex
 from worker.wal import JSON_LENGTH, Change, WriteAheadLog
@@ -288,3 +289,30 @@ def stored_photos(stack: Stack, item_id: str) -> list[Photo]:
     for change in WriteAheadLog(folder).replay(after_seq=state.seq):
         state.apply_change(change)
     return state.index.items[item_id].photos
+
+
+def test_an_index_written_before_products_had_photos_opens_as_products_of_one_photo(tmp_path):
+    store = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    for number in range(4):
+        image = {"image": f"catalog/{number}.jpg"}
+        store.apply(
+            [Change("upsert", f"p{number}", image, [Photo(f"img{number}", image["image"])], "m", unit(number)[None])]
+        )
+    store.snapshot()
+    store.close()
+    folder = tmp_path / current_name(tmp_path)  # rewritten as the previous version wrote it: [id, label, ...]
+    rows = [[item_id, photos[0][2], metadata, photos[0][0], meta] for item_id, photos, metadata, meta in
+            json.loads((folder / ITEMS).read_text())]  # fmt: skip
+    (folder / ITEMS).write_bytes(old := json.dumps(rows).encode())
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][ITEMS], manifest["sizes"][ITEMS] = hashlib.sha256(old).hexdigest(), len(old)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    adopted = DurableIndex.open(tmp_path, IDENTITY, PARAMS)
+    assert len(adopted.index) == 4 and adopted.index.photo_count == 4
+    assert (
+        adopted.index.items["p2"].photos[0].image == "catalog/2.jpg" and adopted.index.search(unit(2), 1)[0].id == "p2"
+    )
+    item, vectors = product([2, 9])  # a second photo for an adopted product
+    adopted.apply([Change("upsert", "p2", item.metadata, [Photo("img2", "catalog/2.jpg"), *item.photos[1:]], "m",
+                          vectors)])  # fmt: skip
+    assert adopted.index.photo_count == 5 and adopted.index.items["p2"].photos[0].label == 2
