@@ -193,7 +193,8 @@ class VectorIndex:
         pool = self.photo_count if allowed is None else len(allowed)  # photos a query may return
         if k == 0 or pool - (len(excluded) if allowed is None else 0) <= 0 or len(queries) == 0:
             return []
-        count = min(k + (len(excluded) if allowed is None else 0), pool)
+        per_product = -(-self.photo_count // len(self.items))  # the first ask expects this many photos a product
+        count = min(k * per_product + (len(excluded) if allowed is None else 0), pool)
         while True:
             best = self._best_per_product(queries, count, allowed, exclude)
             if min(best.found_per_query) >= k or count == pool:
