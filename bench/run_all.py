@@ -6,7 +6,7 @@ Runs, one after another (never two at once: they measure the same cores): embedd
 Keras per-image predict as the baseline), catalogue load through the queue and search latency around it, search
 latency through the web for 1/8/32 clients, 20 and 150 clients uploading for 30 s, hnswlib against exact search
 on the real catalogue (and on 1M synthetic vectors with --with-million: ~10 minutes, ~16 GB), and the tutorial's
-all-pairs search.
+all-pairs search, and products of three photos against one.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ BENCHMARKS = [
     ("Index: hnswlib against exact search (real catalogue)", ["index_recall.py", "real"]),
     ("Search: the tutorial's all-pairs matrix against hnswlib", ["search_baseline.py"]),
     ("Decode memory: large images that compress to almost nothing", ["decode_memory.py"]),
+    ("Products: 3 photos per product against 1, quality and cost", ["products.py"]),
 ]
 MILLION = ("Index: hnswlib against exact search (1M synthetic)", ["index_recall.py", "synthetic"])
 LIBRARIES = ("onnxruntime", "tensorflow-cpu", "hnswlib", "numpy", "celery", "redis", "flask", "waitress", "pillow")
