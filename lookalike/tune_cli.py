@@ -114,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
     say(f"embedded {catalogue.embedded:,} images and took {cached:,} from the cache ({cache.path}) in "
         f"{catalogue.seconds:.0f} s; {len(catalogue.errors):,} rows have no image that can be read")  # fmt: skip
     trained, held = split_by_product(catalogue, args.holdout)
-    if len(held.ids) < 2 or len(trained.ids) < 2:
-        raise LookalikeError(f"--holdout {args.holdout} leaves too few products on one side of {len(catalogue.ids)}")
+    if len(held.products) < 2 or len(trained.products) < 2:
+        raise LookalikeError(
+            f"--holdout {args.holdout} leaves too few products on one side of {len(catalogue.products)}"
+        )
     training = TrainingSettings(head=args.head, dim=args.dim, hidden=args.hidden, epochs=args.epochs)
-    say(f"training a {training.dim}-dimension {training.head} head on {len(trained.ids):,} products for "
-        f"{training.epochs} epochs, judging it on {len(held.ids):,} held out ...")  # fmt: skip
+    say(f"training a {training.dim}-dimension {training.head} head on {len(trained.products):,} products for "
+        f"{training.epochs} epochs, judging it on {len(held.products):,} held out ...")  # fmt: skip
     from export.tune import project, train_head, write_tuned_model  # TensorFlow: seconds, so only now
 
     train_started = time.perf_counter()
@@ -138,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
         )
     fields = {
         **training_fields(training, args.label, weights),
-        "catalog": {"source": str(args.catalog), "items": len(catalogue.ids), "failed": len(catalogue.errors)},
+        "catalog": {"source": str(args.catalog), "items": len(catalogue.products), "failed": len(catalogue.errors)},
         "holdout": {
             "share": args.holdout,
             "by": "sha256 of the product id",
-            "trained": len(trained.ids),
-            "held_out": len(held.ids),
+            "trained": len(trained.products),
+            "held_out": len(held.products),
         },
         "quality": {"held_out_against_trained": quality, "allowed_loss": list(args.allow_loss)},
         "timings_s": {"embed": round(catalogue.seconds, 1), "train": round(train_seconds, 1)},

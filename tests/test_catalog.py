@@ -16,7 +16,7 @@ import pytest
 from common.areas import CatalogError, id_problem, resolve_reference
 from common.settings import Settings
 from protocol.client import Client
-from worker.catalog import CatalogItem, Photo, photos_of, plan_catalog
+from worker.catalog import CatalogItem, PhotoFile, photos_of, plan_catalog
 
 
 def catalog_settings(tmp_path: Path, **env: str) -> Settings:
@@ -50,7 +50,7 @@ def test_a_csv_with_ids_image_paths_and_metadata(settings):
         ",photos/a.jpg,no id,none\n"
     )
     plan = plan_catalog(settings, "shop/items.csv")
-    a, b = Photo("catalog", "shop/photos/a.jpg"), Photo("catalog", "shop/photos/b.jpg")
+    a, b = PhotoFile("catalog", "shop/photos/a.jpg"), PhotoFile("catalog", "shop/photos/b.jpg")
     assert [(item.id, item.photos, item.metadata) for item in plan.items] == [
         ("A1", [a, b], {"name": "Blue shirt", "colour": "blue"}),  # line 4 is A1's second photo
         ("B2", [b], {"name": "Shirt, red"}),
@@ -75,7 +75,7 @@ def test_the_fashion_dataset_layout_finds_each_rows_image_by_id(settings):
     )
     plan = plan_catalog(settings, str(folder))
     assert [(item.id, item.photos) for item in plan.items] == [
-        ("15970", [Photo("catalog", "fashion/images/15970.jpg")])
+        ("15970", [PhotoFile("catalog", "fashion/images/15970.jpg")])
     ]
     assert plan.items[0].metadata == {"gender": "Men", "articleType": "Shirts",
                                       "productDisplayName": "Turtle Check Men Navy Blue Shirt"}  # fmt: skip
@@ -94,8 +94,8 @@ def test_a_folder_of_images_with_a_metadata_csv(settings):
     (settings.catalog_root / "meta.csv").write_text("id,brand\nx1,Acme\n")
     plan = plan_catalog(settings, str(folder), str(settings.catalog_root / "meta.csv"))
     assert {item.id: (item.photos, item.metadata) for item in plan.items} == {
-        "x1": ([Photo("catalog", "drop/sub/x1.webp")], {"brand": "Acme"}),
-        "x2": ([Photo("catalog", "drop/sub/x2.png")], {}),
+        "x1": ([PhotoFile("catalog", "drop/sub/x1.webp")], {"brand": "Acme"}),
+        "x2": ([PhotoFile("catalog", "drop/sub/x2.png")], {}),
     }
     assert [error["code"] for error in plan.errors.values()] == ["duplicate_id"]
 
@@ -378,7 +378,7 @@ def test_a_row_without_an_image_finds_its_products_photos_in_a_folder_named_by_i
 def test_a_folder_with_images_of_an_id_and_a_folder_named_by_it_makes_one_product(settings):
     folder = settings.catalog_root / "drop"
     for name in ("images/123.jpg", "images/123/side.jpg", "images/123/back.png", "images/45/front.jpg", "x1.jpg",
-                 "sub/x1.jpg", "images/tab\there/a.jpg"):  # fmt: skip
+                 "sub/x1.jpg", "images/tab\there/a.jpg", "men/images/caps/77.jpg"):  # fmt: skip
         jpeg(folder / name)
     (settings.catalog_root / "meta.csv").write_text("id,brand\n123,Acme\n")
     plan = plan_catalog(settings, "drop", "meta.csv")
@@ -386,13 +386,14 @@ def test_a_folder_with_images_of_an_id_and_a_folder_named_by_it_makes_one_produc
         "123": (["drop/images/123.jpg", "drop/images/123/back.png", "drop/images/123/side.jpg"], {"brand": "Acme"}),
         "45": (["drop/images/45/front.jpg"], {}),
         "x1": (["drop/sub/x1.jpg"], {}),
+        "77": (["drop/men/images/caps/77.jpg"], {}),  # images/<id>/ counts right in the loaded folder only
     }
     assert {key: error["code"] for key, error in plan.errors.items()} == {
         "x1.jpg": "duplicate_id",
         "images/tab\there": "invalid_id",
     }
     assert plan.errors["images/tab\there"]["message"].endswith("; rename the folder images/tab\there to load it")
-    assert plan.total == 5
+    assert plan.total == 6
 
 
 def test_photos_over_the_cap_are_errors_of_their_rows_naming_the_variable(tmp_path):
@@ -446,8 +447,8 @@ def test_a_missing_photo_is_an_error_of_its_row_and_the_products_other_photos_lo
 
 def test_a_message_queued_by_an_older_version_names_its_one_photo():
     old = {"id": "A", "area": "uploads", "path": "shop/a.jpg", "metadata": {"name": "Lamp"}}
-    assert photos_of(old) == [Photo("uploads", "shop/a.jpg")]
-    photos = [Photo("catalog", "a.jpg"), Photo("archives", "f00/b.jpg")]
+    assert photos_of(old) == [PhotoFile("uploads", "shop/a.jpg")]
+    photos = [PhotoFile("catalog", "a.jpg"), PhotoFile("archives", "f00/b.jpg")]
     assert photos_of(CatalogItem("A", photos).as_message()) == photos
     assert photos[1].reference == "archives/f00/b.jpg"
 

@@ -106,6 +106,18 @@ def test_an_upsert_replaces_the_set_of_photos_and_keeps_the_vectors_of_the_photo
     assert index.photo_count == 0 and index.search(unit(1), 5) == []
 
 
+def test_new_metadata_for_the_same_photos_moved_elsewhere_keeps_their_vectors_and_takes_their_new_places():
+    index = VectorIndex(PARAMS)
+    add(index, "p", [1, 2], colour="red")
+    labels = index.items["p"].labels
+    moved = [Photo(photo.sha256, f"archive/{photo.sha256}.jpg") for photo in index.items["p"].photos]
+    index.upsert("p", None, Item({"colour": "blue"}, moved))
+    assert index.items["p"].labels == labels and index.items["p"].photos[1].image == "archive/img2.jpg"
+    index.upsert("p", None, Item({"colour": "green"}, [Photo("other")]))  # not its photos: it keeps its own
+    assert index.items["p"].photos[0].image == "archive/img1.jpg" and index.items["p"].metadata["colour"] == "green"
+    assert [hit.id for hit in index.search(unit(1), 1, {"colour": "green"})] == ["p"]
+
+
 def test_exact_and_hnswlib_search_agree_on_the_products_they_return():
     index = VectorIndex(IndexParams(dim=DIM, m=16, ef_construction=200, ef=400))
     for number in range(300):

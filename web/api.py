@@ -90,10 +90,11 @@ def present_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def present_item(item: dict[str, Any]) -> dict[str, Any]:
     """An item or a hit with its links: its page, and its photos' thumbnails (a hit's matched photo first)."""
-    photos = [reference for reference in item.get("photos") or [item.get("metadata", {}).get("image")] if reference]
+    photos = list(item.get("photos") or [item.get("metadata", {}).get("image")])
     matched = item.get("photo", 0)
     if 0 < matched < len(photos):
         photos.insert(0, photos.pop(matched))
+    photos = [reference for reference in photos if reference]
     links = {"item_url": url_for("api.item", item_id=item["id"]), "page_url": url_for("pages.item", item_id=item["id"])}
     if photos:
         links["thumbnail_url"] = url_for("pages.thumbnail", reference=photos[0])

@@ -33,7 +33,7 @@ from protocol import keys
 from protocol.jobs import FINISHED, Jobs, item_error
 from protocol.queues import Task
 from worker.aliases import Build, new_folder
-from worker.embedding import batches
+from worker.catalog import batches
 from worker.index import Item, Photo
 from worker.reprojection import Source, find_source
 from worker.store import DurableIndex, open_index
@@ -305,8 +305,8 @@ class IndexBuild:
 
 def reference_of(item_id: str, item: Item) -> dict[str, Any] | None:
     """An indexed product as an embed batch takes it (its photos' areas and paths), or None without a photo."""
-    photos = [{"area": area, "path": path} for photo in item.photos
-              for area, _, path in [str(photo.image or "").partition("/")] if path]  # fmt: skip
+    places = [str(photo.image or "").partition("/") for photo in item.photos]  # "area/path"
+    photos = [{"area": area, "path": path} for area, _, path in places if path]
     if not photos:
         return None
     return {"id": item_id, "photos": photos, "metadata": {k: v for k, v in item.metadata.items() if k != "image"}}

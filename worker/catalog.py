@@ -30,7 +30,9 @@ ID_COLUMN, IMAGE_COLUMN = "id", "image"
 
 
 @dataclass(frozen=True)
-class Photo:
+class PhotoFile:
+    """Where a product's photo is, as a load reads it (the index keeps it as a `worker.index.Photo`)."""
+
     area: str  # "catalog", "uploads" or "archives": which configured folder `path` is relative to
     path: str
 
@@ -44,7 +46,7 @@ class CatalogItem:
     """A product: its photos (the first the main one) and its metadata."""
 
     id: str
-    photos: list[Photo]
+    photos: list[PhotoFile]
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def as_message(self) -> dict[str, Any]:
@@ -52,11 +54,11 @@ class CatalogItem:
         return {"id": self.id, "photos": photos, "metadata": self.metadata}
 
 
-def photos_of(message: dict[str, Any]) -> list[Photo]:
+def photos_of(message: dict[str, Any]) -> list[PhotoFile]:
     """A product message's photos; a message queued before products had several names its one photo by itself."""
     if "photos" in message:
-        return [Photo(photo["area"], photo["path"]) for photo in message["photos"]]
-    return [Photo(message["area"], message["path"])]
+        return [PhotoFile(photo["area"], photo["path"]) for photo in message["photos"]]
+    return [PhotoFile(message["area"], message["path"])]
 
 
 @dataclass
@@ -69,6 +71,21 @@ class CatalogPlan:
     @property
     def total(self) -> int:
         return len(self.items) + len(self.errors)
+
+
+def batches(messages: list[dict[str, Any]], photos: int) -> Iterator[list[dict[str, Any]]]:
+    """Products in batches of about `photos` photos (LOOKALIKE_BATCH); a product's photos stay in one batch."""
+    batch: list[dict[str, Any]] = []
+    count = 0
+    for message in messages:
+        size = len(photos_of(message))
+        if batch and count + size > photos:
+            yield batch
+            batch, count = [], 0
+        batch.append(message)
+        count += size
+    if batch:
+        yield batch
 
 
 def plan_catalog(settings: Settings, source: str, metadata_csv: str | None = None) -> CatalogPlan:
@@ -107,7 +124,7 @@ class _Product:
 
     id: str
     metadata: dict[str, Any] = field(default_factory=dict)
-    photos: dict[Photo, str] = field(default_factory=dict)
+    photos: dict[PhotoFile, str] = field(default_factory=dict)
     # (row key, the error under it, the error under the product's id when none of its photos is usable)
     unusable: list[tuple[str, dict[str, str], dict[str, str]]] = field(default_factory=list)
 
@@ -197,7 +214,7 @@ def _default_photos(folder: Path, item_id: str) -> list[tuple[Path, str]]:
 
 def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str, Any]] | None) -> CatalogPlan:
     """Every image under `folder` is a photo of the product its file name without the suffix names, or, in a folder
-    images/<id>/, its folder names: the single file first, then the folder's images by name."""
+    images/<id>/ right in `folder`, its folder names: the single file first, then the folder's images by name."""
     plan = CatalogPlan()
     found: dict[str, tuple[list[Path], list[Path]]] = {}  # id -> (its single file, the images of images/<id>/)
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -208,7 +225,7 @@ def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str,
                 ErrorCode.INVALID_NAME, f"the file name {shown} is not valid UTF-8; rename the file to load it"
             )
             continue
-        in_album = len(relative.parts) >= 3 and relative.parts[-3] == "images"
+        in_album = len(relative.parts) == 3 and relative.parts[0] == "images"
         item_id = relative.parts[-2] if in_album else path.stem
         if problem := id_problem(item_id):
             named, kind = (relative.parent, "folder") if in_album else (relative, "file")
@@ -243,7 +260,7 @@ def _plan_folder(settings: Settings, folder: Path, metadata: dict[str, dict[str,
     return plan
 
 
-def _photo(settings: Settings, path: Path) -> Photo | tuple[ErrorCode, str]:
+def _photo(settings: Settings, path: Path) -> PhotoFile | tuple[ErrorCode, str]:
     """The photo at `path`, or why it can't be one: (error code, what is wrong with it in words)."""
     try:
         area, relative = locate(settings, path)
@@ -253,7 +270,7 @@ def _photo(settings: Settings, path: Path) -> Photo | tuple[ErrorCode, str]:
         return ErrorCode.INVALID_NAME, "has a file name that is not valid UTF-8; rename the file to load it"
     if not path.is_file():
         return ErrorCode.MISSING_FILE, "does not exist"
-    return Photo(area, relative.as_posix())
+    return PhotoFile(area, relative.as_posix())
 
 
 def _too_many(settings: Settings, item_id: str, what: str, count: int = 1) -> dict[str, str]:
@@ -377,10 +394,11 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _content(folder: Path) -> Path:
-    """An unpacked archive's catalogue: its one top-level folder when that is all it holds and has the styles.csv
-    (`tar czf shop.tgz shop/`), else its top."""
+    """An unpacked archive's catalogue: its one top-level folder when that is all it holds (`tar czf shop.tgz
+    shop/`: its styles.csv or images/<id>/ folders are there), unless that is the images/ folder itself."""
     entries = list(folder.iterdir())
-    return entries[0] if len(entries) == 1 and (entries[0] / DATASET_CSV).is_file() else folder
+    alone = len(entries) == 1 and entries[0].is_dir() and entries[0].name != "images"
+    return entries[0] if alone else folder
 
 
 def unpack_archive(settings: Settings, archive: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from common.model import EmbeddingModel
 from common.settings import Settings
 from common.vectors import encode_vector
 from protocol.jobs import item_error
-from worker.catalog import Photo, photos_of
+from worker.catalog import PhotoFile, photos_of
 from worker.index import photos_checksum
 
 
@@ -26,20 +26,6 @@ class BatchOutcome:
     changes: list[dict[str, Any]] = field(default_factory=list)  # upserts for the index owner
     unchanged: list[str] = field(default_factory=list)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-def batches(messages: list[dict[str, Any]], photos: int) -> Iterator[list[dict[str, Any]]]:
-    """Products in batches of about `photos` photos (LOOKALIKE_BATCH); a product's photos stay in one batch."""
-    batch: list[dict[str, Any]] = []
-    count = 0
-    for message in messages:
-        if batch and count + len(photos_of(message)) > photos:
-            yield batch
-            batch, count = [], 0
-        batch.append(message)
-        count += len(photos_of(message))
-    if batch:
-        yield batch
 
 
 def embed_items(
@@ -98,19 +84,19 @@ class _PhotoRefused(Exception):
         self.error = error
 
 
-def _decoded(photo: Photo, data: bytes, model: EmbeddingModel, settings: Settings, photos: int) -> np.ndarray:
+def _decoded(photo: PhotoFile, data: bytes, model: EmbeddingModel, settings: Settings, photos: int) -> np.ndarray:
     try:
         return decode_image(data, model.contract.size, settings.resize, settings.max_pixels)
     except ImageError as error:
         raise _PhotoRefused(_naming(photo, error.as_dict(), photos)) from error
 
 
-def _naming(photo: Photo, error: dict[str, str], photos: int) -> dict[str, str]:
+def _naming(photo: PhotoFile, error: dict[str, str], photos: int) -> dict[str, str]:
     """An image's error, saying which of the product's photos it is when it has several."""
     return {**error, "message": f"photo {photo.path}: {error['message']}"} if photos > 1 else error
 
 
-def _read_photos(settings: Settings, photos: list[Photo]) -> list[tuple[Photo, str, bytes]]:
+def _read_photos(settings: Settings, photos: list[PhotoFile]) -> list[tuple[PhotoFile, str, bytes]]:
     """Each photo with its sha256 and bytes (a photo identical to an earlier one of the product left out)."""
     read, seen = [], set()
     for photo in photos:

@@ -1,4 +1,4 @@
-"""The in-memory catalogue index: hnswlib cosine vectors keyed by product id, with each item's metadata.
+"""The in-memory catalogue index: products, each with its metadata and its photos' hnswlib cosine vectors.
 
 Not thread-safe and not durable by itself: exactly one process owns it (see `worker.store`).
 """
@@ -18,9 +18,9 @@ from common.errors import LookalikeError
 from common.filters import unknown_field
 
 INITIAL_CAPACITY = 1024
-EXACT_FILTER_LIMIT = 2048  # a filter that leaves fewer items than this is answered by exact search
-EXACT_CHUNK = 4096  # items whose vectors an exact search holds at once
-POSTED_FIELDS = 8  # fields with a lookup table (the most recently filtered by); each costs a set per item
+EXACT_FILTER_LIMIT = 2048  # a filter that leaves fewer photos than this is answered by exact search
+EXACT_CHUNK = 4096  # photos whose vectors an exact search holds at once
+POSTED_FIELDS = 8  # fields with a lookup table (the most recently filtered by); each costs a set per photo
 
 
 @dataclass(frozen=True)
@@ -125,40 +125,50 @@ class VectorIndex:
 
     def upsert(self, item_id: str, vectors: np.ndarray | None, item: Item) -> None:
         """Insert `item_id` or replace its set of photos; `vectors` (a row per photo of `item`) may be None when
-        only the metadata changes. A photo the product already has (same sha256) keeps its vector; a photo it no
-        longer has is removed."""
+        only the metadata changes (the photos are then the ones it has: moved files take their new places). A photo
+        the product already has (same sha256) keeps its vector; a photo it no longer has is removed."""
         existing = self.items.get(item_id)
-        if existing is not None:
-            self._index_metadata(existing, add=False)
         if vectors is None:
             if existing is None:
                 raise KeyError(f"item {item_id!r} has no vector yet")
-            item.photos = existing.photos
+            if item.photo_digests == existing.photo_digests:
+                for photo, same in zip(item.photos, existing.photos, strict=True):
+                    photo.label = same.label
+            else:  # a change made for other photos than the product's: it keeps its own
+                item.photos = existing.photos
+            self._index_metadata(existing, add=False)
         else:
             rows = np.asarray(vectors, dtype=np.float32).reshape(len(item.photos), self.params.dim)
-            kept: dict[str | None, list[Photo]] = {}
-            for photo in existing.photos if existing is not None else []:
-                kept.setdefault(photo.sha256, []).append(photo)
-            fresh = []
-            for photo, row in zip(item.photos, rows, strict=True):
-                same = kept.get(photo.sha256)
-                if same:
-                    photo.label = same.pop(0).label
-                else:
-                    fresh.append((photo, row))
-            for photo in (photo for left in kept.values() for photo in left):  # photos the product no longer has
-                self.hnsw.mark_deleted(photo.label)  # the slot is reused by the next new photo
-                del self.ids_by_label[photo.label]
-            if fresh:
-                self._reserve(len(fresh))
-                for photo, _ in fresh:
-                    photo.label = self.next_label
-                    self.next_label += 1
-                    self.ids_by_label[photo.label] = item_id
-                self.hnsw.add_items(np.stack([row for _, row in fresh]), [photo.label for photo, _ in fresh],
-                                    replace_deleted=True)  # fmt: skip
+            if existing is not None:
+                self._index_metadata(existing, add=False)
+            self._replace_photos(item_id, item, rows, existing.photos if existing is not None else [])
         self.items[item_id] = item
         self._index_metadata(item, add=True)
+
+    def _replace_photos(self, item_id: str, item: Item, rows: np.ndarray, had: list[Photo]) -> None:
+        """Give `item`'s photos labels: a photo it `had` keeps its label (and vector), a new one gets a new label and
+        its row; the photos it no longer has are marked deleted."""
+        kept: dict[str | None, list[Photo]] = {}
+        for photo in had:
+            kept.setdefault(photo.sha256, []).append(photo)
+        fresh = []
+        for photo, row in zip(item.photos, rows, strict=True):
+            same = kept.get(photo.sha256)
+            if same:
+                photo.label = same.pop(0).label
+            else:
+                fresh.append((photo, row))
+        for photo in (photo for left in kept.values() for photo in left):
+            self.hnsw.mark_deleted(photo.label)  # the slot is reused by the next new photo
+            del self.ids_by_label[photo.label]
+        if fresh:
+            self._reserve(len(fresh))
+            for photo, _ in fresh:
+                photo.label = self.next_label
+                self.next_label += 1
+                self.ids_by_label[photo.label] = item_id
+            self.hnsw.add_items(np.stack([row for _, row in fresh]), [photo.label for photo, _ in fresh],
+                                replace_deleted=True)  # fmt: skip
 
     def delete(self, item_id: str) -> bool:
         item = self.items.pop(item_id, None)

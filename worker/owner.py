@@ -460,7 +460,7 @@ def _change(message: dict[str, Any]) -> Change:
         op=message["op"],
         id=message["id"],
         metadata=message.get("metadata"),
-        photos=_item(message).photos,
+        photos=_item(message).photos if message["op"] == "upsert" else [],
         metadata_sha256=message.get("metadata_sha256"),
         vectors=np.stack([decode_vector(vector) for vector in vectors]) if vectors else None,
     )

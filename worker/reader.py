@@ -128,12 +128,13 @@ class IndexReader:
         digest = hashlib.sha256()
         with self.lock:
             index = self.state.index
+            ids, vectors = index.stored_vectors()  # one read of every vector: a photo a row, a product's together
+            rows = {item_id: row for row, item_id in reversed(list(enumerate(ids)))}  # each product's first row
             for item_id in sorted(index.items):
                 item = index.items[item_id]
                 fields = [item_id, item.metadata, [photo.as_list() for photo in item.photos], item.metadata_sha256]
-                digest.update(
-                    json.dumps(fields, sort_keys=True).encode() + index.vectors(item_id).astype("<f4").tobytes()
-                )
+                photos = vectors[rows[item_id] : rows[item_id] + len(item.photos)]
+                digest.update(json.dumps(fields, sort_keys=True).encode() + photos.astype("<f4").tobytes())
         return digest.hexdigest()
 
     def filterable(self) -> dict[str, Any]:

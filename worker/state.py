@@ -42,6 +42,7 @@ class IndexState:
 
     def to_index_space(self, vectors: np.ndarray | None) -> np.ndarray | None:
         """Model vectors (a row each) as the index compares them: reduced when a PCA has been fitted."""
-        if vectors is None or self.projection is None:
-            return vectors
-        return self.projection.apply(np.atleast_2d(vectors))
+        if vectors is None:
+            return None
+        rows = np.atleast_2d(vectors)
+        return rows if self.projection is None else self.projection.apply(rows)

@@ -18,8 +18,8 @@ from protocol import keys
 from protocol.jobs import item_error
 from protocol.queues import Task
 from worker import runtime
-from worker.catalog import plan_catalog
-from worker.embedding import batches, embed_items
+from worker.catalog import batches, plan_catalog
+from worker.embedding import embed_items
 from worker.owner import IndexOwner
 
 log = logging.getLogger(__name__)

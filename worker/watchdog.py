@@ -23,6 +23,7 @@ from common.errors import ErrorCode
 from common.settings import Settings
 from protocol.jobs import SCAN_CHUNK, Jobs, LoadActivity, item_error
 from protocol.queues import Queue, Task
+from worker.catalog import batches
 from worker.leftovers import remove_leftovers
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ class LoadWatchdog:
             log.warning("load %s: its plan was lost; planned again (%d of %d)", job_id, attempt, REQUEUES)
             return
         missing = self.jobs.missing_items(job_id)
-        for start in range(0, len(missing), self.batch):
-            self.app.send_task(Task.EMBED_BATCH, args=[job_id, missing[start : start + self.batch]])
+        for batch in batches(missing, self.batch):
+            self.app.send_task(Task.EMBED_BATCH, args=[job_id, batch])
         log.warning(
             "load %s: no progress for %.0f s and none of its messages queued or held; %d missing items queued "
             "again (%d of %d)",

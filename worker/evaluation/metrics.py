@@ -16,7 +16,7 @@ TOP_K = 10
 PRECISION_AT = (1, 5, 10)
 WORST_SHOWN = 10
 MIN_VALUE_QUERIES = 3  # a label value needs this many queries before its precision is worth ranking
-EXACT_BLOCK = 1024  # queries per block of the exact similarity matrix (bounded memory, no all-pairs matrix)
+EXACT_BLOCK = 1024  # query photos per block of the exact similarity matrix (bounded memory, no all-pairs matrix)
 
 
 def one_photo_each(count: int) -> np.ndarray:
@@ -27,15 +27,21 @@ def one_photo_each(count: int) -> np.ndarray:
 def product_similarities(
     queries: np.ndarray, query_starts: np.ndarray, catalogue: np.ndarray, catalogue_starts: np.ndarray
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """The product-by-product cosine matrix a block of query products at a time, as (first product, block): two
-    products are as similar as their most similar photos. A product's photos are consecutive rows; `*_starts` are
-    the rows where each product begins."""
+    """The product-by-product cosine matrix a block of query products at a time (about EXACT_BLOCK photos), as
+    (first product, block): two products are as similar as their most similar photos. A product's photos are
+    consecutive rows; `*_starts` are the rows where each product begins."""
     ends = np.append(query_starts, len(queries))
-    for first in range(0, len(query_starts), EXACT_BLOCK):
-        last = min(first + EXACT_BLOCK, len(query_starts))
-        rows = queries[ends[first] : ends[last]] @ catalogue.T
-        by_product = np.maximum.reduceat(rows, catalogue_starts, axis=1)
-        yield first, np.maximum.reduceat(by_product, query_starts[first:last] - ends[first], axis=0)
+    first = 0
+    while first < len(query_starts):
+        last = int(np.searchsorted(ends, ends[first] + EXACT_BLOCK, side="right")) - 1
+        last = min(max(last, first + 1), len(query_starts))
+        scores = queries[ends[first] : ends[last]] @ catalogue.T
+        if len(catalogue_starts) < len(catalogue):  # some product has several photos
+            scores = np.maximum.reduceat(scores, catalogue_starts, axis=1)
+        if last - first < ends[last] - ends[first]:
+            scores = np.maximum.reduceat(scores, query_starts[first:last] - ends[first], axis=0)
+        yield first, scores
+        first = last
 
 
 def exact_neighbours(

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from common.errors import LookalikeError
 from common.model import EmbeddingModel, load_model
 from common.settings import CORES, Settings
 from common.vectors import decode_vector, unit_rows
-from worker.catalog import CatalogPlan, plan_catalog
+from worker.catalog import CatalogPlan, batches, plan_catalog
 from worker.embedding import embed_items
 from worker.evaluation.cache import EmbeddingCache
 from worker.evaluation.calibration import (
@@ -49,7 +50,7 @@ class Embeddings:
     seconds: float = 0.0
     embedded: int = 0  # images the model ran on (the rest came from the cache)
 
-    @property
+    @cached_property
     def starts(self) -> np.ndarray:
         """The row where each product begins."""
         return np.array([row for row, item_id in enumerate(self.ids) if row == 0 or self.ids[row - 1] != item_id],
@@ -174,8 +175,8 @@ def embed_plan(
     progress: Callable[[int, int], None] | None = None,
     cache: EmbeddingCache | None = None,
 ) -> Embeddings:
-    """Embed a planned catalogue in batches of `settings.batch`, exactly as a load does; with `cache`, only the
-    images it lacks are decoded and embedded, and their vectors are added to it."""
+    """Embed a planned catalogue in batches of about `settings.batch` photos, exactly as a load does; with `cache`,
+    only the images it lacks are decoded and embedded, and their vectors are added to it."""
     started = time.perf_counter()
     ids, vectors, metadata = [], [], []
     errors = dict(plan.errors)
@@ -183,9 +184,10 @@ def embed_plan(
     # A cached product is `known` with an empty metadata checksum: embed_items then reads and hashes its photos, and
     # when they are the same answers a change without vectors (as for new metadata), which the cache's fill.
     known = {item_id: (photos, "") for item_id, photos in cache.known_photos().items()} if cache else {}
-    embedded = 0
-    for start in range(0, len(messages), settings.batch):
-        outcome = embed_items(messages[start : start + settings.batch], model, settings, known=known)
+    embedded, read = 0, 0
+    for batch in batches(messages, settings.batch):
+        outcome = embed_items(batch, model, settings, known=known)
+        read += len(batch)
         errors |= outcome.errors
         for change in outcome.changes:
             digests = [photo["sha256"] for photo in change["photos"]]
@@ -201,7 +203,7 @@ def embed_plan(
                 vectors.append(vector)
                 metadata.append(change["metadata"])
         if progress:
-            progress(min(start + settings.batch, len(messages)), len(messages))
+            progress(read, len(messages))
     if cache is not None:
         cache.save()
     matrix = np.vstack(vectors) if vectors else np.zeros((0, model.contract.dimension), np.float32)
@@ -217,7 +219,7 @@ def build_index(embeddings: Embeddings, params: IndexParams) -> VectorIndex:
     """One product at a time, as a load builds the service's index."""
     index = VectorIndex(params)
     for first, last in product_rows(embeddings):
-        photos = [Photo(str(row)) for row in range(first, last)]
+        photos = [Photo(None) for _ in range(first, last)]
         index.upsert(embeddings.ids[first], embeddings.vectors[first:last], Item(embeddings.metadata[first], photos))
     return index
 
