@@ -137,6 +137,12 @@ class Settings:
     )
     max_catalog_upload: int = variable(str(2 * 1024**3), "largest catalogue upload (archive + CSV), bytes", minimum=1)
     web_threads: int = variable("8", "request threads of `lookalike web`", minimum=1)
+    web_waiting: int = variable(
+        "4",
+        "requests of one `lookalike web` process that may wait for their job at once (`wait`), at most "
+        "LOOKALIKE_WEB_THREADS - 1; beyond, the answer comes at once, as without `wait`",
+        minimum=0,
+    )
     trusted_proxies: int = variable(
         "0",
         "reverse proxies in front of `lookalike web` whose X-Forwarded-For, -Proto and -Host it believes (0: none; "

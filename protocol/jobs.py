@@ -32,6 +32,7 @@ HIT_PHOTOS = 4  # photos a search record keeps of each hit: the item has them al
 SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 ITEM, PLANNING = "i:", "p:"  # how a failure is keyed: an item's id, or a row refused while planning
 SCAN_CHUNK = 1000
+FINISHED_WORD_SECONDS = 60  # how long the word that a job finished waits for its waiters
 
 # The keys every script below is given, in this order: 1 the record, 2-10 its parts as keys.PARTS lists them
 # (2 done, 3 failed, 4 errors, 5 error ids, 6 error codes, 7 items, 8 deliveries, 9 preview, 10 rows), 11 the list
@@ -55,7 +56,7 @@ local function close(state)
   redis.call('DEL', KEYS[7])
   redis.call('SREM', KEYS[13], ARGV[6])
   redis.call('LPUSH', KEYS[11], state)
-  redis.call('EXPIRE', KEYS[11], 60)
+  redis.call('EXPIRE', KEYS[11], 60)  -- FINISHED_WORD_SECONDS
   if redis.call('HGET', KEYS[1], 'kind') == 'load' then keep_for(ARGV[3]) else keep_for(ARGV[4]) end
 end
 """
@@ -340,8 +341,17 @@ class Jobs:
         return self.redis.get(keys.job_key(job_id, keys.PREVIEW))
 
     def wait_until_finished(self, job_id: str, timeout: float) -> bool:
-        """Block up to `timeout` seconds for the job to finish (woken at once when it does)."""
-        return self.redis.blpop([keys.job_key(job_id, keys.FINISHED)], timeout=timeout) is not None
+        """Block up to `timeout` seconds for the job to finish (woken at once when it does); every waiter of the job
+        wakes: each hands the word on to the next."""
+        key = keys.job_key(job_id, keys.FINISHED)
+        woken = self.redis.blpop([key], timeout=timeout) if timeout > 0 else None
+        if woken is None:
+            return False
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(key, woken[1])
+            pipe.expire(key, FINISHED_WORD_SECONDS)
+            pipe.execute()
+        return True
 
     def get(self, job_id: str, error_offset: int = 0, error_limit: int = ERROR_PAGE) -> dict[str, Any] | None:
         """The job as the API shows it: state, progress counters, a page of item errors, result or error."""

@@ -117,6 +117,7 @@ def test_the_api_examples_work_against_the_running_service(served, shared_dir, t
                             timeout=120, env=environ)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"deleted":"11013"' in result.stdout and '"status":"ok"' in result.stdout
+    assert result.stdout.count('"kind":"search"') == 2  # both searches answered whole, with `wait`
     # put the sample back as the other tests know it
     served.client.follow(served.client.start_load(shared_dir / "data" / "fashion"), timeout=300)
     assert served.client.get_item("11013") is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -178,3 +179,18 @@ def test_a_search_record_keeps_the_matched_photo_and_a_few_others_of_a_hit():
     assert kept["photos"][kept["photo"]] == photos[7] and kept["photo_count"] == 10
     few = {**hit, "photo": 1, "photos": photos[:3]}
     assert compact_hit(few) == few
+
+
+def test_every_request_waiting_for_a_job_wakes_when_it_finishes(jobs):
+    job_id = jobs.create("search", {})
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(jobs.wait_until_finished(job_id, 30))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.2)
+    jobs.finish(job_id, {"hits": []})
+    for waiter in waiters:
+        waiter.join(20)  # far less than their 30 s: woken by the finish, not by the end of the wait
+    assert woken == [True, True, True]
+    assert jobs.wait_until_finished(job_id, 1)  # one that comes later finds the word still there
+    assert not jobs.wait_until_finished(jobs.create("search", {}), 0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -419,6 +420,24 @@ def test_a_search_through_the_api_finds_the_product_with_links(live, shared_dir)
     assert [hit["metadata"]["gender"] for hit in filtered["result"]["hits"]] == ["Women"] * 3
     nothing = follow(live, search(live, photo(shared_dir, "10186"), filter=["gender=Nobody"]).location)
     assert nothing["state"] == "done" and nothing["result"]["hits"] == []
+
+
+@pytest.mark.slow
+def test_a_search_with_wait_is_answered_in_the_request_and_without_a_thread_to_wait_with_is_202(served, shared_dir):
+    live = create_app(served.stack.settings).test_client()
+    answered = search(live, photo(shared_dir, "10186"), k="3", wait="10")
+    assert answered.status_code == 200 and answered.headers["Location"] == f"/api/jobs/{answered.get_json()['id']}"
+    job = answered.get_json()
+    assert job["state"] == "done" and job["result"]["hits"][0]["id"] == "10186"
+    assert job["result"]["hits"][0]["page_url"] == "/items/10186"
+    queued = search(live, photo(shared_dir, "10230"), k="3")  # 202; then its record, waited for
+    waited = live.get(f"{queued.get_json()['status_url']}?wait=10").get_json()
+    assert waited["state"] == "done" and waited["result"]["hits"][0]["id"] == "10230"
+    assert search(live, photo(shared_dir, "10186"), wait="11").get_json()["error"]["code"] == "bad_parameter"
+    assert live.get(f"/api/jobs/{job['id']}?wait=x").status_code == 400
+    settings = dataclasses.replace(served.stack.settings, web_waiting=0)  # every thread may be taken: none waits
+    idle = create_app(settings).test_client()
+    assert search(idle, photo(shared_dir, "10186"), wait="10").status_code == 202
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
-from protocol.jobs import ERROR_PAGE
-from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_min_seq, parse_whole
+from protocol.jobs import ERROR_PAGE, FINISHED
+from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_min_seq, parse_wait, parse_whole
 from web.service import LOADS_SHOWN
 from web.service import current_service as service
 from web.submit import load_from_request, search_from_request
@@ -24,14 +24,21 @@ api = Blueprint("api", __name__, url_prefix="/api")
 
 @api.post("/search")
 def search() -> tuple[Response, int, dict[str, str]]:
-    return accepted(search_from_request())
+    """202 and the job to follow; with `wait`, 200 and the finished job when it finishes within the wait."""
+    seconds = parse_wait(request.values.get("wait"))
+    job_id = search_from_request()
+    job = service().finished_job(job_id, seconds) if seconds else None
+    if job is not None and job["state"] in FINISHED:
+        return jsonify(present_job(job)), 200, {"Location": url_for("api.job", job_id=job_id)}
+    return accepted(job_id)
 
 
 @api.get("/jobs/<job_id>")
 def job(job_id: str) -> Response:
     offset = parse_whole("errors_offset", request.args.get("errors_offset"), 0, 0, MAX_ERRORS_OFFSET)
     limit = parse_whole("errors_limit", request.args.get("errors_limit"), ERROR_PAGE, 0, MAX_ERROR_PAGE)
-    return jsonify(present_job(service().job(check_job_id(job_id), offset, limit)))
+    seconds = parse_wait(request.args.get("wait"))
+    return jsonify(present_job(service().finished_job(check_job_id(job_id), seconds, offset, limit)))
 
 
 @api.post("/catalog/loads")

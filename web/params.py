@@ -12,6 +12,7 @@ from web.errors import bad_parameter, not_found
 
 DEFAULT_K = 5
 MAX_K = 100
+MAX_WAIT_SECONDS = 10  # a request that waits for its job holds one of the web's threads (LOOKALIKE_WEB_WAITING)
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 MAX_SEQ = 10**18 - 1
 DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
@@ -25,6 +26,11 @@ def parse_whole(name: str, value: str | None, default: int, minimum: int, maximu
     if not DIGITS.fullmatch(value.strip()) or not minimum <= int(value) <= maximum:
         raise bad_parameter(f"{name} must be a whole number from {minimum} to {maximum}, not {value[:40]!r}")
     return int(value)
+
+
+def parse_wait(value: str | None) -> int:
+    """`wait`: seconds a request may wait for its job to finish, 0 to MAX_WAIT_SECONDS (0: answer at once)."""
+    return parse_whole("wait", value, 0, 0, MAX_WAIT_SECONDS)
 
 
 def parse_k(value: str | None) -> int:

@@ -22,11 +22,13 @@ from common.images import IMAGE_SUFFIXES, Crop, ImageError, check_size, read_ima
 from common.settings import Settings
 from protocol import keys
 from protocol.client import Client, ReadError
-from protocol.connection import redis_memory
+from protocol.connection import redis_client, redis_memory
 from protocol.heartbeats import Role, alive
+from protocol.jobs import FINISHED, Jobs
 from protocol.queues import Queue, queue_depths
 from protocol.readers import NoReaderAnswered, keeping_up
 from web.errors import ApiError, bad_parameter, busy, not_found, unavailable
+from web.params import MAX_WAIT_SECONDS
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
 DECODE_WAIT_SECONDS = 2  # how long an image waits for one of this process's LOOKALIKE_WEB_DECODES before a 503
@@ -47,6 +49,10 @@ class Service:
         self.redis = self.jobs.redis
         self._form_secret: bytes | None = None
         self._decodes = threading.BoundedSemaphore(settings.web_decodes)
+        # A thread is always left to answer: at most LOOKALIKE_WEB_THREADS - 1 wait.
+        self._waiting = threading.BoundedSemaphore(max(0, min(settings.web_waiting, settings.web_threads - 1)))
+        # A wait blocks on Redis for up to MAX_WAIT_SECONDS: its client's socket must outlast it.
+        self._waiter = Jobs(redis_client(settings.redis_url, MAX_WAIT_SECONDS + settings.call_timeout))
         self._memory: tuple[float, dict[str, Any]] = (-float("inf"), {})
 
     def form_secret(self, refresh: bool = False) -> bytes:
@@ -120,6 +126,18 @@ class Service:
         if job is None:
             raise not_found(f"no job with id {job_id} (search results are kept {self.settings.search_ttl} s)")
         return job
+
+    def finished_job(self, job_id: str, seconds: int, error_offset: int = 0, error_limit: int = 50) -> dict[str, Any]:
+        """The job once it finished, waiting up to `seconds` for it (woken by its finish, not by polling); as it is
+        when it did not finish in time, or when LOOKALIKE_WEB_WAITING requests of this process wait already."""
+        job = self.job(job_id, error_offset, error_limit)
+        if not seconds or job["state"] in FINISHED or not self._waiting.acquire(blocking=False):
+            return job
+        try:
+            self._waiter.wait_until_finished(job_id, seconds)
+        finally:
+            self._waiting.release()
+        return self.job(job_id, error_offset, error_limit)
 
     def preview(self, job_id: str) -> bytes:
         data = self.jobs.preview(job_id)

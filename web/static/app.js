@@ -78,16 +78,20 @@ function drawCropBox(preview) {
 }
 
 const FINISHED = ["done", "failed", "partial"];
+const SEARCH_WAIT_SECONDS = 10;  // the server's cap (`wait` of GET /api/jobs/<id>)
 
-// Polls a job's JSON a few times a second, backing off, until it is finished; then the page is rendered anew.
-async function follow(url, onUpdate) {
-  let delay = 50;
+// Follows a job's JSON until it is finished; then the page is rendered anew. With `wait` (seconds), each request
+// waits on the server for the job to finish (a search); without, or when the server had no thread to wait with, it
+// asks again a few times a second, backing off (a load's progress).
+async function follow(url, onUpdate, wait = 0) {
+  const asked = wait ? `${url}${url.includes("?") ? "&" : "?"}wait=${wait}` : url;
+  let delay = wait ? 0 : 50;
   for (;;) {
     await new Promise((resolve) => setTimeout(resolve, delay));
-    delay = Math.min(delay * 1.5, 2000);
+    delay = Math.min(Math.max(delay * 1.5, 50), 2000);
     let job;
     try {
-      const response = await fetch(url, { headers: { Accept: "application/json" } });
+      const response = await fetch(asked, { headers: { Accept: "application/json" } });
       if (response.status === 404) return null;  // expired or never existed: nothing more to wait for
       if (!response.ok) continue;
       job = await response.json();
@@ -118,10 +122,11 @@ function followJobPage() {
   const started = Date.now();
   const waiting = page.querySelector(".waiting");
   const bar = page.querySelector(".progress");
+  const wait = page.dataset.kind === "search" ? SEARCH_WAIT_SECONDS : 0;  // a load shows its progress as it goes
   follow(page.dataset.statusUrl, (job) => {
     if (bar) showProgress(bar, job);
     if (waiting) waiting.hidden = !(job.state === "queued" && Date.now() - started > 10000);
-  }).then((job) => { if (job) window.location.reload(); });
+  }, wait).then((job) => { if (job) window.location.reload(); });
 }
 
 function followLoads() {
