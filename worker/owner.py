@@ -195,9 +195,7 @@ class IndexOwner:
                 f"item {message['id']} was deleted while this load read it; load the catalogue again to index it",
             )
             for message in messages
-            if message["op"] == "upsert"
-            and not (message.get("vectors") or message.get("vector"))
-            and message["id"] not in store.index
+            if message["op"] == "upsert" and not _vectors_of(message) and message["id"] not in store.index
         }
         foreign = {**vanished, **foreign}
         try:
@@ -455,7 +453,7 @@ class IndexOwner:
 
 def _change(message: dict[str, Any]) -> Change:
     """An embed worker's upsert (or delete) as the log keeps it."""
-    vectors = message.get("vectors") or ([message["vector"]] if message.get("vector") else None)
+    vectors = _vectors_of(message)
     return Change(
         op=message["op"],
         id=message["id"],
@@ -464,6 +462,12 @@ def _change(message: dict[str, Any]) -> Change:
         metadata_sha256=message.get("metadata_sha256"),
         vectors=np.stack([decode_vector(vector) for vector in vectors]) if vectors else None,
     )
+
+
+def _vectors_of(message: dict[str, Any]) -> list[str]:
+    """An upsert's vectors (base64), a photo each; none for new metadata alone. One sent before products had
+    several photos has its one vector by itself."""
+    return message.get("vectors") or ([message["vector"]] if message.get("vector") else [])
 
 
 def _item(message: dict[str, Any]) -> Item:

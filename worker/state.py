@@ -36,6 +36,8 @@ class IndexState:
             return
         if change.vectors is None and change.id not in self.index:
             return  # a metadata-only change to an item deleted since: nothing to update
+        # The index gives these photos their labels; the change's own stay untouched, as the index being built
+        # beside this one applies the same change objects.
         photos = [Photo(photo.sha256, photo.image) for photo in change.photos]
         item = Item(change.metadata or {}, photos, change.metadata_sha256)
         self.index.upsert(change.id, self.to_index_space(change.vectors), item)
