@@ -13,7 +13,8 @@ from common.settings import Settings
 from protocol.queues import ROUTES, Queue
 
 
-def create_celery(settings: Settings) -> Celery:
+def create_celery(settings: Settings, publish_patience: int = 0) -> Celery:
+    """The app; with `publish_patience`, a send rides out that many seconds of Redis restarting (the workers')."""
     app = Celery("lookalike", set_as_current=True)
     app.conf.update(
         broker_url=settings.redis_url,
@@ -36,8 +37,14 @@ def create_celery(settings: Settings) -> Celery:
         # Every task has its route; a name outside protocol.queues.Task can't be sent (see protocol.client).
         task_routes={str(task): {"queue": str(queue)} for task, queue in ROUTES.items()},
         task_create_missing_queues=False,
-        # A publish that can't reach Redis fails within seconds (the web answers 503) instead of hanging.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        # A publish that can't reach Redis fails within seconds (the web answers 503) instead of hanging; a worker's
+        # waits for it as its other Redis calls do, or a batch embedded just before a restart would be counted failed.
+        task_publish_retry_policy={
+            "max_retries": max(2, publish_patience),
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         redis_socket_timeout=10,

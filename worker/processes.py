@@ -36,7 +36,7 @@ BUILD_ASK_AGAIN_SECONDS = 60.0  # an `advance_build` not handled by then (lost, 
 def run_worker(kind: str, loglevel: str) -> int:
     """Run a worker of `kind` in this process until it is stopped."""
     settings = runtime.settings()
-    app = create_celery(settings)
+    app = create_celery(settings, publish_patience=runtime.REDIS_PATIENCE)
     if kind != "query":  # a Celery worker; the query process lists what it holds itself
         watch_for_orphans(app, settings)
     starts: dict[str, Callable[[Celery, Settings, str], None]] = {

@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers that turn messages into calls on the catalogue, embedding and index code.
 
 Shared tasks, named as `protocol.queues.Task` names them: they belong to whichever app the worker's entry point
-created (`protocol.celery_app.create_celery`), and this module builds no app of its own.
+created (`protocol.celery_app.create_celery`), and this module builds no app of its own. A task whose outcome
+goes to a job record, or nowhere, stores no Celery result (`ignore_result`): a write fewer for each, and none to
+fail after the work is done.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def worker_lost(ids: list[str]) -> dict[str, dict[str, str]]:
     return {item_id: item_error(ErrorCode.WORKER_LOST, message) for item_id in ids}
 
 
-@shared_task(name=Task.PLAN_LOAD, bind=True)
+@shared_task(name=Task.PLAN_LOAD, bind=True, ignore_result=True)
 def plan_load(self: Any, job_id: str, source: str, metadata_csv: str | None = None) -> dict[str, int]:
     """Read the catalogue, refuse bad rows up front, and queue its items in batches of references."""
     jobs, settings = runtime.jobs(), runtime.settings()
@@ -83,7 +85,7 @@ def plan_load(self: Any, job_id: str, source: str, metadata_csv: str | None = No
     return {"total": plan.total, "queued": queued, "refused": len(plan.errors)}
 
 
-@shared_task(name=Task.EMBED_BATCH, bind=True)
+@shared_task(name=Task.EMBED_BATCH, bind=True, ignore_result=True)
 def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]], model: str | None = None) -> dict[str, int]:
     """Embed a batch with the serving index's model, or with `model` for an index being built (every item then:
     what the serving index holds says nothing of the new one)."""
@@ -115,7 +117,7 @@ def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]], model: str 
     return {"changes": len(outcome.changes), "unchanged": len(outcome.unchanged), "failed": len(outcome.errors)}
 
 
-@shared_task(name=Task.APPLY_CHANGES, bind=True)
+@shared_task(name=Task.APPLY_CHANGES, bind=True, ignore_result=True)
 def apply_changes(self: Any, job_id: str | None, changes: list[dict[str, Any]]) -> dict[str, int]:
     if job_id and delivered_too_often(self, job_id):
         runtime.jobs().record(job_id, errors=worker_lost([change["id"] for change in changes]))
@@ -128,7 +130,7 @@ def delete_items(ids: list[str]) -> dict[str, int]:
     return owner().delete(ids)
 
 
-@shared_task(name=Task.WRITE_SNAPSHOT)
+@shared_task(name=Task.WRITE_SNAPSHOT, ignore_result=True)
 def write_snapshot() -> None:
     owner().snapshot()
 
@@ -138,12 +140,12 @@ def build_index(model: str | None = None, allow_missing: int = 0) -> dict[str, A
     return owner().build_index(model, allow_missing)
 
 
-@shared_task(name=Task.ADVANCE_BUILD)
+@shared_task(name=Task.ADVANCE_BUILD, ignore_result=True)
 def advance_build() -> dict[str, Any]:
     return owner().advance_build()
 
 
-@shared_task(name=Task.REPROJECT_BATCH)
+@shared_task(name=Task.REPROJECT_BATCH, ignore_result=True)
 def reproject_batch(job_id: str, ids: list[str]) -> dict[str, int]:
     return owner().reproject(job_id, ids)
 
@@ -192,7 +194,7 @@ DUPLICATES_CHUNK = 500  # items per task: searches queued meanwhile wait for one
 MOST_PAIRS = 10_000
 
 
-@shared_task(name=Task.FIND_DUPLICATES)
+@shared_task(name=Task.FIND_DUPLICATES, ignore_result=True)
 def find_duplicates(job_id: str, threshold: float, k: int, after: str | None = None) -> None:
     """Walk the index in chunks of DUPLICATES_CHUNK items, each chunk a task of its own on the search queue."""
     jobs = runtime.jobs()
