@@ -22,12 +22,15 @@ def file_sha256(path: str | Path, from_disk: bool = False) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the whole new one, never a part."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the whole new one, never a part; `mode`:
+    its permissions (else the temporary file's, 0600)."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as file:
+            if mode is not None:
+                os.fchmod(file.fileno(), mode)
             file.write(data)
         atomic_replace(Path(temporary), path)
     except BaseException:

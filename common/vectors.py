@@ -6,6 +6,10 @@ import base64
 
 import numpy as np
 
+# How a recommendation weighs its examples (worker.index.VectorIndex.recommend); the first is the default.
+AVERAGE_VECTOR, BEST_SCORE = "average_vector", "best_score"
+STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE)
+
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Each row scaled to length 1 (a zero row stays zero)."""

@@ -24,7 +24,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lookalike.client_cli import configure_duplicates, configure_ingest, configure_search
+    from lookalike.client_cli import (
+        configure_duplicates,
+        configure_ingest,
+        configure_put,
+        configure_recommend,
+        configure_search,
+    )
     from lookalike.export_cli import configure as export
     from lookalike.index_cli import configure as index
     from lookalike.settings_cli import configure as settings
@@ -41,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("up", "run everything on this machine (Redis included) until Ctrl-C", up),
         ("index", "build an index of another model beside the serving one, roll back, list, delete, check", index),
         ("ingest", "load a catalogue through the queue, with a progress bar", configure_ingest),
+        ("put", "add or replace one product: its photos and metadata", configure_put),
         ("search", "find the catalogue items most like an image", configure_search),
+        ("recommend", "find the products most like some examples and least like others", configure_recommend),
         ("duplicates", "list catalogue items that look the same (near-duplicates)", configure_duplicates),
         ("evaluate", "measure retrieval quality on a labelled catalogue", configure_evaluate),
         ("tune", "learn a projection head from the catalogue's labels and write the tuned model", tune),

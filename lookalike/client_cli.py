@@ -1,4 +1,5 @@
-"""`lookalike ingest`, `lookalike search` and `lookalike duplicates`: the typed client from a terminal."""
+"""`lookalike ingest`, `lookalike put`, `lookalike search` and `lookalike duplicates`: the typed client from a
+terminal."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from common.errors import LookalikeError
+from common.errors import LookalikeError, UsageError
 from common.filters import parse_filters
 from common.images import ImageError
+from common.products import check_photo
 from common.settings import Settings
-from protocol.client import Client
+from common.vectors import STRATEGIES
+from protocol.client import MAX_EXAMPLES, MAX_SEARCH_PHOTOS, Client
 
 SEARCH_WAIT_SECONDS = 60
 
@@ -28,11 +31,25 @@ def configure_ingest(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_search(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", type=Path)
+    parser.add_argument("image", type=Path, nargs="+", help=f"a photo; several (up to {MAX_SEARCH_PHOTOS}): one job")
     parser.add_argument("-k", type=int, default=5, help="how many results (default 5)")
     parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="metadata must match")
     parser.add_argument("--json", action="store_true", help="print the job record as JSON")
     parser.set_defaults(handler=run_search)
+
+
+def configure_recommend(parser: argparse.ArgumentParser) -> None:
+    examples = parser.add_argument_group("examples (at least one positive; ids and photos together at most "
+                                         f"{MAX_EXAMPLES})")  # fmt: skip
+    examples.add_argument("--like", action="append", default=[], metavar="ID", help="a product to find more like")
+    examples.add_argument("--like-photo", action="append", default=[], type=Path, metavar="PHOTO")
+    examples.add_argument("--unlike", action="append", default=[], metavar="ID", help="a product to find less like")
+    examples.add_argument("--unlike-photo", action="append", default=[], type=Path, metavar="PHOTO")
+    parser.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="metadata must match")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=STRATEGIES[0], help="how the examples are weighed")
+    parser.add_argument("--json", action="store_true", help="print the job record as JSON")
+    parser.set_defaults(handler=run_recommend)
 
 
 def configure_duplicates(parser: argparse.ArgumentParser) -> None:
@@ -95,27 +112,62 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     filters = parse_filters(args.filter)
-    try:
-        image = args.image.read_bytes()
-    except OSError as error:
-        raise LookalikeError(f"can't read {args.image}: {error.strerror}") from error
+    images = [read_photo(path) for path in args.image]
     client = Client(Settings.from_env())
     try:
-        job_id = client.search(image, args.k, filters)
+        job_id = client.search(images if len(images) > 1 else images[0], args.k, filters)
     except ImageError as error:
         raise LookalikeError(f"{error.message} ({error.code})") from error
-    job = client.follow(job_id, timeout=SEARCH_WAIT_SECONDS)
+    job = finished_search(client, job_id, args.json)
     if args.json:
-        print(json.dumps(job, indent=2))
-    if job["state"] != "done":
-        raise LookalikeError(f"search failed: {job['error']['message']} ({job['error']['code']})")
+        return 0 if job["state"] == "done" else 1
+    answers = job["result"].get("results") or [job["result"]]
+    for path, answer in zip(args.image, answers, strict=True):
+        if len(answers) > 1:
+            print(f"{path}:")
+        if "error" in answer:
+            print(f"  failed: {answer['error']['message']} ({answer['error']['code']})")
+        print_hits(answer.get("hits", []))
+    return 0 if job["state"] == "done" else 1
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    positive = [*args.like, *(read_photo(path) for path in args.like_photo)]
+    negative = [*args.unlike, *(read_photo(path) for path in args.unlike_photo)]
+    client = Client(Settings.from_env())
+    try:
+        job_id = client.recommend(positive, negative, args.k, parse_filters(args.filter), args.strategy)
+    except ImageError as error:
+        raise LookalikeError(f"{error.message} ({error.code})") from error
+    job = finished_search(client, job_id, args.json)
     if not args.json:
-        for rank, hit in enumerate(job["result"]["hits"], start=1):
-            name = hit["metadata"].get("productDisplayName", "")
-            photos = hit.get("photo_count") or len(hit.get("photos") or [])
-            matched = f"  (photo {hit['photos'][hit['photo']]})" if photos > 1 else ""  # which of its photos
-            print(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}  {name}{matched}")
+        print_hits(job["result"]["hits"])
     return 0
+
+
+def read_photo(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise LookalikeError(f"can't read {path}: {error.strerror}") from error
+
+
+def finished_search(client: Client, job_id: str, as_json: bool) -> dict[str, Any]:
+    """The search's finished record (printed as JSON with `as_json`); a failed one is raised."""
+    job = client.follow(job_id, timeout=SEARCH_WAIT_SECONDS)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    if job["state"] == "failed":
+        raise LookalikeError(f"search failed: {job['error']['message']} ({job['error']['code']})")
+    return job
+
+
+def print_hits(hits: list[dict[str, Any]]) -> None:
+    for rank, hit in enumerate(hits, start=1):
+        name = hit["metadata"].get("productDisplayName", "")
+        photos = hit.get("photo_count") or len(hit.get("photos") or [])
+        matched = f"  (photo {hit['photos'][hit['photo']]})" if photos > 1 else ""  # which of its photos
+        print(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}  {name}{matched}")
 
 
 def run_duplicates(args: argparse.Namespace) -> int:
@@ -137,3 +189,59 @@ def run_duplicates(args: argparse.Namespace) -> int:
     for pair in result["pairs"]:
         print(f"{pair['score']:.4f}  {pair['a']}  {pair['b']}")
     return 0
+
+
+def configure_put(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", metavar="ID", help="the product's id (as in its URL: /api/items/<id>)")
+    parser.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="its photos, the main one first")
+    parser.add_argument("--field", action="append", default=[], metavar="NAME=VALUE", help="metadata (repeatable)")
+    parser.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    parser.add_argument("--json", action="store_true", help="print the finished job record as JSON")
+    parser.set_defaults(handler=run_put)
+
+
+def run_put(args: argparse.Namespace) -> int:
+    """Add or replace one product (every photo it has, and its metadata), checked as the web checks an upload."""
+    settings = Settings.from_env()
+    metadata = parse_fields(args.field)
+    photos = []
+    for path in args.photos:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise LookalikeError(f"can't read {path}: {error.strerror}") from error
+        try:
+            check_photo(data, settings.max_upload, settings.max_pixels)
+        except ImageError as error:
+            raise LookalikeError(f"{path}: {error.message} ({error.code})") from error
+        photos.append(data)
+    client = Client(settings)
+    job_id = client.put_item(args.id, photos, metadata)
+    print(f"product {args.id}: load {job_id} queued", file=sys.stderr)
+    if args.no_wait:
+        print(job_id)
+        return 0
+    job = client.follow(job_id)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    elif job["state"] == "done":
+        print(f"product {args.id} {job['state']}: seq {job.get('seq')} (read it with min_seq={job.get('seq')})")
+    else:
+        print(f"product {args.id} {job['state']}")
+        for error in job.get("errors", []) + ([job["error"]] if "error" in job else []):
+            print(f"  {error['code']}: {error['message']}")
+    return 0 if job["state"] == "done" else 1
+
+
+def parse_fields(values: list[str]) -> dict[str, str]:
+    """`--field NAME=VALUE` options -> metadata (the rules are `common.products.check_metadata`'s, applied by the
+    client)."""
+    fields: dict[str, str] = {}
+    for text in values:
+        name, separator, value = text.partition("=")
+        if not separator or not name.strip():
+            raise UsageError(f"--field {text[:60]!r}: expected NAME=VALUE")
+        if name.strip() in fields:
+            raise UsageError(f"--field {name.strip()[:60]!r} is given twice")
+        fields[name.strip()] = value
+    return fields

@@ -10,9 +10,12 @@ from typing import Any
 
 from celery import Celery
 
+from common.areas import id_problem
 from common.errors import ErrorCode, LookalikeError
 from common.images import Crop, check_size
+from common.products import PHOTOS_AREA, ProductError, check_metadata, check_photo_count, keep_photo
 from common.settings import Settings
+from common.vectors import AVERAGE_VECTOR, STRATEGIES
 from protocol.celery_app import create_celery
 from protocol.connection import redis_client
 from protocol.jobs import FINISHED, Jobs, item_error
@@ -20,6 +23,8 @@ from protocol.queues import Task
 from protocol.readers import ask_reader, latest_change
 
 ANSWER_KEYS = ("hits", "close_match", "threshold")  # of a similar-items read; not who answered, nor its seq
+MAX_SEARCH_PHOTOS = 16  # photos in one search (through the web: together within LOOKALIKE_MAX_UPLOAD)
+MAX_EXAMPLES = 16  # positive and negative examples of one recommendation, ids and photos together
 PROGRESS_SECONDS = 0.5  # how often a waiting client re-reads progress; a finished job wakes it at once
 
 
@@ -57,7 +62,7 @@ class Client:
 
     def search(
         self,
-        image: bytes,
+        image: bytes | list[bytes],
         k: int = 5,
         filters: dict[str, str] | None = None,
         preview: bytes | None = None,
@@ -65,20 +70,93 @@ class Client:
         crop: Crop | None = None,
     ) -> str:
         """Queue a search (of the part `crop` names, when given); `preview` (a small JPEG of the query) is kept with
-        the job for pages to show."""
-        check_size(image, self.settings.max_upload)
+        the job for pages to show. A list of photos is one search of each, in one job: its result is `results`, an
+        answer for each photo in order (hits, or that photo's error)."""
+        photos = image if isinstance(image, list) else [image]
+        if not 0 < len(photos) <= MAX_SEARCH_PHOTOS:
+            raise LookalikeError(f"a search takes 1 to {MAX_SEARCH_PHOTOS} photos, not {len(photos)}")
+        params = {"k": k, "filters": filters or {}} | ({"photos": len(photos)} if isinstance(image, list) else {})
+        encoded = self._search_photos(photos, min_seq)
+        crop_box = list(crop) if crop else None
+        return self._queue_search(
+            params, preview, encoded if isinstance(image, list) else encoded[0], min_seq, crop_box
+        )
+
+    def recommend(
+        self,
+        positive: list[str | bytes],
+        negative: list[str | bytes] | None = None,
+        k: int = 5,
+        filters: dict[str, str] | None = None,
+        strategy: str = AVERAGE_VECTOR,
+        preview: bytes | None = None,
+        min_seq: int = 0,
+    ) -> str:
+        """Queue a recommendation: the k products most like the `positive` examples and least like the `negative`
+        ones, each a product's id (str: all its photos) or a photo (bytes); none of the products named is answered.
+        Its result is a search's: `hits`."""
+        negative = negative or []
+        if not positive:
+            raise LookalikeError("a recommendation needs at least one positive example")
+        if len(positive) + len(negative) > MAX_EXAMPLES:
+            raise LookalikeError(
+                f"a recommendation takes at most {MAX_EXAMPLES} examples, not {len(positive) + len(negative)}"
+            )
+        if strategy not in STRATEGIES:
+            raise LookalikeError(f"strategy {strategy!r} is none of {', '.join(STRATEGIES)}")
+        photos = [example for example in [*positive, *negative] if isinstance(example, bytes)]
+        places = iter(range(len(photos)))
+
+        def named(examples: list[str | bytes]) -> list[dict[str, Any]]:
+            return [{"photo": next(places)} if isinstance(example, bytes) else {"id": example} for example in examples]
+
+        examples = {"positive": named(positive), "negative": named(negative), "strategy": strategy}
+        encoded = self._search_photos(photos, min_seq)
+        return self._queue_search({"k": k, "filters": filters or {}, **examples}, preview, encoded, min_seq, None,
+                                  examples)  # fmt: skip
+
+    def _search_photos(self, photos: list[bytes], min_seq: int) -> list[str]:
+        """A search's photos, checked and encoded as its message carries them."""
+        for photo in photos:
+            check_size(photo, self.settings.max_upload)
         self.check_min_seq(min_seq)
-        job_id = self.jobs.create("search", {"k": k, "filters": filters or {}, "bytes": len(image)}, preview)
+        return [base64.b64encode(photo).decode() for photo in photos]
+
+    def _queue_search(self, params: dict[str, Any], preview: bytes | None, *arguments: Any) -> str:
+        """A search job, and its message to the query processes: (images, k, filters, min_seq, crop[, examples])."""
+        job_id = self.jobs.create("search", params, preview)
+        images, min_seq, *rest = arguments
         # A search no worker took in time is failed by its job record; its message must not run later for no one.
-        encoded = base64.b64encode(image).decode()
-        arguments = (encoded, k, filters or {}, min_seq, list(crop) if crop else None)
-        self._enqueue(job_id, Task.SEARCH_IMAGE, *arguments, expires=self.settings.search_timeout)
+        self._enqueue(job_id, Task.SEARCH_IMAGE, images, params["k"], params["filters"], min_seq, *rest,
+                      expires=self.settings.search_timeout)  # fmt: skip
         return job_id
 
     def find_duplicates(self, threshold: float, k: int) -> str:
         """Queue a near-duplicate report over the whole index (walked in chunks between searches)."""
         job_id = self.jobs.create("duplicates", {"threshold": threshold, "k": k})
         self._enqueue(job_id, Task.FIND_DUPLICATES, threshold, k)
+        return job_id
+
+    def put_item(self, item_id: str, photos: list[bytes], metadata: dict[str, Any] | None = None) -> str:
+        """Add or replace one product: its photos (the first the main one; any it had before and lacks here are no
+        longer its own) and its metadata (field -> text), as a load of that one product; returns the job's id.
+
+        The photos are kept by their content (`common.products.keep_photo`), so the same product sent twice writes
+        nothing new and changes nothing in the index; the job's `seq` is then the change that holds it. Each photo's
+        size and header are checked here (ImageError); decoding it whole first is the caller's (`check_photo`)."""
+        if problem := id_problem(item_id):
+            raise ProductError(problem)
+        check_photo_count(len(photos), self.settings)
+        fields = check_metadata(metadata or {})
+        kept = [keep_photo(self.settings, data) for data in photos]
+        message = {"id": item_id, "photos": [{"area": PHOTOS_AREA, "path": path} for path in kept], "metadata": fields}
+        # A load of one product, planned here: its total is known and its one message goes straight to an embed
+        # worker; remembered, so that the load watchdog queues it again should the message be lost.
+        job_id = self.jobs.create("load", {"item": item_id, "photos": len(kept)})
+        self.jobs.remember_items(job_id, [message])
+        self.jobs.set_total(job_id, 1)
+        self.jobs.start(job_id)
+        self._enqueue(job_id, Task.EMBED_BATCH, [message])
         return job_id
 
     def follow(

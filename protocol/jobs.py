@@ -144,6 +144,16 @@ if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return count
 """
 
+# Raises a job's `seq` to ARGV[1] unless it is there already (or the job is gone): a load's items may be noted by
+# several workers in any order. KEYS: job hash.
+NOTE_SEQ_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+if tonumber(ARGV[1]) <= seq then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class LoadActivity:
@@ -200,6 +210,7 @@ class Jobs:
         self._close_once = client.register_script(CLOSE_SCRIPT)
         self._start = client.register_script(START_SCRIPT)
         self._deliver = client.register_script(DELIVERY_SCRIPT)
+        self._note_seq = client.register_script(NOTE_SEQ_SCRIPT)
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> Jobs:
@@ -294,13 +305,14 @@ class Jobs:
         return int(done_count), int(failed_count)
 
     def note_seq(self, job_id: str, seq: int) -> None:
-        """The index change a load's items reached: a read can wait for it (read your writes)."""
-        self.redis.hset(keys.job_key(job_id), "seq", seq)
+        """The index change a load's items reached: a read can wait for it (read your writes). Only ever raised: the
+        owner notes the changes it applies, an embed worker the change that holds the items it found unchanged."""
+        self._note_seq(keys=[keys.job_key(job_id)], args=[seq])
 
-    def finish(self, job_id: str, result: Any, done: list[str] | tuple[str, ...] = ()) -> bool:
-        """Close the job with its result, and mark `done` items done in the same step: a reader never sees the
-        job finished without its result or short of its last items."""
-        return self._close(job_id, "done", "result", json.dumps(result), done)
+    def finish(self, job_id: str, result: Any, done: list[str] | tuple[str, ...] = (), partial: bool = False) -> bool:
+        """Close the job with its result (`partial`: some of its parts failed), and mark `done` items done in the
+        same step: a reader never sees the job finished without its result or short of its last items."""
+        return self._close(job_id, "partial" if partial else "done", "result", json.dumps(result), done)
 
     def fail(self, job_id: str, error: dict[str, str]) -> bool:
         return self._close(job_id, "failed", "error", json.dumps(error))

@@ -13,11 +13,15 @@ import redis
 from hypothesis import settings as hypothesis_settings
 
 from common.api_key import read_api_key
+from common.settings import Settings
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
 from lookalike.up import start_workers
+from protocol.celery_app import create_celery
 from protocol.client import Client
+from protocol.jobs import Jobs
 from web.app import create_app
+from worker.watchdog import LoadWatchdog
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -114,6 +118,16 @@ def module_redis(redis_databases):
     url = redis_databases.take()
     yield url
     redis_databases.give_back(url)
+
+
+@pytest.fixture
+def load_watchdog(module_redis, tmp_path) -> LoadWatchdog:
+    """The load watchdog with the shortest stall it allows (LOOKALIKE_LOAD_STALL 5 s), on an emptied Redis."""
+    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_LOAD_STALL": "5",
+                                  "LOOKALIKE_DATA_DIR": str(tmp_path)})  # fmt: skip
+    client = redis.Redis.from_url(module_redis)
+    client.flushdb()
+    return LoadWatchdog(create_celery(settings), Jobs.for_settings(client, settings), settings)
 
 
 @pytest.fixture

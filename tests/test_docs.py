@@ -108,6 +108,7 @@ def test_the_readme_is_the_landing_page_that_links_every_doc():
 def test_the_api_examples_work_against_the_running_service(served, shared_dir, tmp_path):
     images = shared_dir / "data" / "fashion" / "images"
     (tmp_path / "photo.jpg").write_bytes((images / "10186.jpg").read_bytes())
+    (tmp_path / "back.jpg").write_bytes((images / "10227.jpg").read_bytes())  # a product's second photo (PUT)
     (tmp_path / "styles.csv").write_text("id,gender,productDisplayName\n11013,Women,Wrangler Women Frill Check Tops\n")
     with tarfile.open(tmp_path / "shop.tar.gz", "w:gz") as archive:
         archive.add(images / "11013.jpg", "11013.jpg")
@@ -117,7 +118,7 @@ def test_the_api_examples_work_against_the_running_service(served, shared_dir, t
                             timeout=120, env=environ)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"deleted":"11013"' in result.stdout and '"status":"ok"' in result.stdout
-    assert result.stdout.count('"kind":"search"') == 2  # both searches answered whole, with `wait`
+    assert result.stdout.count('"kind":"search"') == 5  # each search and recommendation answered whole (`wait`)
     # put the sample back as the other tests know it
     served.client.follow(served.client.start_load(shared_dir / "data" / "fashion"), timeout=300)
     assert served.client.get_item("11013") is not None

@@ -75,7 +75,7 @@ def test_filters_and_more_like_this_exclude_the_item_itself():
     assert len(women) == 10 and all(hit.metadata["gender"] == "Women" for hit in women)
     assert [hit.id for hit in index.search(unit(7), 5, {"rare": "42"})] == ["42"]
     assert index.search(unit(7), 5, {"gender": "Other"}) == []
-    similar = index.search(index.vectors("7"), 5, exclude="7")
+    similar = index.search(index.vectors("7"), 5, exclude=("7",))
     assert len(similar) == 5 and "7" not in [hit.id for hit in similar]
     index.upsert("9", unit(9), one_photo({"gender": "Women"}, unit(9)))  # postings follow metadata changes
     assert "9" in [hit.id for hit in index.search(unit(9), 3, {"gender": "Women"})]

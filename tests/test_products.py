@@ -81,13 +81,13 @@ def test_a_filter_applies_to_the_product_and_more_like_this_uses_every_photo_but
     add(index, "b", [3], colour="blue")
     index.upsert("front-match", near(unit(1), 7)[None], Item({"colour": "red"}, [Photo("f")]))
     index.upsert("back-match", near(unit(2), 8)[None], Item({"colour": "blue"}, [Photo("g")]))
-    similar = index.search(index.vectors("a"), 2, exclude="a")
+    similar = index.search(index.vectors("a"), 2, exclude=("a",))
     assert {hit.id for hit in similar} == {"front-match", "back-match"}  # one found by each photo
-    assert [hit.id for hit in index.search(index.vectors("a"), 3, {"colour": "blue"}, exclude="a")] == [
+    assert [hit.id for hit in index.search(index.vectors("a"), 3, {"colour": "blue"}, exclude=("a",))] == [
         "back-match",
         "b",
     ]
-    assert all(hit.id != "a" for hit in index.search(unit(1), 10, exclude="a"))
+    assert all(hit.id != "a" for hit in index.search(unit(1), 10, exclude=("a",)))
 
 
 def test_an_upsert_replaces_the_set_of_photos_and_keeps_the_vectors_of_the_photos_it_still_has():

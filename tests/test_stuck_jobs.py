@@ -13,12 +13,10 @@ import time
 import pytest
 import redis
 
-from common.settings import Settings
 from lookalike.stack import Stack
 from protocol.celery_app import create_celery
 from protocol.client import Client
 from protocol.heartbeats import FORGET_SECONDS, alive
-from protocol.jobs import Jobs
 from tests.conftest import REPO
 from tests.poisoned_embedder import POISON
 from tests.test_worker import SAMPLE_SIZE, STYLES_ROWS, freeze_when
@@ -117,13 +115,9 @@ def test_a_batch_deleted_from_its_queue_is_queued_again_and_every_item_is_accoun
     assert "missing items queued again (1 of 2)" in stack.log_paths["index"].read_text()
 
 
-def test_items_lost_every_time_they_are_queued_again_fail_as_lost_and_the_load_ends_partial(module_redis, tmp_path):
-    client = redis.Redis.from_url(module_redis)
-    client.flushdb()
-    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_LOAD_STALL": STALL,
-                                  "LOOKALIKE_DATA_DIR": str(tmp_path)})  # fmt: skip
-    jobs = Jobs.for_settings(client, settings)
-    watchdog = LoadWatchdog(create_celery(settings), jobs, settings)
+def test_items_lost_every_time_they_are_queued_again_fail_as_lost_and_the_load_ends_partial(load_watchdog):
+    watchdog, jobs, settings = load_watchdog, load_watchdog.jobs, load_watchdog.settings
+    client = jobs.redis
     job_id = jobs.create("load", {"source": "shop"})
     jobs.start(job_id)
     jobs.remember_items(job_id, [{"id": name, "area": "catalog", "path": f"{name}.jpg"} for name in "abc"])

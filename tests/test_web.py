@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.settings import Settings
 from lookalike.redis_server import free_port
+from protocol.client import MAX_SEARCH_PHOTOS
 from protocol.jobs import FINISHED
 from tests.images import BAD_IMAGES, encode, side_by_side
 from web.app import create_app
@@ -144,6 +145,17 @@ def test_a_bad_crop_box_is_400_saying_what_is_wrong_with_it(idle, shared_dir, cr
 def test_a_search_without_an_image_is_400(idle):
     response = idle.post("/api/search", data={"k": "5"})
     assert response.status_code == 400 and error_of(response) == "missing_image"
+
+
+def test_a_search_of_more_photos_than_the_cap_or_of_several_with_a_crop_is_400(idle, shared_dir):
+    many = [(io.BytesIO(photo(shared_dir)), f"{n}.jpg") for n in range(MAX_SEARCH_PHOTOS + 1)]
+    too_many = idle.post("/api/search", data={"image": many})
+    assert (
+        too_many.status_code == 400 and f"at most {MAX_SEARCH_PHOTOS} photos" in too_many.get_json()["error"]["message"]
+    )
+    two = [(io.BytesIO(photo(shared_dir)), "a.jpg"), (io.BytesIO(photo(shared_dir)), "b.jpg")]
+    cropped = idle.post("/api/search", data={"image": two, "crop": "0,0,40,40"})
+    assert cropped.status_code == 400 and "single `image`" in cropped.get_json()["error"]["message"]
 
 
 def test_with_no_index_worker_searches_and_item_reads_are_503_at_once(idle, shared_dir):
@@ -438,6 +450,25 @@ def test_a_search_with_wait_is_answered_in_the_request_and_without_a_thread_to_w
     settings = dataclasses.replace(served.stack.settings, web_waiting=0)  # every thread may be taken: none waits
     idle = create_app(settings).test_client()
     assert search(idle, photo(shared_dir, "10186"), wait="10").status_code == 202
+
+
+@pytest.mark.slow
+def test_a_search_of_several_photos_answers_each_in_order_a_bad_one_with_its_own_error(live, shared_dir):
+    photos = [(io.BytesIO(photo(shared_dir, "10227")), "bag.jpg"), (io.BytesIO(b"not an image"), "notes.jpg"),
+              (io.BytesIO(photo(shared_dir, "10186")), "shirt.jpg")]  # fmt: skip
+    answered = live.post("/api/search", data={"image": photos, "k": "3", "wait": "10"})
+    assert answered.status_code == 200, answered.get_json()
+    job = answered.get_json()
+    assert job["state"] == "partial" and job["params"]["photos"] == 3
+    bag, notes, shirt = job["result"]["results"]
+    assert bag["hits"][0]["id"] == "10227" and shirt["hits"][0]["id"] == "10186" and len(shirt["hits"]) == 3
+    assert shirt["hits"][0]["page_url"] == "/items/10186" and "hits" not in notes
+    assert notes["error"]["code"] == "not_an_image"
+    page = live.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    assert page.count("Photo 2 of 3") == 1 and page.count('class="card"') == 6 and "That file is not an image" in page
+    unreadable = [(io.BytesIO(b"no"), "a.jpg"), (io.BytesIO(b"neither"), "b.jpg")]
+    failed = follow(live, live.post("/api/search", data={"image": unreadable}).location)
+    assert failed["state"] == "failed" and failed["error"]["code"] == "not_an_image"
 
 
 @pytest.mark.slow

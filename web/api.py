@@ -12,12 +12,19 @@ from protocol.jobs import ERROR_PAGE, FINISHED
 from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_min_seq, parse_wait, parse_whole
 from web.service import LOADS_SHOWN
 from web.service import current_service as service
-from web.submit import load_from_request, search_from_request
+from web.submit import (
+    load_from_request,
+    product_from_request,
+    recommendation_from_request,
+    request_fields,
+    search_from_request,
+)
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 MAX_ERROR_PAGE = 500
 MAX_ERRORS_OFFSET = 100_000_000
 MAX_LOADS = 100
+LOAD_FILES = ("source", "metadata")  # a load's params that are server paths, shown as catalogue references
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -26,11 +33,14 @@ api = Blueprint("api", __name__, url_prefix="/api")
 def search() -> tuple[Response, int, dict[str, str]]:
     """202 and the job to follow; with `wait`, 200 and the finished job when it finishes within the wait."""
     seconds = parse_wait(request.values.get("wait"))
-    job_id = search_from_request()
-    job = service().finished_job(job_id, seconds) if seconds else None
-    if job is not None and job["state"] in FINISHED:
-        return jsonify(present_job(job)), 200, {"Location": url_for("api.job", job_id=job_id)}
-    return accepted(job_id)
+    return answered(search_from_request(), seconds)
+
+
+@api.post("/recommend")
+def recommend() -> tuple[Response, int, dict[str, str]]:
+    """The products most like the positive examples and least like the negative ones: a job, as a search is."""
+    seconds = parse_wait(request.args.get("wait") or request_fields().get("wait"))
+    return answered(recommendation_from_request(), seconds)
 
 
 @api.get("/jobs/<job_id>")
@@ -74,9 +84,26 @@ def delete(item_id: str) -> tuple[Response, int]:
     return jsonify({"queued": item_id, "message": message}), 202
 
 
+@api.put("/items/<item_id>")
+def put_item(item_id: str) -> tuple[Response, int, dict[str, str]]:
+    """Add or replace a product, whole (its photos and metadata): 202 and its load to follow; with `wait`, 200 and
+    the finished load, whose `seq` a read can wait for, when it finishes within the wait."""
+    check_item_id(item_id)
+    seconds = parse_wait(request.values.get("wait"))
+    return answered(product_from_request(item_id), seconds)
+
+
 @api.get("/openapi.json")
 def openapi() -> Response:
     return send_file(OPENAPI, mimetype="application/json")
+
+
+def answered(job_id: str, seconds: int) -> tuple[Response, int, dict[str, str]]:
+    """200 and the finished job when it finishes within `seconds`, else 202 and where to follow it."""
+    job = service().finished_job(job_id, seconds) if seconds else None
+    if job is not None and job["state"] in FINISHED:
+        return jsonify(present_job(job)), 200, {"Location": url_for("api.job", job_id=job_id)}
+    return accepted(job_id)
 
 
 def accepted(job_id: str) -> tuple[Response, int, dict[str, str]]:
@@ -89,10 +116,21 @@ def accepted(job_id: str) -> tuple[Response, int, dict[str, str]]:
 def present_job(job: dict[str, Any]) -> dict[str, Any]:
     """A job record for clients: search hits with their links, a load's files as catalogue references."""
     if job["kind"] == "search" and job.get("result"):
-        job["result"] = {**job["result"], "hits": [present_item(hit) for hit in job["result"]["hits"]]}
+        job["result"] = present_answer(job["result"])
     if job["kind"] == "load":
-        job["params"] = {name: service().reference(path) for name, path in job["params"].items()}
+        params = job["params"]
+        job["params"] = {name: service().reference(value) if name in LOAD_FILES else value
+                         for name, value in params.items()}  # fmt: skip
+        if params.get("item") is not None:  # a product sent on its own (PUT /api/items/<id>)
+            job["item_url"] = url_for("api.item", item_id=params["item"])
     return job
+
+
+def present_answer(answer: dict[str, Any]) -> dict[str, Any]:
+    """A search's answer with its hits' links; of several photos, each photo's answer (or its error)."""
+    if "results" in answer:
+        return {**answer, "results": [present_answer(each) for each in answer["results"]]}
+    return {**answer, "hits": [present_item(hit) for hit in answer["hits"]]} if "hits" in answer else answer
 
 
 def present_item(item: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from common.api_key import read_api_key
+from common.products import MAX_METADATA_BYTES
 from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.client import Client
@@ -24,6 +25,7 @@ from web.service import Service
 
 FORM_ALLOWANCE = 64 * 1024  # room for the other form fields and multipart boundaries beside an image
 CATALOG_UPLOADS = {"api.start_load", "pages.start_load"}
+PRODUCT_UPLOADS = {"api.put_item"}  # a product's photos, each up to LOOKALIKE_MAX_UPLOAD, and its metadata
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.before_request
     def start() -> None:
         g.started = time.perf_counter()
-        g.upload_cap = settings.max_catalog_upload if request.endpoint in CATALOG_UPLOADS else settings.max_upload
+        g.upload_cap = upload_cap(settings, request.endpoint)
         request.max_content_length = g.upload_cap + FORM_ALLOWANCE
         if is_write():  # here, before a view reads the body: a 2 GB upload without the key is not parsed
             require_writer()
@@ -76,3 +78,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         return set_nonce_cookie(response)
 
     return app
+
+
+def upload_cap(settings: Settings, endpoint: str | None) -> int:
+    """The most bytes a request to `endpoint` may upload (its body: this and FORM_ALLOWANCE), refused with 413."""
+    if endpoint in CATALOG_UPLOADS:
+        return settings.max_catalog_upload
+    if endpoint in PRODUCT_UPLOADS:
+        return settings.max_photos * settings.max_upload + MAX_METADATA_BYTES
+    return settings.max_upload

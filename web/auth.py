@@ -1,4 +1,5 @@
-"""Who may write (start catalogue loads, delete items): the holder of the API key, from anywhere, loopback included.
+"""Who may write (start catalogue loads, add or replace products, delete items): the holder of the API key, from
+anywhere, loopback included.
 
 Every request that may change something is a write unless it is a search; it is checked before its body is read.
 Scripts send the key as `Authorization: Bearer`; a browser signs in once with the key on the catalogue page and
@@ -18,7 +19,8 @@ from web.csrf import browser_nonce, require_form_token, set_host_cookie
 from web.errors import ApiError
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-PUBLIC_POSTS = frozenset({"api.search", "pages.search"})  # searches change nothing: anyone may send them
+# searches and recommendations change nothing: anyone may send them
+PUBLIC_POSTS = frozenset({"api.search", "pages.search", "api.recommend", "pages.recommend"})
 SIGN_IN = "pages.sign_in"  # the key itself comes in its small form body, checked by the view
 BROWSER_WRITES = frozenset({"pages.start_load"})  # forms of a signed-in browser
 WRITER_COOKIE = "__Host-lookalike_writer"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
 
 from common.errors import ErrorCode
+from common.vectors import STRATEGIES
 from protocol.jobs import FINISHED
 from web.api import present_item, present_job
 from web.auth import browser_signed_in, is_the_key, sign_in_browser, unauthorized
@@ -14,7 +16,7 @@ from web.errors import ApiError, not_found
 from web.params import DEFAULT_K, MAX_K, check_item_id, check_job_id, parse_whole
 from web.service import PREVIEW_SIDE
 from web.service import current_service as service
-from web.submit import load_from_request, search_from_request
+from web.submit import load_from_request, recommendation_from_request, search_from_request
 
 THUMBNAIL_SIDES = (PREVIEW_SIDE, 640)  # gallery cards, an item's own page
 THUMBNAIL_MAX_AGE = 24 * 3600
@@ -77,8 +79,19 @@ def index() -> str:
 
 @pages.post("/search")
 def search() -> Response:
+    return _searched(search_from_request)
+
+
+@pages.post("/recommend")
+def recommend() -> Response:
+    """The results page's "more like this" / "less like this", searched again."""
+    return _searched(recommendation_from_request)
+
+
+def _searched(submit: Callable[[], str]) -> Response:
+    """303 to the page of the job `submit` queued; the search form again, with the reason, when it refused."""
     try:
-        job_id = search_from_request()
+        job_id = submit()
     except ApiError as error:
         return _refused("index.html", error, _form_context())
     return redirect(url_for("pages.job", job_id=job_id), 303)
@@ -88,7 +101,9 @@ def search() -> Response:
 def job(job_id: str) -> str:
     record = present_job(service().job(check_job_id(job_id)))
     error = sentence(record["error"]) if record.get("error") else None
-    return render_template("job.html", job=record, error=error)
+    answers = (record.get("result") or {}).get("results") or []  # a search of several photos: each one's answer
+    photo_errors = [sentence(answer["error"]) if "error" in answer else None for answer in answers]
+    return render_template("job.html", job=record, error=error, photo_errors=photo_errors, strategies=STRATEGIES)
 
 
 @pages.get("/jobs/<job_id>/preview.jpg")

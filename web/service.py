@@ -19,16 +19,18 @@ from common.areas import CatalogError, resolve_reference, shown
 from common.errors import ErrorCode
 from common.filters import unknown_field
 from common.images import IMAGE_SUFFIXES, Crop, ImageError, check_size, read_image_file, thumbnail_jpeg
+from common.products import ProductError, check_photo
 from common.settings import Settings
+from common.vectors import STRATEGIES
 from protocol import keys
-from protocol.client import Client, ReadError
+from protocol.client import MAX_EXAMPLES, Client, ReadError
 from protocol.connection import redis_client, redis_memory
 from protocol.heartbeats import Role, alive
 from protocol.jobs import FINISHED, Jobs
 from protocol.queues import Queue, queue_depths
 from protocol.readers import NoReaderAnswered, keeping_up
 from web.errors import ApiError, bad_parameter, busy, not_found, unavailable
-from web.params import MAX_WAIT_SECONDS
+from web.params import MAX_WAIT_SECONDS, check_item_id
 
 BUSY_RETRY_SECONDS = 2  # a full search queue drains in about this long (70 searches/s on 2 cores)
 DECODE_WAIT_SECONDS = 2  # how long an image waits for one of this process's LOOKALIKE_WEB_DECODES before a 503
@@ -71,12 +73,7 @@ class Service:
     ) -> str:
         """Check the upload is an image we can read (and the crop box fits it), then queue it; the preview, with the
         box drawn on it, is made from the same decode."""
-        self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
-        self.check_fields(filters)
-        try:
-            self.client.check_min_seq(min_seq)
-        except ReadError as error:
-            raise bad_parameter(str(error)) from error
+        self._check_search(filters, min_seq)
         try:
             check_size(image, self.settings.max_upload)
             with self.decoding():
@@ -85,6 +82,60 @@ class Service:
             raise ApiError.from_image_error(error) from error
         self.searchable()
         return self.client.search(image, k, filters, preview, min_seq, crop)
+
+    def submit_search_of_photos(self, photos: list[bytes], k: int, filters: dict[str, str], min_seq: int = 0) -> str:
+        """Queue one search of each photo, in one job; a photo that can't be read gets its own error in the result
+        (the query process finds it), the others are answered. The preview is the first photo's, when it decodes."""
+        self._check_search(filters, min_seq)  # their size together: the request's cap (LOOKALIKE_MAX_UPLOAD)
+        try:
+            with self.decoding():
+                preview = thumbnail_jpeg(photos[0], PREVIEW_SIDE, self.settings.max_search_pixels)
+        except ImageError:
+            preview = None
+        self.searchable()
+        return self.client.search(photos, k, filters, preview, min_seq)
+
+    def submit_recommendation(
+        self,
+        positive: list[str | bytes],
+        negative: list[str | bytes],
+        k: int,
+        filters: dict[str, str],
+        strategy: str,
+        min_seq: int = 0,
+    ) -> str:
+        """Check the examples (product ids by the id rule, photos as a search's photo is checked), then queue the
+        recommendation; its preview is its first positive photo's, when it has one."""
+        self._check_search(filters, min_seq)
+        if strategy not in STRATEGIES:
+            raise bad_parameter(f"`strategy` must be one of {', '.join(STRATEGIES)}, not {strategy[:40]!r}")
+        if not positive:
+            raise bad_parameter("give at least one positive example: a product id (`positive`) or a photo")
+        if len(positive) + len(negative) > MAX_EXAMPLES:
+            raise bad_parameter(f"a recommendation takes at most {MAX_EXAMPLES} examples, ids and photos together")
+        previews = []
+        for example in [*positive, *negative]:
+            if isinstance(example, str):
+                check_item_id(example)
+                continue
+            try:
+                check_size(example, self.settings.max_upload)
+                with self.decoding():
+                    previews.append(thumbnail_jpeg(example, PREVIEW_SIDE, self.settings.max_search_pixels))
+            except ImageError as error:
+                raise ApiError.from_image_error(error) from error
+        self.searchable()
+        preview = previews[0] if any(isinstance(example, bytes) for example in positive) else None
+        return self.client.recommend(positive, negative, k, filters, strategy, preview, min_seq)
+
+    def _check_search(self, filters: dict[str, str], min_seq: int) -> None:
+        """What a search must pass before any photo of it is decoded."""
+        self.refuse_when_busy()  # before the decoding: an overloaded service should spend nothing on a refusal
+        self.check_fields(filters)
+        try:
+            self.client.check_min_seq(min_seq)
+        except ReadError as error:
+            raise bad_parameter(str(error)) from error
 
     @contextmanager
     def decoding(self) -> Iterator[None]:
@@ -149,6 +200,21 @@ class Service:
 
     def submit_load(self, source: Path, metadata: Path | None) -> str:
         return self.client.start_load(source, metadata)
+
+    def submit_product(self, item_id: str, photos: list[tuple[str, bytes]], metadata: dict[str, str]) -> str:
+        """Check each photo (name, bytes) as an upload is, decoding it whole (refused naming which photo), then keep
+        them and queue the load of this one product."""
+        for number, (name, data) in enumerate(photos, start=1):
+            try:
+                with self.decoding():
+                    check_photo(data, self.settings.max_upload, self.settings.max_pixels)
+            except ImageError as error:
+                which = f"photo {number}" + (f" ({name[:80]})" if name else "")
+                raise ApiError.from_image_error(ImageError(error.code, f"{which}: {error.message}")) from error
+        try:
+            return self.client.put_item(item_id, [data for _, data in photos], metadata)
+        except ProductError as error:
+            raise bad_parameter(str(error)) from error
 
     def catalog_path(self, relative: str) -> Path:
         """A file or folder named relative to the catalogue root (a leading / is the root); nothing outside it."""

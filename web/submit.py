@@ -8,27 +8,73 @@ from pathlib import Path
 from typing import Any
 
 from flask import request
-from werkzeug.datastructures import FileStorage
+from werkzeug.datastructures import FileStorage, MultiDict
 
 from common.areas import ARCHIVE_SUFFIXES, new_upload_folder
 from common.errors import ErrorCode
+from common.products import MAX_METADATA_BYTES, ProductError, check_photo_count, parse_metadata
+from common.vectors import STRATEGIES
+from protocol.client import MAX_SEARCH_PHOTOS
 from web.errors import ApiError, bad_parameter
-from web.params import parse_crop, parse_filters, parse_k, parse_min_seq
+from web.params import check_job_id, parse_crop, parse_filters, parse_k, parse_min_seq
 from web.service import current_service as service
 
 
 def search_from_request() -> str:
-    """multipart `image`, `k`, repeated `filter=FIELD=VALUE` and `crop=x,y,w,h` -> a queued search job's id."""
+    """multipart `image` (repeated: one search of each photo, in one job), `k`, repeated `filter=FIELD=VALUE` and
+    `crop=x,y,w,h` (of a single photo) -> a queued search job's id."""
     k = parse_k(request.form.get("k"))
     filters = parse_filters(request.form.getlist("filter"))
     min_seq = parse_min_seq(request.form)
     crop = parse_crop(request.form.get("crop"))
-    upload = request.files.get("image")
-    if upload is None or not upload.filename:
+    uploads = [upload for upload in request.files.getlist("image") if upload.filename]
+    if not uploads:
         raise ApiError(400, ErrorCode.MISSING_IMAGE, "send the image as the multipart file field `image`")
+    if len(uploads) > MAX_SEARCH_PHOTOS:
+        raise bad_parameter(f"a search takes at most {MAX_SEARCH_PHOTOS} photos (`image` fields), not {len(uploads)}")
+    if crop and len(uploads) > 1:
+        raise bad_parameter("`crop` names a part of one photo: send it with a single `image`")
     # One byte past the cap is enough to know the upload is over it.
-    data = upload.read(service().settings.max_upload + 1)
-    return service().submit_search(data, k, filters, min_seq, crop)
+    photos = [upload.read(service().settings.max_upload + 1) for upload in uploads]
+    if len(photos) == 1:
+        return service().submit_search(photos[0], k, filters, min_seq, crop)
+    return service().submit_search_of_photos(photos, k, filters, min_seq)
+
+
+def recommendation_from_request() -> str:
+    """Form or JSON: `positive` and `negative` product ids (repeated), multipart `positive_image` and
+    `negative_image` photos (repeated), `from_job` (a search whose photo is one more positive example), `k`,
+    `filter`, `strategy`, `min_seq` -> a queued recommendation's job id."""
+    fields = request_fields()
+    k = parse_k(fields.get("k"))
+    filters = parse_filters(fields.getlist("filter"))
+    min_seq = parse_min_seq(fields)
+    strategy = fields.get("strategy") or STRATEGIES[0]
+    limit = service().settings.max_upload + 1  # one byte past the cap is enough to know a photo is over it
+    shopper = [service().preview(check_job_id(fields["from_job"]))] if fields.get("from_job") else []
+    positive = [*shopper, *(_photos("positive_image", limit)), *[text for text in fields.getlist("positive") if text]]
+    negative = [*(_photos("negative_image", limit)), *[text for text in fields.getlist("negative") if text]]
+    return service().submit_recommendation(positive, negative, k, filters, strategy, min_seq)
+
+
+def request_fields() -> MultiDict[str, str]:
+    """The request's fields: its form, or its JSON object (a list value is a repeated field)."""
+    if not request.is_json:
+        return request.form
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise bad_parameter('the JSON body must be an object like {"positive": ["15970"], "k": 5}')
+    fields: MultiDict[str, str] = MultiDict()
+    for name, value in body.items():
+        for each in value if isinstance(value, list) else [value]:
+            if not isinstance(each, str | int | float) or isinstance(each, bool):
+                raise bad_parameter(f"`{name}` must be text or a number, or a list of them")
+            fields.add(name, str(each))
+    return fields
+
+
+def _photos(name: str, limit: int) -> list[bytes]:
+    return [upload.read(limit) for upload in request.files.getlist(name) if upload.filename]
 
 
 def load_from_request() -> str:
@@ -61,6 +107,44 @@ def load_from_request() -> str:
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def product_from_request(item_id: str) -> str:
+    """A product, whole: repeated multipart file field `photo` (1 to LOOKALIKE_MAX_PHOTOS, the main one first) and
+    `metadata`, a JSON object of fields (a text field, or a file) -> the queued load of that one product. Everything
+    is checked before anything is kept or queued."""
+    if "photo" in request.form:
+        raise ApiError(400, ErrorCode.MISSING_IMAGE, "send each photo as a file in the multipart field `photo`")
+    uploads = [upload for upload in request.files.getlist("photo") if upload.filename]
+    if not uploads:
+        raise ApiError(
+            400,
+            ErrorCode.MISSING_IMAGE,
+            "send the product's photos as the multipart file field `photo`, repeated, the main one first",
+        )
+    try:
+        check_photo_count(len(uploads), service().settings)
+        text = _metadata_text()
+        metadata = parse_metadata(text) if text.strip() else {}
+    except ProductError as error:
+        raise bad_parameter(str(error)) from error
+    # One byte past the cap is enough to know a photo is over it.
+    photos = [(upload.filename or "", upload.read(service().settings.max_upload + 1)) for upload in uploads]
+    return service().submit_product(item_id, photos, metadata)
+
+
+def _metadata_text() -> str:
+    """The `metadata` field's text, sent as a form field or as a (JSON) file; "" when not sent."""
+    texts, files = request.form.getlist("metadata"), [f for f in request.files.getlist("metadata") if f.filename]
+    if len(texts) + len(files) > 1:
+        raise bad_parameter("send `metadata` once: one JSON object of the product's fields")
+    if not files:
+        return texts[0] if texts else ""
+    data = files[0].read(MAX_METADATA_BYTES + 1)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise bad_parameter("the metadata file is not UTF-8 text (JSON)") from None
 
 
 def _text_field(fields: Mapping[str, Any], name: str) -> str:

@@ -6,7 +6,7 @@ Not thread-safe and not durable by itself: exactly one process owns it (see `wor
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,13 @@ import numpy as np
 
 from common.errors import LookalikeError
 from common.filters import unknown_field
+from common.vectors import AVERAGE_VECTOR, unit_rows
 
 INITIAL_CAPACITY = 1024
 EXACT_FILTER_LIMIT = 2048  # a filter that leaves fewer photos than this is answered by exact search
 EXACT_CHUNK = 4096  # photos whose vectors an exact search holds at once
 POSTED_FIELDS = 8  # fields with a lookup table (the most recently filtered by); each costs a set per photo
+BEST_SCORE_CANDIDATES = 4  # x k: the products near the positives that best_score rescores against the negatives
 
 
 @dataclass(frozen=True)
@@ -189,15 +191,16 @@ class VectorIndex:
         queries: np.ndarray,
         k: int,
         filters: Mapping[str, str] | None = None,
-        exclude: str | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Hit]:
         """The `k` products whose best photo is most similar to any of the query vectors (one, or a row each),
-        each once; optionally only products whose metadata equals every filter (of fields the catalogue has: else
-        UnknownField). Photos are asked for until `k` products are found or none are left, so a product with many
-        near-identical photos can't crowd the others out."""
+        each once, none of the `exclude` ones; optionally only products whose metadata equals every filter (of
+        fields the catalogue has: else UnknownField). Photos are asked for until `k` products are found or none are
+        left, so a product with many near-identical photos can't crowd the others out."""
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.params.dim)
         allowed = self._matching_labels(filters) if filters else None
-        excluded = set(self.items[exclude].labels) if exclude in self.items else set()
+        exclude = set(exclude)
+        excluded = {label for item_id in exclude if item_id in self.items for label in self.items[item_id].labels}
         if allowed is not None:
             allowed -= excluded
         pool = self.photo_count if allowed is None else len(allowed)  # photos a query may return
@@ -214,7 +217,7 @@ class VectorIndex:
         return ranked[:k]
 
     def _best_per_product(
-        self, queries: np.ndarray, count: int, allowed: set[int] | None, exclude: str | None
+        self, queries: np.ndarray, count: int, allowed: set[int] | None, exclude: set[str]
     ) -> _Products:
         """Each product's best photo among the `count` nearest photos of each query."""
         if allowed is None:
@@ -226,7 +229,7 @@ class VectorIndex:
             found = set()
             for label, distance in zip(row_labels, row_distances, strict=True):
                 item_id = self.ids_by_label[int(label)]
-                if item_id == exclude:
+                if item_id in exclude:
                     continue
                 found.add(item_id)
                 score = 1.0 - float(distance)
@@ -254,6 +257,36 @@ class VectorIndex:
             except RuntimeError:  # hnswlib found fewer than `count` matches within its beam
                 pass
         return self.exact_query(queries, count, np.fromiter(allowed, dtype=np.uint64, count=len(allowed)))
+
+    def recommend(
+        self,
+        positives: list[np.ndarray],
+        negatives: list[np.ndarray],
+        k: int,
+        filters: Mapping[str, str] | None = None,
+        exclude: Collection[str] = (),
+        strategy: str = AVERAGE_VECTOR,
+    ) -> list[Hit]:
+        """The `k` products most like the positive examples and least like the negative ones (each example a row of
+        a vector, or a product's photos as rows), none of `exclude`. AVERAGE_VECTOR searches once, for the positives'
+        mean moved away from the negatives' (Qdrant's and Marqo's default); BEST_SCORE scores each candidate by its
+        best similarity to any positive, or minus its best to a negative when that is higher, so results may be
+        like any one of several different positives."""
+        if strategy == AVERAGE_VECTOR:
+            query = _centre(positives)
+            if negatives:
+                query = query + (query - _centre(negatives))
+            return self.search(query, k, filters, exclude)
+        liked, disliked = unit_rows(np.vstack(positives)), unit_rows(np.vstack(negatives)) if negatives else None
+        candidates = self.search(liked, max(BEST_SCORE_CANDIDATES * k, k), filters, exclude)
+        scored = []
+        for hit in candidates:
+            photos = self.vectors(hit.id)
+            likeness = photos @ liked.T  # a row per photo of the candidate, a column per positive
+            score, photo = float(likeness.max()), int(likeness.max(axis=1).argmax())
+            unlikeness = float((photos @ disliked.T).max()) if disliked is not None else -np.inf
+            scored.append(Hit(hit.id, score if score > unlikeness else -unlikeness, hit.metadata, photo, hit.photos))
+        return sorted(scored, key=lambda hit: (-hit.score, hit.id))[:k]
 
     def exact_query(self, queries: np.ndarray, count: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The `count` nearest of `labels` to each query by brute force, in chunks of EXACT_CHUNK vectors."""
@@ -396,3 +429,8 @@ class _Products:
 
     hits: dict[str, Hit] = field(default_factory=dict)
     found_per_query: list[int] = field(default_factory=list)
+
+
+def _centre(examples: list[np.ndarray]) -> np.ndarray:
+    """The mean of the examples, each first its photos' mean at unit length: a product of many photos counts once."""
+    return np.mean([unit_rows(np.mean(unit_rows(np.atleast_2d(example)), axis=0)) for example in examples], axis=0)

@@ -5,6 +5,8 @@ planned, or planned again by the watchdog. Its items point at the images unpacke
 never at the upload, so it goes once no unfinished load names it, or when none ever did (the web died before it
 queued the load, or Redis refused it). An unpacking killed on the way (out of memory, the task's time limit) leaves
 its staging folder. Unpacked archives stay: indexed items point at their images, and a build embeds them again.
+So does DATA_DIR/uploads/photos/, the photos of products sent one at a time (`PUT /api/items/<id>`), kept by their
+content (`common.products`): only upload folders named by 32 hex digits are ever removed here.
 """
 
 from __future__ import annotations

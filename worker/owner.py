@@ -414,7 +414,7 @@ class IndexOwner:
         ids = sorted(item_id for item_id in index.items if after is None or item_id > after)[:count]
         pairs = []
         for item_id in ids:
-            for hit in index.search(index.vectors(item_id), k, exclude=item_id):
+            for hit in index.search(index.vectors(item_id), k, exclude=(item_id,)):
                 if hit.score >= threshold:
                     pairs.append({"a": min(item_id, hit.id), "b": max(item_id, hit.id), "score": round(hit.score, 6)})
         return pairs, ids

@@ -27,6 +27,7 @@ from kombu import Connection, Consumer, Message
 
 from common.errors import ErrorCode
 from common.images import Crop, ImageError, check_size, decode_image
+from common.model import EmbeddingModel
 from common.settings import Settings
 from common.vectors import encode_vector
 from protocol.jobs import compact_hit, item_error
@@ -57,13 +58,63 @@ class BatchFigures:
 
 
 @dataclass
+class SeveralPhotos:
+    """A search of several photos: one job, whose result is one answer for each photo, in order."""
+
+    job_id: str
+    answers: list[dict[str, Any] | None]  # hits, or the photo's own error; None until answered
+
+    def close(self) -> None:
+        """Finish the job once every photo is answered: done, partial (some photos failed) or failed (all did)."""
+        if any(answer is None for answer in self.answers):
+            return
+        failures = [answer["error"] for answer in self.answers if answer and "error" in answer]
+        if len(failures) == len(self.answers):
+            runtime.jobs().fail(self.job_id, failures[0])
+        else:
+            runtime.jobs().finish(self.job_id, {"results": self.answers}, partial=bool(failures))
+
+
+@dataclass
 class Search:
+    """A search of one photo, or a recommendation from examples (some of them photos, maybe none)."""
+
     job_id: str
     k: int
     filters: dict[str, str]
     min_seq: int
-    pixels: np.ndarray
+    pixels: list[np.ndarray]  # the photos to embed: a search's one, a recommendation's example photos
     crop: Crop | None = None  # the part of the upload searched, None for the whole of it
+    several: SeveralPhotos | None = None  # the search this photo is one of, and its place there
+    place: int = 0
+    examples: dict[str, Any] | None = None  # a recommendation's: {positive, negative: [{id} or {photo}], strategy}
+
+    def query(self, vectors: np.ndarray) -> dict[str, Any]:
+        """What an index reader is asked, given the vectors of this search's photos."""
+        asked: dict[str, Any] = {"k": self.k, "filters": self.filters}
+        if self.examples is None:
+            return {**asked, "vector": encode_vector(vectors[0])}
+
+        def side(examples: list[dict[str, Any]]) -> list[dict[str, str]]:
+            return [{"vector": encode_vector(vectors[example["photo"]])} if "photo" in example else
+                    {"id": str(example["id"])} for example in examples]  # fmt: skip
+
+        positive, negative = side(self.examples["positive"]), side(self.examples["negative"])
+        return {**asked, "positive": positive, "negative": negative, "strategy": self.examples["strategy"]}
+
+    def finish(self, result: dict[str, Any]) -> None:
+        if self.several is None:
+            runtime.jobs().finish(self.job_id, result)
+            return
+        self.several.answers[self.place] = result
+        self.several.close()
+
+    def fail(self, error: dict[str, str]) -> None:
+        if self.several is None:
+            runtime.jobs().fail(self.job_id, error)
+            return
+        self.several.answers[self.place] = {"error": error}
+        self.several.close()
 
 
 @dataclass
@@ -165,53 +216,86 @@ def _expired(message: Message) -> bool:
 
 
 def search_batch(messages: list[tuple[Any, ...]]) -> None:
-    """Each message: (job id, image as base64, k, filters, min_seq, crop or None). The searches are embedded
-    together and asked for in one read per sequence number they wait for (nearly always one: 0, any reader's present
-    state)."""
+    """Each message: (job id, image as base64 or a list of them, k, filters, min_seq, crop or None, a
+    recommendation's examples or None). Every photo of every search is embedded together, and asked for in one read
+    per sequence number they wait for (nearly always one: 0, any reader's present state)."""
     settings = runtime.settings()
     model = runtime.embedding_model(settings.query_threads)
-    searches = [search for message in messages if (search := _started(message, model.contract.size))]
+    searches = [search for message in messages for search in _started(message, model.contract.size)]
     if not searches:
         return
     try:
-        vectors = model.embed(np.stack([search.pixels for search in searches]))
+        vectors = _embedded(model, searches)
     except Exception as error:  # a search job must never stay "running"
         log.exception("a batch of %d searches could not be embedded", len(searches))
         _fail(searches, item_error(ErrorCode.SEARCH_FAILED, f"the search failed: {error}"))
         return
     waits: dict[int, list[tuple[Search, np.ndarray]]] = {}
-    for search, vector in zip(searches, vectors, strict=True):
-        waits.setdefault(search.min_seq, []).append((search, vector))
+    for search, rows in zip(searches, vectors, strict=True):
+        waits.setdefault(search.min_seq, []).append((search, rows))
     for min_seq, group in waits.items():
         # A search that waits for a write is answered within the web's patience, or told `behind`.
         _answer_group(model.sha256, group, min_seq, settings.call_timeout if min_seq else settings.search_timeout)
 
 
-def _started(message: tuple[Any, ...], size: tuple[int, int]) -> Search | None:
-    """The search a message asks for, decoded; None when there is nothing to do (or its job failed already)."""
-    jobs, settings = runtime.jobs(), runtime.settings()
-    job_id, image, k, filters, *rest = message
+def _embedded(model: EmbeddingModel, searches: list[Search]) -> list[np.ndarray]:
+    """Each search's photos' vectors (a row each), from one onnxruntime run over all of them."""
+    photos = [pixels for search in searches for pixels in search.pixels]
+    vectors = model.embed(np.stack(photos)) if photos else np.empty((0, 0), dtype=np.float32)
+    ends = np.cumsum([len(search.pixels) for search in searches])
+    return np.split(vectors, ends[:-1])
+
+
+def _started(message: tuple[Any, ...], size: tuple[int, int]) -> list[Search]:
+    """The searches a message asks for (one per photo; a recommendation is one), decoded; none when there is nothing
+    to do (its job failed already, or every photo of it did)."""
+    jobs = runtime.jobs()
+    job_id, images, k, filters, *rest = message
     min_seq = rest[0] if rest else 0  # messages of older web processes end earlier
     box = rest[1] if len(rest) > 1 else None
+    examples = rest[2] if len(rest) > 2 else None
     if not jobs.start(job_id):
-        return None  # timed out while it waited, or answered already (a message given back twice)
+        return []  # timed out while it waited, or answered already (a message given back twice)
     try:
         crop = Crop(*map(int, box)) if box else None
-        data = check_size(base64.b64decode(image, validate=True), settings.max_upload)
-        pixels = decode_image(data, size, settings.resize, settings.max_search_pixels, crop)
+        if examples is not None:  # a recommendation: every example photo must be read
+            pixels = [_decoded(image, size, None) for image in images]
+            return [Search(job_id, k, filters or {}, min_seq, pixels, examples=examples)]
     except ImageError as error:
         jobs.fail(job_id, error.as_dict())
-        return None
-    except (ValueError, TypeError) as error:  # not base64, or a crop of other than four numbers: no web made it
+        return []
+    except (ValueError, TypeError) as error:  # not base64, a crop of other than four numbers: no web made it
         jobs.fail(job_id, item_error(ErrorCode.SEARCH_FAILED, f"the search message is damaged: {error}"))
-        return None
-    return Search(job_id, k, filters or {}, min_seq, pixels, crop)
+        return []
+    several = SeveralPhotos(job_id, [None] * len(images)) if isinstance(images, list) else None
+    if several and not images:
+        jobs.fail(job_id, item_error(ErrorCode.SEARCH_FAILED, "the search message is damaged: it has no photo"))
+        return []
+    searches = []
+    for place, image in enumerate(images if several else [images]):
+        search = Search(job_id, k, filters or {}, min_seq, [], crop, several, place)
+        try:
+            search.pixels = [_decoded(image, size, crop)]
+        except ImageError as error:
+            search.fail(error.as_dict())
+            continue
+        except (ValueError, TypeError) as error:  # not base64: no web made it
+            search.fail(item_error(ErrorCode.SEARCH_FAILED, f"the search message is damaged: {error}"))
+            continue
+        searches.append(search)
+    return searches
+
+
+def _decoded(image: str, size: tuple[int, int], crop: Crop | None) -> np.ndarray:
+    settings = runtime.settings()
+    data = check_size(base64.b64decode(image, validate=True), settings.max_upload)
+    return decode_image(data, size, settings.resize, settings.max_search_pixels, crop)
 
 
 def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min_seq: int, timeout: float) -> None:
     jobs, settings = runtime.jobs(), runtime.settings()
     searches = [search for search, _ in group]
-    queries = [{"vector": encode_vector(vector), "k": search.k, "filters": search.filters} for search, vector in group]
+    queries = [search.query(vectors) for search, vectors in group]
     try:
         answer = ask_reader(current_app, jobs.redis, Task.NEAREST, [model_sha256, settings.resize, queries, min_seq],
                             timeout, settings.max_lag, settings.read_timeout)  # fmt: skip
@@ -228,10 +312,10 @@ def _answer_group(model_sha256: str, group: list[tuple[Search, np.ndarray]], min
     verdicts = answer.get("verdicts") or [None] * len(searches)  # close_match and threshold, when calibrated
     for search, hits, verdict in zip(searches, answer["answers"], verdicts, strict=True):
         if isinstance(hits, dict):  # this search was refused (a filter naming no field of the catalogue)
-            jobs.fail(search.job_id, hits["error"])
+            search.fail(hits["error"])
         else:
             crop = {"crop": search.crop.as_dict()} if search.crop else {}
-            jobs.finish(search.job_id, {"hits": [compact_hit(hit) for hit in hits], **(verdict or {}), **crop})
+            search.finish({"hits": [compact_hit(hit) for hit in hits], **(verdict or {}), **crop})
 
 
 def _embedded_again(
@@ -241,15 +325,15 @@ def _embedded_again(
     model = runtime.embedding_model(runtime.settings().query_threads)
     if model.sha256 == model_sha256:
         return None
+    searches = [search for search, _ in group]
     try:
-        vectors = model.embed(np.stack([search.pixels for search, _ in group]))
+        vectors = _embedded(model, searches)
     except Exception:  # decoded for the old model's input size: such a search fails with the mismatch it met
         log.exception("a batch of %d searches could not be embedded again with %s", len(group), model.path.name)
         return None
-    return model.sha256, [(search, vector) for (search, _), vector in zip(group, vectors, strict=True)]
+    return model.sha256, list(zip(searches, vectors, strict=True))
 
 
 def _fail(searches: list[Search], error: dict[str, str]) -> None:
-    jobs = runtime.jobs()
     for search in searches:
-        jobs.fail(search.job_id, error)
+        search.fail(error)

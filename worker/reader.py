@@ -14,7 +14,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from common.errors import ErrorCode
+import numpy as np
+
+from common.errors import ErrorCode, LookalikeError
 from common.vectors import decode_vector
 from protocol.jobs import item_error
 from worker.evaluation.calibration import Calibration
@@ -23,6 +25,10 @@ from worker.state import IndexState
 
 FACET_VALUES = 20  # a metadata field with at most this many distinct values is offered as a search filter
 FACET_SECONDS = 30  # a count of facets walks every item; most changes barely move them
+
+
+class UnknownExample(LookalikeError):
+    """A recommendation names a product the index does not hold."""
 
 
 class IndexReader:
@@ -65,11 +71,14 @@ class IndexReader:
         with self.lock:
             answers, verdicts = [], []
             for query in queries:
-                vector = self.state.to_index_space(decode_vector(query["vector"]))
                 try:
-                    hits = self.state.index.search(vector, query["k"], query.get("filters") or {})
+                    hits = self._hits(query)
                 except UnknownField as error:  # this search only: the others of the batch are answered
                     answers.append({"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))})
+                    verdicts.append(None)
+                    continue
+                except UnknownExample as error:
+                    answers.append({"error": item_error(ErrorCode.NOT_FOUND, str(error))})
                     verdicts.append(None)
                     continue
                 found, verdict = self.judged(hits)
@@ -77,6 +86,25 @@ class IndexReader:
                 verdicts.append(verdict)
             calibrated = {"verdicts": verdicts} if self.calibration else {}
             return {"answers": answers, "seq": self.state.seq, **calibrated}
+
+    def _hits(self, query: dict[str, Any]) -> list[Hit]:
+        """A search's hits: of its `vector`; or a recommendation's, of its `positive` and `negative` examples (each
+        a `vector`, or a product's `id`: its photos), none of the products it names."""
+        index, filters = self.state.index, query.get("filters") or {}
+        if "vector" in query:
+            return index.search(self.state.to_index_space(decode_vector(query["vector"])), query["k"], filters)
+        positives, negatives = (
+            [self._example(example) for example in query[side]] for side in ("positive", "negative")
+        )
+        named = [example["id"] for example in query["positive"] + query["negative"] if "id" in example]
+        return index.recommend(positives, negatives, query["k"], filters, named, query["strategy"])
+
+    def _example(self, example: dict[str, str]) -> np.ndarray:
+        if "vector" in example:
+            return self.state.to_index_space(decode_vector(example["vector"]))
+        if example["id"] not in self.state.index:
+            raise UnknownExample(f"no item with id {example['id']!r} (an example of the recommendation)")
+        return self.state.index.vectors(example["id"])
 
     def similar(self, item_id: str, k: int, filters: dict[str, str], min_seq: int) -> dict[str, Any]:
         """'More like this': every photo of the product as a query, the product itself left out."""
@@ -88,7 +116,7 @@ class IndexReader:
             if item_id not in index:
                 return {"error": item_error(ErrorCode.NOT_FOUND, f"no item with id {item_id!r}")}
             try:
-                hits = index.search(index.vectors(item_id), k, filters, exclude=item_id)
+                hits = index.search(index.vectors(item_id), k, filters, exclude=(item_id,))
             except UnknownField as error:
                 return {"error": item_error(ErrorCode.UNKNOWN_FIELD, str(error))}
             found, verdict = self.judged(hits)

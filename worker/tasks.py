@@ -19,6 +19,7 @@ from common.errors import ErrorCode
 from protocol import keys
 from protocol.jobs import item_error
 from protocol.queues import Task
+from protocol.readers import latest_change
 from worker import runtime
 from worker.catalog import batches, plan_catalog
 from worker.embedding import embed_items
@@ -106,6 +107,10 @@ def embed_batch(self: Any, job_id: str, items: list[dict[str, Any]], model: str 
         log.exception("load %s: a batch of %d could not be embedded", job_id, len(items))
         jobs.record(job_id, errors={item_id: item_error(ErrorCode.EMBED_FAILED, str(error)) for item_id in ids})
         return {"changes": 0, "unchanged": 0, "failed": len(ids)}
+    if outcome.unchanged and (latest := latest_change(state.redis)) is not None:
+        # The index holds these items as they are already, at a change no later than its latest: a load that
+        # changed nothing (a product sent twice) still has a `seq` to read them at. Noted before they are counted.
+        jobs.note_seq(job_id, latest)
     jobs.record(job_id, done=outcome.unchanged, errors=outcome.errors)
     if outcome.changes:
         try:

@@ -5,7 +5,9 @@ kombu records it as taken (killed while it waited for work, or while frozen). It
 So the index owner (there is one) looks at the active loads every few seconds: a load whose counts have not moved
 for LOOKALIKE_LOAD_STALL seconds while none of its messages is queued or held has lost some. Its missing items are
 queued again (upserts are keyed by id: an item that was indexed after all changes nothing), at most REQUEUES
-times; then they fail as `lost` and the load ends `partial`. A load whose plan was lost is planned again alike.
+times; then they fail as `lost` and the load ends `partial`. A load whose plan was lost is planned again alike. A
+product sent on its own (`PUT /api/items/<id>`) is a load with no plan: its one item is remembered and re-queued
+like any other, and one whose record never got that far is failed as `lost`.
 Each look also removes the uploads that no unfinished load reads any more, and what killed unpackings left
 (`worker.leftovers`).
 """
@@ -80,6 +82,10 @@ class LoadWatchdog:
     def rescue(self, job_id: str, activity: LoadActivity) -> None:
         if activity.requeued >= REQUEUES:
             self.give_up(job_id, activity)
+            return
+        if activity.total is None and not activity.params.get("source"):  # a product sent on its own: no plan
+            message = "the product was not queued whole (Redis failed on the way?); send it again"
+            self.jobs.fail(job_id, item_error(ErrorCode.LOST, message))
             return
         attempt = self.jobs.note_requeued(job_id)
         if activity.total is None:

@@ -245,7 +245,7 @@ def ann_neighbours(
     `leave_one_out`: a query is a catalogue product, which leaves itself out."""
     rows = []
     for first, last in product_rows(queries):
-        exclude = queries.ids[first] if leave_one_out else None
+        exclude = (queries.ids[first],) if leave_one_out else ()
         rows.append([positions[hit.id] for hit in index.search(queries.vectors[first:last], k, exclude=exclude)])
     width = min(len(row) for row in rows) if rows else 0
     return np.array([row[:width] for row in rows], dtype=np.int64)
