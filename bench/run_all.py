@@ -4,9 +4,10 @@
 
 Runs, one after another (never two at once: they measure the same cores): embedding throughput (the tutorial's
 Keras per-image predict as the baseline), catalogue load through the queue and search latency around it, search
-latency through the web for 1/8/32 clients, 20 and 150 clients uploading for 30 s, hnswlib against exact search
-on the real catalogue (and on 1M synthetic vectors with --with-million: ~10 minutes, ~16 GB), and the tutorial's
-all-pairs search, and products of three photos against one.
+latency through the web for 1/8/32 clients, what a search costs against the simplest anchor (one Flask process
+that decodes, embeds and asks hnswlib in the request) and where its time goes, 20 and 150 clients uploading for
+30 s, hnswlib against exact search on the real catalogue (and on 1M synthetic vectors with --with-million: ~10
+minutes, ~16 GB), and the tutorial's all-pairs search, and products of three photos against one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ BENCHMARKS = [
     ("Embedding throughput", ["embed_throughput.py"]),
     ("Catalogue load and search latency", ["catalog_load.py"]),
     ("Search scale-out: query processes, replicas, kNN, micro-batching", ["search_scaling.py"]),
+    ("What a search costs: lookalike against the simplest anchor, and its profile", ["search_cost.py", "--profile"]),
     ("Load: concurrent uploads", ["load.py", "--clients", "20", "--seconds", "30"]),
     ("Load: more clients than the search queue takes", ["load.py", "--clients", "150", "--seconds", "30"]),
     ("Index: hnswlib against exact search (real catalogue)", ["index_recall.py", "real"]),

@@ -16,6 +16,8 @@ from pathlib import Path
 FIRST_POLL, BACKOFF, LONGEST_POLL = 0.05, 1.5, 2.0  # as web/static/app.js polls
 PATIENCE = 120  # seconds a client follows one job before it counts the search as failed
 FAILED = -1  # the status under which a client counts an accepted search that did not end done
+REFUSED = "refused"  # a search the service refused (busy): not a failed one
+K = 10  # results a search asks for
 
 
 class Budget:
@@ -63,20 +65,30 @@ class Shopper(threading.Thread):
             made += 1
             started = time.perf_counter()
             try:
-                status, body, headers = post_image(connection, photo)
-                self.statuses[status] += 1
-                if status != 202:
-                    self.refusals[f"{status} {body.get('error', {}).get('code', 'no reason')}"] += 1
-                    if status in (429, 503) and "Retry-After" not in headers:
-                        self.refusals[f"{status} no Retry-After"] += 1
-                    time.sleep(min(float(headers.get("Retry-After", 0.5)), 5.0))
-                    continue
-                if self.follow(connection, body["status_url"]):
+                outcome = self.search(connection, photo)
+                if outcome is True:
                     self.latencies.append(time.perf_counter() - started)
+                if outcome is not False:
                     continue
             except (OSError, http.client.HTTPException, ValueError, KeyError):
                 connection.close()  # the next request opens a new connection
             self.statuses[FAILED] += 1
+
+    def search(self, connection: http.client.HTTPConnection, photo: Path) -> bool | str:
+        """One search: True when it ended done, False when not, REFUSED when the service refused it."""
+        status, body, headers = post_form(connection, "/api/search", photo, {"k": str(K)})
+        self.statuses[status] += 1
+        if status != 202:
+            return self.refused(status, body, headers)
+        return self.follow(connection, body["status_url"])
+
+    def refused(self, status: int, body: dict, headers: dict[str, str]) -> str:
+        """Count the refusal and wait as its Retry-After says (a refusal is not a failed search)."""
+        self.refusals[f"{status} {body.get('error', {}).get('code', 'no reason')}"] += 1
+        if status in (429, 503) and "Retry-After" not in headers:
+            self.refusals[f"{status} no Retry-After"] += 1
+        time.sleep(min(float(headers.get("Retry-After", 0.5)), 5.0))
+        return REFUSED
 
     @staticmethod
     def follow(connection: http.client.HTTPConnection, status_url: str) -> bool:
@@ -95,15 +107,24 @@ class Shopper(threading.Thread):
         return False
 
 
-def post_image(connection: http.client.HTTPConnection, photo: Path) -> tuple[int, dict, dict[str, str]]:
-    """POST a photo to /api/search: the status, the JSON body (or {} when it isn't JSON) and the headers."""
+def multipart(photo: Path, fields: dict[str, str]) -> tuple[bytes, str]:
+    """A form of text `fields` and the photo as the file `image`: its body and its Content-Type."""
     boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]  # fmt: skip
     body = b"".join([
-        f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n10\r\n'.encode(),
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{photo.name}"\r\n'.encode(),
+        *parts, f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{photo.name}"\r\n'.encode(),
         b"Content-Type: image/jpeg\r\n\r\n", photo.read_bytes(), f"\r\n--{boundary}--\r\n".encode(),
     ])  # fmt: skip
-    connection.request("POST", "/api/search", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def post_form(
+    connection: http.client.HTTPConnection, path: str, photo: Path, fields: dict[str, str]
+) -> tuple[int, dict, dict[str, str]]:
+    """POST a photo as multipart `image` with text `fields`: the status, the JSON body ({} if none), the headers."""
+    body, content_type = multipart(photo, fields)
+    connection.request("POST", path, body, {"Content-Type": content_type})
     response = connection.getresponse()
     data = response.read()
     try:
@@ -114,11 +135,18 @@ def post_image(connection: http.client.HTTPConnection, photo: Path) -> tuple[int
 
 
 def run_clients(
-    port: int, photos: list[Path], clients: int, seconds: float, uploads: int | None = None, host: str = "127.0.0.1"
+    port: int,
+    photos: list[Path],
+    clients: int,
+    seconds: float,
+    uploads: int | None = None,
+    host: str = "127.0.0.1",
+    kind: type[Shopper] = Shopper,
 ) -> tuple[list[float], Counter[int], Counter[str]]:
-    """`clients` shoppers for `seconds` (or until `uploads` uploads): latencies, answers by status, refusals."""
+    """`clients` shoppers (of `kind`) for `seconds` (or until `uploads` uploads): latencies, answers by status,
+    refusals."""
     until, budget = time.monotonic() + seconds, Budget(uploads)
-    shoppers = [Shopper(port, photos, until, offset=97 * n, budget=budget, host=host) for n in range(clients)]
+    shoppers = [kind(port, photos, until, offset=97 * n, budget=budget, host=host) for n in range(clients)]
     for shopper in shoppers:
         shopper.start()
     for shopper in shoppers:
