@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 from celery.exceptions import QueueNotFound
+from PIL import Image
 
 from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.client import Client
 from protocol.queues import READS, ROUTES, Queue, Task
+from tests.images import encode
 from worker.processes import embed_worker_argv, index_worker_argv, replica_worker_argv
 from worker.queries import QUEUE, TASK
 
@@ -75,12 +77,15 @@ def test_every_task_name_has_a_consumer_and_is_routed_to_a_queue_it_reads(worker
     assert {ROUTES[task] for task in READS} == {Queue.READ} and Queue.SEARCH in read["index"]
 
 
-def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(worker_app, module_redis):
+def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(worker_app, module_redis, tmp_path):
     recording = RecordingCelery(worker_app)
-    client = Client(Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis}), celery=recording)
+    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_DATA_DIR": str(tmp_path)})
+    client = Client(settings, celery=recording)
     calls = {
         "start_load": ("catalog.csv",),
+        "put_item": ("shirt", [encode(Image.new("RGB", (8, 8)), "JPEG")]),
         "search": (b"\xff\xd8 image bytes",),
+        "recommend": (["10186"], [b"\xff\xd8 image bytes"]),
         "find_duplicates": (0.95, 5),
         "get_item": ("10186",),
         "similar": ("10186",),
@@ -95,9 +100,9 @@ def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(w
     assert public - {"follow", "check_min_seq"} == set(calls), "a new client method: add it here"  # those send nothing
     for name, arguments in calls.items():
         getattr(client, name)(*arguments)
-    # only the workers send the rest: a load's batches and changes, query processes' reads, replicas' requests
-    workers_own = {Task.EMBED_BATCH, Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT, Task.ADVANCE_BUILD,
-                   Task.REPROJECT_BATCH}  # fmt: skip
+    # only the workers send the rest: a load's changes, query processes' reads, replicas' requests (and a load's
+    # batches, but for the one batch of a product sent on its own)
+    workers_own = {Task.APPLY_CHANGES, Task.NEAREST, Task.WRITE_SNAPSHOT, Task.ADVANCE_BUILD, Task.REPROJECT_BATCH}
     assert {name for name, _ in recording.sent} == set(Task) - workers_own
     for name, queue in recording.sent:
         assert name in worker_app.tasks or name == TASK

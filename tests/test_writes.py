@@ -25,7 +25,8 @@ AS_JSON = {"Accept": "application/json"}
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "127.0.0.1:8000", "[::1]:8000"]
 TOKEN = re.compile(r'action="[^"]*\?csrf_token=([0-9a-f]+)"')
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-SEARCHES = {"api.search", "pages.search"}  # the only requests besides reads that anyone may make
+# searches and recommendations: the only requests besides reads that anyone may make
+SEARCHES = {"api.search", "pages.search", "api.recommend", "pages.recommend"}
 COOKIE, WRITER_COOKIE = "__Host-lookalike_csrf", "__Host-lookalike_writer"  # this browser's nonce, its sign-in
 # nginx's `proxy_pass http://127.0.0.1:8000` in front of the web: Host rewritten, the browser's in X-Forwarded-*
 FORWARDED = {"X-Forwarded-Host": "shop.example", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
