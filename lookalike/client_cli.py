@@ -206,10 +206,7 @@ def run_put(args: argparse.Namespace) -> int:
     metadata = parse_fields(args.field)
     photos = []
     for path in args.photos:
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise LookalikeError(f"can't read {path}: {error.strerror}") from error
+        data = read_photo(path)
         try:
             check_photo(data, settings.max_upload, settings.max_pixels)
         except ImageError as error:

@@ -154,8 +154,8 @@ class Client:
         # worker; remembered, so that the load watchdog queues it again should the message be lost.
         job_id = self.jobs.create("load", {"item": item_id, "photos": len(kept)})
         self.jobs.remember_items(job_id, [message])
+        self.jobs.start(job_id)  # before its total: a job that stayed `queued` could never be closed by its item
         self.jobs.set_total(job_id, 1)
-        self.jobs.start(job_id)
         self._enqueue(job_id, Task.EMBED_BATCH, [message])
         return job_id
 

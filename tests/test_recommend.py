@@ -7,12 +7,15 @@ import io
 import numpy as np
 import pytest
 
+from common.settings import Settings
 from common.vectors import AVERAGE_VECTOR, BEST_SCORE
 from protocol.client import MAX_EXAMPLES
 from tests.test_index import PARAMS, unit
 from tests.test_products import add, near
 from tests.test_web import follow, idle, photo  # noqa: F401 - idle is a fixture
+from worker import runtime
 from worker.index import Item, Photo, VectorIndex
+from worker.queries import Search, _embedded
 
 
 def normal(vector: np.ndarray) -> np.ndarray:
@@ -75,6 +78,8 @@ def test_a_recommendation_needs_a_positive_example_a_known_strategy_and_at_most_
     ):
         response = idle.post("/api/recommend", json=body)
         assert response.status_code == 400 and reason in response.get_json()["error"]["message"], body
+    deep = idle.post("/api/recommend", data="[" * 100_000 + "]" * 100_000, content_type="application/json")
+    assert deep.status_code == 400 and "nested too deeply" in deep.get_json()["error"]["message"]
     unreadable = idle.post("/api/recommend", data={"positive_image": (io.BytesIO(b"no photo"), "x.jpg")})
     assert unreadable.status_code == 415 and unreadable.get_json()["error"]["code"] == "not_an_image"
     anyone = idle.post("/api/recommend", json={"positive": ["10186"]})  # no key: public, as a search is
@@ -133,3 +138,22 @@ def test_a_shopper_marks_results_more_or_less_like_this_and_searches_again_from_
     shown = live.get(again.location).get_data(as_text=True)
     assert "like your photo, " in shown and f'name="positive" value="{liked}"' in shown
     assert f'type="hidden" name="negative" value="{disliked}"' in shown
+
+
+def test_the_photos_of_a_micro_batch_are_embedded_at_most_query_batch_at_a_time(monkeypatch):
+    """A search of several photos counts each photo against LOOKALIKE_QUERY_BATCH; a recommendation by ids has none."""
+    monkeypatch.setattr(runtime, "settings", lambda: Settings.from_env({"LOOKALIKE_QUERY_BATCH": "2"}))
+    runs = []
+
+    class Model:
+        def embed(self, pixels: np.ndarray) -> np.ndarray:
+            runs.append(len(pixels))
+            return pixels.reshape(len(pixels), -1)[:, :1].astype(np.float32)
+
+    def photos(*values: int) -> list[np.ndarray]:
+        return [np.full((2, 2, 3), value, dtype=np.uint8) for value in values]
+
+    searches = [Search("a", 1, {}, 0, photos(1)), Search("b", 1, {}, 0, []), Search("c", 1, {}, 0, photos(2, 3, 4))]
+    vectors = _embedded(Model(), searches)
+    assert runs == [2, 2] and [rows[:, 0].tolist() for rows in vectors] == [[1.0], [], [2.0, 3.0, 4.0]]
+    assert [len(rows) for rows in _embedded(Model(), [Search("d", 1, {}, 0, [])])] == [0]

@@ -156,6 +156,9 @@ def test_a_search_of_more_photos_than_the_cap_or_of_several_with_a_crop_is_400(i
     two = [(io.BytesIO(photo(shared_dir)), "a.jpg"), (io.BytesIO(photo(shared_dir)), "b.jpg")]
     cropped = idle.post("/api/search", data={"image": two, "crop": "0,0,40,40"})
     assert cropped.status_code == 400 and "single `image`" in cropped.get_json()["error"]["message"]
+    over = [(io.BytesIO(photo(shared_dir)), "a.jpg"), (io.BytesIO(b"\xff" * (MAX_UPLOAD + 10)), "b.jpg")]
+    too_large = idle.post("/api/search", data={"image": over})  # the request is within its cap, photo 2 is not
+    assert too_large.status_code == 413 and too_large.get_json()["error"]["message"].startswith("photo 2: ")
 
 
 def test_with_no_index_worker_searches_and_item_reads_are_503_at_once(idle, shared_dir):
@@ -511,6 +514,7 @@ def test_a_crop_around_one_of_two_products_finds_that_product_and_the_result_nam
     follow(live, f"/api/jobs/{job_id}")
     page = live.get(submitted.location).get_data(as_text=True)
     assert "searched only the box at 60,0, 60x80 pixels of your photo" in page and 'href="/items/10227"' in page
+    assert "more like this</label>" in page and 'name="from_job"' not in page  # the preview has the box on it
     preview = np.asarray(Image.open(io.BytesIO(live.get(f"/jobs/{job_id}/preview.jpg").data)))
     assert preview.shape == (80, 120, 3)
     assert preview[40, 61, 2] > 180 and preview[40, 61, 0] < 120, "the box's left edge is drawn on the preview"

@@ -85,13 +85,21 @@ class Service:
 
     def submit_search_of_photos(self, photos: list[bytes], k: int, filters: dict[str, str], min_seq: int = 0) -> str:
         """Queue one search of each photo, in one job; a photo that can't be read gets its own error in the result
-        (the query process finds it), the others are answered. The preview is the first photo's, when it decodes."""
+        (the query process finds it), the others are answered. The preview is the first readable photo's."""
         self._check_search(filters, min_seq)  # their size together: the request's cap (LOOKALIKE_MAX_UPLOAD)
-        try:
-            with self.decoding():
-                preview = thumbnail_jpeg(photos[0], PREVIEW_SIDE, self.settings.max_search_pixels)
-        except ImageError:
-            preview = None
+        for place, photo in enumerate(photos, start=1):
+            try:
+                check_size(photo, self.settings.max_upload)
+            except ImageError as error:
+                raise ApiError(413, error.code, f"photo {place}: {error.message}") from error
+        preview = None
+        for photo in photos:
+            try:
+                with self.decoding():
+                    preview = thumbnail_jpeg(photo, PREVIEW_SIDE, self.settings.max_search_pixels)
+                break
+            except ImageError:
+                continue
         self.searchable()
         return self.client.search(photos, k, filters, preview, min_seq)
 

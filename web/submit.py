@@ -61,7 +61,7 @@ def request_fields() -> MultiDict[str, str]:
     """The request's fields: its form, or its JSON object (a list value is a repeated field)."""
     if not request.is_json:
         return request.form
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise bad_parameter('the JSON body must be an object like {"positive": ["15970"], "k": 5}')
     fields: MultiDict[str, str] = MultiDict()
@@ -73,13 +73,22 @@ def request_fields() -> MultiDict[str, str]:
     return fields
 
 
+def json_body() -> Any:
+    """The request's JSON, None when it is not JSON; 400 for JSON nested past what Python parses (a RecursionError,
+    which get_json's `silent` does not cover)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise bad_parameter("the JSON body is nested too deeply") from None
+
+
 def _photos(name: str, limit: int) -> list[bytes]:
     return [upload.read(limit) for upload in request.files.getlist(name) if upload.filename]
 
 
 def load_from_request() -> str:
     """An uploaded archive (+ optional CSV), or `source` (+ optional `metadata`) under the catalogue root."""
-    fields = request.get_json(silent=True) if request.is_json else request.form
+    fields = json_body() if request.is_json else request.form
     if not isinstance(fields, Mapping):
         raise bad_parameter('the JSON body must be an object like {"source": "fashion"}')
     archive, csv_file = _upload("archive"), _upload("csv")

@@ -16,13 +16,13 @@ import numpy as np
 
 from common.errors import LookalikeError
 from common.filters import unknown_field
-from common.vectors import AVERAGE_VECTOR, unit_rows
+from common.vectors import AVERAGE_VECTOR, BEST_SCORE, unit_rows
 
 INITIAL_CAPACITY = 1024
 EXACT_FILTER_LIMIT = 2048  # a filter that leaves fewer photos than this is answered by exact search
 EXACT_CHUNK = 4096  # photos whose vectors an exact search holds at once
 POSTED_FIELDS = 8  # fields with a lookup table (the most recently filtered by); each costs a set per photo
-BEST_SCORE_CANDIDATES = 4  # x k: the products near the positives that best_score rescores against the negatives
+BEST_SCORE_CANDIDATES = 2  # x k: the products near the positives that best_score rescores against the negatives
 
 
 @dataclass(frozen=True)
@@ -277,8 +277,13 @@ class VectorIndex:
             if negatives:
                 query = query + (query - _centre(negatives))
             return self.search(query, k, filters, exclude)
+        if strategy != BEST_SCORE:
+            raise ValueError(f"no recommendation strategy {strategy!r}")
         liked, disliked = unit_rows(np.vstack(positives)), unit_rows(np.vstack(negatives)) if negatives else None
-        candidates = self.search(liked, max(BEST_SCORE_CANDIDATES * k, k), filters, exclude)
+        # Candidates near each positive's centre: one row an example, however many photos it has (16 x 16 rows
+        # would make one recommendation cost the reader as much as hundreds of searches); scored by every photo.
+        centres = np.stack([_centre([example]) for example in positives])
+        candidates = self.search(centres, BEST_SCORE_CANDIDATES * k, filters, exclude)
         scored = []
         for hit in candidates:
             photos = self.vectors(hit.id)

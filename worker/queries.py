@@ -239,11 +239,13 @@ def search_batch(messages: list[tuple[Any, ...]]) -> None:
 
 
 def _embedded(model: EmbeddingModel, searches: list[Search]) -> list[np.ndarray]:
-    """Each search's photos' vectors (a row each), from one onnxruntime run over all of them."""
+    """Each search's photos' vectors (a row each), from onnxruntime runs of at most LOOKALIKE_QUERY_BATCH photos (a
+    search of several photos counts each)."""
     photos = [pixels for search in searches for pixels in search.pixels]
-    vectors = model.embed(np.stack(photos)) if photos else np.empty((0, 0), dtype=np.float32)
+    run = runtime.settings().query_batch
+    vectors = [model.embed(np.stack(photos[first : first + run])) for first in range(0, len(photos), run)]
     ends = np.cumsum([len(search.pixels) for search in searches])
-    return np.split(vectors, ends[:-1])
+    return np.split(np.concatenate(vectors) if vectors else np.empty((0, 0), dtype=np.float32), ends[:-1])
 
 
 def _started(message: tuple[Any, ...], size: tuple[int, int]) -> list[Search]:
