@@ -151,12 +151,15 @@ def test_a_replica_killed_in_the_middle_of_a_read_leaves_its_search_to_the_other
 def test_a_query_process_killed_in_the_middle_of_a_batch_leaves_its_searches_to_another(make_stack, shared_dir):
     """The first query process has taken a batch and waits for the (frozen) readers when it is killed: its
     searches go back to the queue and the second query process answers them. (The frozen second one may have been
-    handed one search by Redis before it froze: it answers that one once thawed.)"""
+    handed one search by Redis before it froze: it answers that one once thawed.) The searches are all queued
+    before the first one wakes, so that its first batch takes them: queued one by one on a slow machine, the first
+    could be a batch of one, and the process waits for the frozen readers before it takes more."""
     stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_QUERY_PROCESSES="2")
-    for name in ("query-2", "replica-1", "index"):
+    for name in ("query-1", "query-2", "replica-1", "index"):
         freeze(stack, name)
     photo = image_bytes(shared_dir, "10186")
     searches = [client.search(photo, 3) for _ in range(4)]
+    thaw(stack, "query-1")
 
     def taken() -> bool:
         return stack.redis.llen(Queue.QUERY) == 0 and held(stack, Queue.QUERY) >= 3
