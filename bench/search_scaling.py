@@ -37,7 +37,8 @@ from lookalike.stack import Stack
 from lookalike.up import start_workers
 from protocol.client import Client
 from protocol.heartbeats import Role
-from protocol.queues import Queue, Task
+from protocol.queues import Task
+from protocol.readers import ask_replicas
 from worker.index import IndexParams, Item, Photo, VectorIndex
 from worker.reader import IndexReader
 from worker.snapshots import ModelIdentity, write_snapshot
@@ -121,7 +122,7 @@ def end_to_end(args: argparse.Namespace, queries: int, replicas: int, work: Path
 
 
 def knn_alone(args: argparse.Namespace, work: Path) -> list[tuple[str, float]]:
-    """Queries/s of top-10 by vector at one replica: in this process on one core, and through the read queue."""
+    """Queries/s of top-10 by vector at one replica: in this process on one core, and asked directly of it."""
     vectors = catalogue_embeddings(args.archive, args.model, args.cache)
     queries, catalogue = vectors[:HELD_OUT], vectors[HELD_OUT:]
     model = load_model(args.model, ["cpu"], intra_op_threads=1)
@@ -151,11 +152,11 @@ def knn_alone(args: argparse.Namespace, work: Path) -> list[tuple[str, float]]:
             stack.start("replica", "replica-1")
             client = Client(stack.settings)
             for threads in (1, 8):
-                rows.append((f"through the read queue to one replica, {threads} caller{'s' * (threads > 1)}, one "
+                rows.append((f"asked directly of one replica, {threads} caller{'s' * (threads > 1)}, one "
                              "query a message", through_queue(client, identity, messages, threads)))  # fmt: skip
             queries_each = [message[0] for message in messages]
             batched = [queries_each[start : start + QUERY_BATCH] for start in range(0, len(messages), QUERY_BATCH)]
-            rows.append((f"through the read queue to one replica, 8 callers, {QUERY_BATCH} queries a message (as "
+            rows.append((f"asked directly of one replica, 8 callers, {QUERY_BATCH} queries a message (as "
                          "query processes send a batch)", through_queue(client, identity, batched, 8)))  # fmt: skip
         finally:
             stack.stop()
@@ -167,10 +168,8 @@ def through_queue(client: Client, identity: ModelIdentity, messages: list, threa
 
     def ask(share: list) -> None:
         for message in share:
-            result = client.celery.send_task(Task.NEAREST, args=[identity.sha256, "stretch", message, 0],
-                                             queue=Queue.READ)  # fmt: skip
-            assert "answers" in result.get(timeout=30)
-            result.forget()
+            answer = ask_replicas(client.jobs.redis, Task.NEAREST, [identity.sha256, "stretch", message, 0], 30)
+            assert answer is not None and "answers" in answer
 
     shares = [messages[number::threads] for number in range(threads)]
     callers = [threading.Thread(target=ask, args=(share,)) for share in shares]

@@ -87,7 +87,9 @@ class Settings:
         "16", "searches a query process embeds together in one onnxruntime run, at most", minimum=1
     )
     query_wait_ms: int = variable(
-        "5", "milliseconds a query process waits for more searches before it embeds what it has", minimum=0
+        "0",
+        "milliseconds a query process waits for more searches than are queued before it embeds what it has",
+        minimum=0,
     )
     replicas: int = variable(
         "1", "index replicas `lookalike up` starts (0: the index owner answers every read)", minimum=0
@@ -138,9 +140,9 @@ class Settings:
     max_catalog_upload: int = variable(str(2 * 1024**3), "largest catalogue upload (archive + CSV), bytes", minimum=1)
     web_threads: int = variable("8", "request threads of `lookalike web`", minimum=1)
     web_waiting: int = variable(
-        "4",
-        "requests of one `lookalike web` process that may wait for their job at once (`wait`), at most "
-        "LOOKALIKE_WEB_THREADS - 1; beyond, the answer comes at once, as without `wait`",
+        "32",
+        "requests of one `lookalike web` process that may wait for their job at once (`wait`), each on a thread "
+        "of its own beside the LOOKALIKE_WEB_THREADS that answer; beyond, the answer comes at once, as without `wait`",
         minimum=0,
     )
     trusted_proxies: int = variable(

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -32,6 +33,7 @@ class Role(StrEnum):
 HEARTBEAT_SECONDS = 10
 SOONEST_SECONDS = 1  # a woken heartbeat still waits this long after the previous one
 ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # a process that missed this many seconds of beats counts as gone
+RECENT_SECONDS = 1.0  # how old a reading of the beats a check on every request or read may use
 FORGET_SECONDS = 10 * ALIVE_SECONDS  # a beat this old is removed by whoever reads the beats (a process killed -9)
 
 # Removes a beat unless it was refreshed since it was read. KEYS: the workers hash. ARGV: (field, beat) pairs.
@@ -94,6 +96,17 @@ def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0)
     return sorted(chosen, key=lambda beat: beat["seen"], reverse=True)
 
 
-def alive(client: redis.Redis, role: str, within: float = ALIVE_SECONDS) -> list[dict[str, Any]]:
-    """Processes of `role` that reported in within the last `within` seconds."""
-    return heartbeats(client, role, since=time.time() - within)
+def alive(client: redis.Redis, role: str, within: float = ALIVE_SECONDS, fresh: float = 0.0) -> list[dict[str, Any]]:
+    """Processes of `role` that reported in within the last `within` seconds. `fresh`: this process's own reading
+    of the beats will do when at most that many seconds old (checks made on every request: beats come every 1-10 s,
+    and a clean stop is seen that much later)."""
+    since = time.time() - within
+    if not fresh:
+        return heartbeats(client, role, since)
+    read_at, beats = _readings.get(client, (-float("inf"), []))
+    if time.monotonic() - read_at > fresh:
+        _readings[client] = (time.monotonic(), beats := heartbeats(client))
+    return [beat for beat in beats if beat["role"] == role and beat["seen"] >= since]
+
+
+_readings: weakref.WeakKeyDictionary[redis.Redis, tuple[float, list[dict[str, Any]]]] = weakref.WeakKeyDictionary()

@@ -13,6 +13,7 @@ CHANGES = f"{PREFIX}:index:changes"  # stream: the owner's change feed, followed
 SERVING = f"{PREFIX}:index:serving"  # JSON: the serving index's id and model, set by the owner at start and each switch
 CALIBRATION = f"{PREFIX}:index:calibration"  # hash: the serving index's calibration (index_id, sha256, calibration)
 SEARCHES = f"{PREFIX}:searches"  # sorted set: search job id -> created; those within LOOKALIKE_SEARCH_TTL are live
+READS = f"{PREFIX}:reads"  # list: reads for the replicas that keep up, JSON, each naming where its answer goes
 FORM_SECRET = f"{PREFIX}:web:form-secret"  # the HMAC key of the forms' CSRF tokens, shared by web processes
 
 # The parts of a job beside its record (a hash at job_key(id)):
@@ -33,3 +34,8 @@ PARTS = (DONE, FAILED, ERRORS, ERROR_IDS, ERROR_CODES, ITEMS, DELIVERIES, PREVIE
 def job_key(job_id: str, part: str = "") -> str:
     """A job's record (`part` empty) or one of its parts."""
     return f"{PREFIX}:job:{job_id}{':' + part if part else ''}"
+
+
+def read_answer(read_id: str) -> str:
+    """The list a read's answer is pushed to, which its asker blocks on."""
+    return f"{PREFIX}:read:{read_id}"

@@ -11,7 +11,6 @@ class Queue(StrEnum):
     EMBED = "embed"  # bulk catalogue embedding: any number of processes on any number of machines
     INDEX = "index"  # changes to the index: only the index owner consumes it
     QUERY = "query"  # searches by image: query processes (any number), which embed them in micro-batches
-    READ = "read"  # reads by vector or id: the replicas that keep up with the owner (any number)
     SEARCH = "search"  # reads the owner answers itself (when no replica keeps up), and the near-duplicate walk
 
 
@@ -50,14 +49,13 @@ ROUTES: dict[Task, Queue] = {
     Task.DELETE_INDEX: Queue.INDEX,
     Task.CALIBRATE_INDEX: Queue.INDEX,
     Task.SEARCH_IMAGE: Queue.QUERY,
-    # Reads: to the replicas; `protocol.readers` sends them to the owner's SEARCH queue when none keeps up.
-    Task.NEAREST: Queue.READ,
-    Task.SIMILAR_ITEMS: Queue.READ,
-    Task.GET_ITEM: Queue.READ,
-    Task.INDEX_STATS: Queue.READ,
+    # Reads go to the replicas directly (`protocol.readers`); as tasks, only to the owner, when none keeps up.
+    Task.NEAREST: Queue.SEARCH,
+    Task.SIMILAR_ITEMS: Queue.SEARCH,
+    Task.GET_ITEM: Queue.SEARCH,
+    Task.INDEX_STATS: Queue.SEARCH,
     Task.FIND_DUPLICATES: Queue.SEARCH,
 }
-READS = frozenset(task for task, queue in ROUTES.items() if queue is Queue.READ)
 
 
 def queue_depths(client: redis.Redis) -> dict[str, int]:

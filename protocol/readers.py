@@ -1,10 +1,13 @@
-"""Which index reader answers a read: a replica that keeps up with the owner (queue `read`), else the owner itself
-(queue `search`); a reader that does not answer in time, or is behind the change the read waits for, is passed
-over for the other."""
+"""Which index reader answers a read: the replicas that keep up with the owner, asked directly (a read pushed to
+the `lookalike:reads` list, its answer pushed to a list of its own that the asker blocks on: one hop each way,
+no task, no stored result), else the owner itself, through its `search` queue, between its writes. A reader that
+does not answer in time, or is behind the change the read waits for, is passed over for the other."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from typing import Any
 
 import celery.exceptions
@@ -13,17 +16,22 @@ from celery import Celery
 
 from common.errors import ErrorCode
 from protocol import keys
-from protocol.heartbeats import Role, alive
-from protocol.queues import READS, Queue, Task
+from protocol.heartbeats import RECENT_SECONDS, Role, alive
+from protocol.queues import Queue, Task
+
+READS = frozenset({Task.NEAREST, Task.SIMILAR_ITEMS, Task.GET_ITEM, Task.INDEX_STATS})
+BLOCK_SECONDS = 5.0  # the longest single blocking pop: a client's socket time-out is longer (10 s)
+ANSWER_SECONDS = 10  # how long an answer no asker took stays in Redis
 
 
 class NoReaderAnswered(celery.exceptions.TimeoutError):
     """Neither a replica nor the owner answered within the time given."""
 
 
-def keeping_up(client: redis.Redis, max_lag: float) -> list[dict[str, Any]]:
-    """The replicas alive now that are at most `max_lag` seconds behind the owner."""
-    return [beat for beat in alive(client, Role.REPLICA) if beat.get("lag_seconds", float("inf")) <= max_lag]
+def keeping_up(client: redis.Redis, max_lag: float, fresh: float = 0.0) -> list[dict[str, Any]]:
+    """The replicas alive now that are at most `max_lag` seconds behind the owner (`fresh`: as `alive`)."""
+    replicas = alive(client, Role.REPLICA, fresh=fresh)
+    return [beat for beat in replicas if beat.get("lag_seconds", float("inf")) <= max_lag]
 
 
 def latest_change(client: redis.Redis) -> int | None:
@@ -35,34 +43,51 @@ def latest_change(client: redis.Redis) -> int | None:
     return max(known, default=None)
 
 
-def reader_queues(client: redis.Redis, max_lag: float) -> tuple[Queue, Queue]:
-    """The queue to ask first, and the one to ask when that one does not answer."""
-    if keeping_up(client, max_lag):
-        return Queue.READ, Queue.SEARCH
-    return Queue.SEARCH, Queue.READ
+def ask_replicas(client: redis.Redis, task: Task, args: list[Any], wait: float) -> Any | None:
+    """A read answered by whichever replica takes it first; None when none answered within `wait` seconds (a read
+    no replica took is withdrawn, and one taken too late is dropped by its replica: nobody answers to no one)."""
+    answer_key = keys.read_answer(uuid.uuid4().hex)
+    read = json.dumps({"task": task, "args": args, "answer_to": answer_key, "expires": time.time() + wait})
+    client.lpush(keys.READS, read)
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        answered = client.brpop([answer_key], timeout=min(left, BLOCK_SECONDS))
+        if answered is not None:
+            return json.loads(answered[1])
+    client.lrem(keys.READS, 1, read)
+    return None
+
+
+def ask_owner(app: Celery, task: Task, args: list[Any], wait: float) -> Any | None:
+    """A read answered by the index owner, between its writes; None when it did not answer within `wait` seconds."""
+    # The message expires with the wait: an owner that finds it later must not answer it to no one.
+    result = app.send_task(task, args=args, queue=Queue.SEARCH, expires=wait)
+    try:
+        return result.get(timeout=wait, disable_sync_subtasks=False)
+    except (celery.exceptions.TimeoutError, celery.exceptions.TaskRevokedError):
+        return None  # no answer in time, or the message expired before the owner took it
+    finally:
+        result.forget()
 
 
 def ask_reader(
     app: Celery, client: redis.Redis, task: Task, args: list[Any], timeout: float, max_lag: float, patience: float
 ) -> Any:
-    """Send a read and return its answer, asking the other kind of reader after `patience` seconds without one (or
-    on a `behind` answer), until `timeout` seconds have passed: then the last `behind` answer, or NoReaderAnswered."""
+    """Send a read and return its answer: to the replicas when one keeps up, else to the owner; the other kind is
+    asked after `patience` seconds without an answer (or on a `behind` one), until `timeout` seconds have passed:
+    then the last `behind` answer, or NoReaderAnswered."""
     if task not in READS:
         raise ValueError(f"{task} is not a read")
     deadline = time.monotonic() + timeout
-    queues = reader_queues(client, max_lag)
+    replicas_first = bool(keeping_up(client, max_lag, RECENT_SECONDS))
     attempt, behind = 0, None
     while (left := deadline - time.monotonic()) > 0:
         wait = min(patience, left)
-        # The message expires with the wait: a reader that finds it later must not answer it to no one.
-        result = app.send_task(task, args=args, queue=queues[attempt % 2], expires=wait)
+        to_replicas = (attempt % 2 == 0) == replicas_first
+        answer = ask_replicas(client, task, args, wait) if to_replicas else ask_owner(app, task, args, wait)
         attempt += 1
-        try:
-            answer = result.get(timeout=wait, disable_sync_subtasks=False)
-        except (celery.exceptions.TimeoutError, celery.exceptions.TaskRevokedError):
-            continue  # no answer in time, or the message expired before a reader took it: ask the other kind
-        finally:
-            result.forget()
+        if answer is None:
+            continue
         if isinstance(answer, dict) and answer.get("error", {}).get("code") == ErrorCode.BEHIND:
             behind = answer
             continue

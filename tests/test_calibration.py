@@ -18,7 +18,7 @@ from common.errors import UsageError
 from lookalike.stack import LOOKALIKE
 from protocol.client import ReadError
 from protocol.heartbeats import Role
-from protocol.queues import Queue, Task
+from protocol.queues import Task
 from tests.test_index_switch import another_model, owner_beat, switched
 from tests.test_scale_out import ask, loaded_stack
 from tests.test_tune import sample_csv
@@ -179,7 +179,7 @@ def flat_photo(colour: tuple[int, int, int]) -> bytes:
 
 
 def replica_confidence(client, item_id: str) -> bool:
-    hits = ask(client, Queue.READ, Task.SIMILAR_ITEMS, item_id, 3, {}, 0)["hits"]
+    hits = ask(client, "replica", Task.SIMILAR_ITEMS, item_id, 3, {}, 0)["hits"]
     return all("confidence" in hit for hit in hits)
 
 
@@ -241,7 +241,7 @@ def test_a_calibrated_index_says_when_there_is_no_close_match(make_stack, shared
     stack.kill("index")
     stack.start("index")
     stack.wait_for(lambda: (stack.heartbeat(Role.INDEX) or [{}])[0].get("calibration"), "the owner's calibration")
-    hits = ask(client, Queue.SEARCH, Task.SIMILAR_ITEMS, "10186", 3, {}, 0)["hits"]
+    hits = ask(client, "owner", Task.SIMILAR_ITEMS, "10186", 3, {}, 0)["hits"]
     assert all("confidence" in hit for hit in hits)
 
     # A calibration belongs to its index: an index built for another model starts without one, a rollback to the

@@ -24,6 +24,8 @@ from PIL import Image
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
 from protocol.client import Client
+from protocol.queues import Task
+from protocol.readers import ask_replicas
 from tests.conftest import BENCH
 from tests.images import BAD_IMAGES, ODD_IMAGES, encode
 from tests.test_catalog import sparse_archive
@@ -339,9 +341,9 @@ def test_reads_and_searches_waiting_for_a_change_never_made_are_refused_at_once_
     assert refusals and set(refusals) == {(400, "bad_parameter")}
     # Before, each bogus read held the one replica for a second: plain reads queued behind seconds of them.
     assert beside[len(beside) // 2] < max(0.5, 5 * alone[len(alone) // 2]), (alone, beside)
-    replica = served.client.celery.send_task("lookalike.get_item", args=["10186", bogus], queue="read")
     started = time.monotonic()
-    assert replica.get(timeout=30)["error"]["code"] == "behind" and time.monotonic() - started < 0.5
+    replica = ask_replicas(served.client.jobs.redis, Task.GET_ITEM, ["10186", bogus], 30)
+    assert replica["error"]["code"] == "behind" and time.monotonic() - started < 0.5
 
 
 def test_search_records_are_small_and_bounded_and_redis_is_capped_without_eviction(make_stack, shared_dir):

@@ -66,8 +66,8 @@ def replica_follows(stack: Stack, client: Client, model_sha256: str) -> dict:
         "the replica to follow the switch",
     )
     seq = owner_beat(stack)["seq"]
-    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, seq, True)["stats"]
-    replica = ask(client, Queue.READ, Task.INDEX_STATS, seq, True)["stats"]
+    owner = ask(client, "owner", Task.INDEX_STATS, seq, True)["stats"]
+    replica = ask(client, "replica", Task.INDEX_STATS, seq, True)["stats"]
     assert (owner["model_sha256"], replica["model_sha256"]) == (model_sha256, model_sha256)
     assert replica["digest"] == owner["digest"] and replica["items"] == owner["items"]
     return owner

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lookalike.stack import LOOKALIKE, Stack
 from lookalike.up import start_workers
 from protocol.client import Client
-from protocol.queues import Queue, Task
+from protocol.queues import Task
 from tests.test_index import DIM, IDENTITY, PARAMS, unit
 from tests.test_index_switch import another_model, switched
 from tests.test_scale_out import ask
@@ -169,8 +169,8 @@ def photo_files(shared_dir: Path, count: int) -> list[Path]:
 
 
 def owner_and_replica(client: Client, seq: int) -> tuple[dict, dict]:
-    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, seq, True)["stats"]
-    replica = ask(client, Queue.READ, Task.INDEX_STATS, seq, True)["stats"]
+    owner = ask(client, "owner", Task.INDEX_STATS, seq, True)["stats"]
+    replica = ask(client, "replica", Task.INDEX_STATS, seq, True)["stats"]
     return owner, replica
 
 

@@ -14,9 +14,10 @@ from PIL import Image
 from common.settings import Settings
 from protocol.celery_app import create_celery
 from protocol.client import Client
-from protocol.queues import READS, ROUTES, Queue, Task
+from protocol.queues import ROUTES, Queue, Task
+from protocol.readers import READS
 from tests.images import encode
-from worker.processes import embed_worker_argv, index_worker_argv, replica_worker_argv
+from worker.processes import embed_worker_argv, index_worker_argv
 from worker.queries import QUEUE, TASK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +54,7 @@ class RecordingCelery:
 
 def consumed_queues() -> dict[str, set[str]]:
     """Which queues each kind of worker process listens on, from the very arguments it starts with."""
-    kinds = {"embed": embed_worker_argv(Settings.from_env({}), "INFO"), "index": index_worker_argv("INFO"),
-             "replica": replica_worker_argv("INFO")}  # fmt: skip
+    kinds = {"embed": embed_worker_argv(Settings.from_env({}), "INFO"), "index": index_worker_argv("INFO")}
     return {**{kind: set(argv[argv.index("-Q") + 1].split(",")) for kind, argv in kinds.items()}, "query": {QUEUE}}
 
 
@@ -73,8 +73,8 @@ def test_every_task_name_has_a_consumer_and_is_routed_to_a_queue_it_reads(worker
         queue = worker_app.amqp.router.route({}, task)["queue"].name
         assert queue == ROUTES[task] and any(queue in queues for queues in read.values())
     assert ROUTES[TASK] == QUEUE  # the query queue carries only what the query processes read
-    # reads go to the replicas and, when none keeps up, to the owner: both answer every read
-    assert {ROUTES[task] for task in READS} == {Queue.READ} and Queue.SEARCH in read["index"]
+    # reads go to the replicas directly (no queue) and, when none keeps up, to the owner's queue
+    assert {ROUTES[task] for task in READS} == {Queue.SEARCH} and Queue.SEARCH in read["index"]
 
 
 def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(worker_app, module_redis, tmp_path):
@@ -106,7 +106,7 @@ def test_every_message_the_client_sends_reaches_a_registered_task_on_its_queue(w
     assert {name for name, _ in recording.sent} == set(Task) - workers_own
     for name, queue in recording.sent:
         assert name in worker_app.tasks or name == TASK
-        assert queue == ROUTES[Task(name)] or (Task(name) in READS and queue == Queue.SEARCH)  # the owner reads too
+        assert queue == ROUTES[Task(name)]
 
 
 def test_a_name_outside_the_protocol_can_be_neither_sent_nor_routed(worker_app, module_redis):
@@ -121,7 +121,6 @@ def test_each_kind_of_worker_reads_its_own_queues():
     assert consumed_queues() == {
         "embed": {Queue.EMBED},
         "index": {Queue.SEARCH, Queue.INDEX},
-        "replica": {Queue.READ},
         "query": {Queue.QUERY},
     }
 

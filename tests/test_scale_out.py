@@ -18,10 +18,11 @@ from lookalike.stack import Stack
 from lookalike.up import start_workers
 from protocol import keys
 from protocol.client import Client
-from protocol.heartbeats import Role
+from protocol.heartbeats import RECENT_SECONDS, Role
 from protocol.queues import Queue, Task
+from protocol.readers import ask_owner, ask_reader, ask_replicas
 from tests.test_worker import SAMPLE_SIZE, image_bytes
-from worker.replica import ReadGate
+from worker.replica import Replica
 
 
 def loaded_stack(make_stack, shared_dir, **env: str) -> tuple[Stack, Client, dict]:
@@ -47,20 +48,21 @@ def held(stack: Stack, queue: str) -> int:
     return sum(1 for raw in stack.redis.hvals("unacked") if json.loads(raw)[2] == queue)
 
 
-def ask(client: Client, queue: Queue, task: Task, *args: object) -> dict:
-    """A read sent to one kind of reader: the owner's queue, or the replicas'."""
-    result = client.celery.send_task(task, args=list(args), queue=queue)
-    try:
-        return result.get(timeout=60)
-    finally:
-        result.forget()
+def ask(client: Client, reader: str, task: Task, *args: object) -> dict:
+    """A read sent to one kind of reader: the owner (through its queue), or the replicas (directly)."""
+    if reader == "owner":
+        answer = ask_owner(client.celery, task, list(args), 60)
+    else:
+        answer = ask_replicas(client.jobs.redis, task, list(args), 60)
+    assert answer is not None, f"no {reader} answered {task} within 60 s"
+    return answer
 
 
 @pytest.mark.slow
 def test_searches_waiting_together_are_embedded_in_one_batch(make_stack, shared_dir):
     """Six searches wait while the query process is frozen; thawed, it embeds them in one or two onnxruntime runs
     (Redis may have handed it the first one before it froze), each with its own answer. The wait for more is long
-    here: on a busy machine kombu hands the waiting messages over more slowly than the default 5 ms."""
+    here: on a busy machine kombu may hand a queued message over more slowly than the 5 ms a query process gives it."""
     stack, client, _ = loaded_stack(make_stack, shared_dir, LOOKALIKE_QUERY_WAIT_MS="500")
     before = stack.heartbeat(Role.QUERY)[0]
     freeze(stack, "query-1")
@@ -192,8 +194,8 @@ def test_a_replica_that_missed_changes_ends_with_exactly_the_owners_items_and_ve
 
     stack.start("replica", "replica-1")
     later = client.delete(["10279"])  # followed through the feed again
-    owner = ask(client, Queue.SEARCH, Task.INDEX_STATS, later["seq"], True)
-    replica = ask(client, Queue.READ, Task.INDEX_STATS, later["seq"], True)
+    owner = ask(client, "owner", Task.INDEX_STATS, later["seq"], True)
+    replica = ask(client, "replica", Task.INDEX_STATS, later["seq"], True)
     assert "stats" in owner and "stats" in replica, (owner, replica)
     owner, replica = owner["stats"], replica["stats"]
     assert (owner["role"], replica["role"]) == (Role.INDEX, Role.REPLICA)
@@ -222,62 +224,63 @@ def test_a_replica_that_slept_through_a_snapshot_catches_up_with_no_write_arrivi
     assert client.stats(min_seq=deleted["seq"])["items"] == SAMPLE_SIZE - 5
 
 
-class FakeConsumer:
-    """Records what the gate asks of Celery's consumer (unit test: the real one needs a running worker). It starts
-    consuming `read`, as a replica's worker does."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.queues = {Queue.READ}
-        self.task_consumer = self
-
-    def consuming_from(self, queue: str) -> bool:
-        return queue in self.queues
-
-    def add_task_queue(self, queue: str, **_: object) -> None:
-        self.calls.append(f"add {queue}")
-        self.queues.add(queue)
-
-    def cancel_task_queue(self, queue: str) -> None:
-        self.calls.append(f"cancel {queue}")
-        self.queues.discard(queue)
+def test_a_replica_more_than_max_lag_behind_takes_no_reads_until_it_caught_up():
+    replica = Replica.__new__(Replica)
+    replica.settings, replica.seq, replica.taking_reads = type("Settings", (), {"max_lag": 5}), 10, False
+    seconds = [9.0]
+    replica.lag = lambda: (3, seconds[0])
+    assert not replica.gate() and not replica.taking_reads  # far behind from the start: no reads at the first look
+    taken = []
+    for seconds[0] in (0.5, 6.0, 7.0, 4.0, 0.0):
+        taken.append(replica.gate())
+    assert taken == [True, False, False, True, True] and replica.taking_reads
 
 
-def test_a_replica_more_than_max_lag_behind_takes_no_reads_until_it_caught_up(monkeypatch):
-    class Lagging:
-        settings = type("Settings", (), {"max_lag": 5})
-        seq, taking_reads, seconds = 10, True, 0.0
-
-        def lag(self) -> tuple[int, float]:
-            return 3, self.seconds
-
-    replica = Lagging()
-    monkeypatch.setattr("worker.runtime.state", lambda: type("State", (), {"replica": replica}))
-    gate = ReadGate.__new__(ReadGate)
-    started_behind, consumer = FakeConsumer(), FakeConsumer()
-    replica.seconds = 9.0
-    gate.check(started_behind)  # far behind from the start: it stops taking reads at the first look
-    assert started_behind.calls == ["cancel read"] and not replica.taking_reads
-    for seconds in (0.5, 6.0, 7.0, 4.0, 0.0):
-        replica.seconds = seconds
-        gate.check(consumer)
-    assert consumer.calls == ["cancel read", "add read"] and replica.taking_reads
-
-
-def test_reads_go_to_the_owner_when_no_replica_keeps_up(module_redis):
+def test_reads_go_to_the_owner_when_no_replica_keeps_up_and_a_read_no_replica_took_is_withdrawn(module_redis):
     import redis
-
-    from protocol.readers import reader_queues
 
     client = redis.Redis.from_url(module_redis)
     client.flushdb()
+
+    class Owner:
+        """Answers as the owner would, through a Celery result (unit test: no worker)."""
+
+        asked = 0
+
+        def send_task(self, task: str, args: list, queue: str, expires: float) -> Owner:
+            assert queue == Queue.SEARCH
+            self.asked += 1
+            return self
+
+        def get(self, timeout: float, disable_sync_subtasks: bool) -> dict:
+            return {"from": "owner"}
+
+        def forget(self) -> None:
+            pass
 
     def beat(pid: int, lag_seconds: float) -> None:
         status = {"role": Role.REPLICA, "pid": pid, "host": "h", "lag_seconds": lag_seconds, "seen": time.time()}
         client.hset(keys.WORKERS, f"replica:h:{pid}", json.dumps(status))
 
-    assert reader_queues(client, max_lag=5) == (Queue.SEARCH, Queue.READ)
+    def read() -> dict:
+        return ask_reader(owner, client, Task.GET_ITEM, ["10186", 0], timeout=5, max_lag=5, patience=0.3)
+
+    owner = Owner()
+    assert read() == {"from": "owner"} and owner.asked == 1 and client.llen(keys.READS) == 0
     beat(1, 30.0)
-    assert reader_queues(client, max_lag=5) == (Queue.SEARCH, Queue.READ)  # too far behind
+    time.sleep(RECENT_SECONDS)  # a reading of the beats a second old will do for a read
+    assert read() == {"from": "owner"} and owner.asked == 2  # too far behind
     beat(2, 0.2)
-    assert reader_queues(client, max_lag=5) == (Queue.READ, Queue.SEARCH)
+    time.sleep(RECENT_SECONDS)
+    # a replica keeps up, but none takes the read: it is withdrawn, and the owner answers
+    assert read() == {"from": "owner"} and owner.asked == 3 and client.llen(keys.READS) == 0
+
+    def replica() -> None:
+        taken = json.loads(client.brpop([keys.READS], timeout=10)[1])
+        assert taken["task"] == Task.GET_ITEM and taken["args"] == ["10186", 0] and taken["expires"] > time.time()
+        client.lpush(taken["answer_to"], json.dumps({"from": "replica"}))
+
+    answering = threading.Thread(target=replica)
+    answering.start()
+    assert read() == {"from": "replica"} and owner.asked == 3
+    answering.join()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from worker import runtime
 from worker.owner import IndexOwner
 from worker.queries import QueryConsumer
 from worker.recovery import start_watching, watch_for_orphans
-from worker.replica import ReadGate, Replica
+from worker.replica import Replica
 from worker.watchdog import LoadWatchdog
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def run_worker(kind: str, loglevel: str) -> int:
     """Run a worker of `kind` in this process until it is stopped."""
     settings = runtime.settings()
     app = create_celery(settings, publish_patience=runtime.REDIS_PATIENCE)
-    if kind != "query":  # a Celery worker; the query process lists what it holds itself
+    if kind in ("embed", "index"):  # a Celery worker; a query process lists what it holds itself, a replica none
         watch_for_orphans(app, settings)
     starts: dict[str, Callable[[Celery, Settings, str], None]] = {
         "embed": run_embedders,
@@ -62,10 +63,6 @@ def embed_worker_argv(settings: Settings, loglevel: str) -> list[str]:
 def index_worker_argv(loglevel: str) -> list[str]:
     # Solo pool: tasks run in this very process, the one that holds the index (hnswlib is not safe to share).
     return _argv(f"{Queue.SEARCH},{Queue.INDEX}", "solo", "index@%h", loglevel)
-
-
-def replica_worker_argv(loglevel: str) -> list[str]:
-    return _argv(Queue.READ, "solo", f"replica-{os.getpid()}@%h", loglevel)
 
 
 def run_embedders(app: Celery, settings: Settings, loglevel: str) -> None:
@@ -101,14 +98,18 @@ def run_query_process(app: Celery, settings: Settings, loglevel: str) -> None:
 
 
 def run_replica(app: Celery, settings: Settings, loglevel: str) -> None:
-    """A read-only copy of the index: loaded from the owner's snapshot, kept up by its change feed."""
+    """A read-only copy of the index: loaded from the owner's snapshot, kept up by its change feed, answering the
+    reads the replicas are sent directly (not a Celery worker: a read has no task to run, only an answer to push)."""
     replica = Replica(settings, runtime.state().redis, app).open()
     runtime.state().replica = replica
     replica.start_following()
     start_heartbeat(runtime.state().redis, Role.REPLICA, replica.heartbeat, every=1)
-    app.steps["consumer"].add(ReadGate)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    log.info("replica %d: taking reads", os.getpid())
     try:
-        app.worker_main(replica_worker_argv(loglevel))
+        replica.serve_reads(lambda task, args: app.tasks[task](*args), stopping)
     finally:
         forget_heartbeat(runtime.state().redis, Role.REPLICA)
 

@@ -1,11 +1,11 @@
 """Searches by image, micro-batched: decode each upload, embed the whole batch in one onnxruntime run, then ask an
 index reader (a replica, or the owner) for every search's top-N at once.
 
-A query process is a kombu consumer of the `query` queue, not a Celery worker: it takes up to LOOKALIKE_QUERY_BATCH
-waiting searches, waiting at most LOOKALIKE_QUERY_WAIT_MS for more after the first, and acknowledges them when
-their batch is done, so that a process killed in the middle of one gives its searches back to another (it lists
-them as held, like every worker, for `worker.recovery`). celery-batches would form the batches inside a Celery
-worker, but it requires Celery < 5.7 and does not tell the worker which messages it holds.
+A query process is a kombu consumer of the `query` queue, not a Celery worker: it takes the searches queued behind
+the first (up to LOOKALIKE_QUERY_BATCH), waits at most LOOKALIKE_QUERY_WAIT_MS (0: not at all) for more, and
+acknowledges them when their batch is done, so that a process killed in the middle of one gives its searches back
+to another (it lists them as held, like every worker, for `worker.recovery`). celery-batches would form the
+batches inside a Celery worker, but it requires Celery < 5.7 and does not tell the worker which messages it holds.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 QUEUE, TASK = Queue.QUERY, Task.SEARCH_IMAGE  # what a query process consumes: that queue, that task only
 RECONNECT_SECONDS = 1.0
 IDLE_SECONDS = 1.0  # how long the consumer waits for a first search before it looks up again (to stop, say)
+QUEUED_SECONDS = 0.005  # how long a search Redis listed as queued may take to arrive (another process may take it)
 
 
 @dataclass
@@ -158,19 +159,27 @@ class QueryConsumer:
         self.held.append(message)
 
     def _gather(self, connection: Connection) -> None:
-        """Wait for a first search, then for more until the batch is full or the wait is over."""
-        deadline = None
+        """Wait for a first search, then take the searches queued behind it (up to a batch), and wait at most
+        LOOKALIKE_QUERY_WAIT_MS for more: a lone search goes at once, a busy queue fills the batch by itself."""
+        while not self.held and not self.stopping.is_set():
+            try:
+                connection.drain_events(timeout=IDLE_SECONDS)
+            except TimeoutError:
+                return
+        deadline = time.monotonic() + self.settings.query_wait_ms / 1000
+        queued = runtime.state().redis.llen(QUEUE) if self.held else 0
         while len(self.held) < self.settings.query_batch and not self.stopping.is_set():
-            if self.held and deadline is None:
-                deadline = time.monotonic() + self.settings.query_wait_ms / 1000
-            wait = IDLE_SECONDS if deadline is None else deadline - time.monotonic()
+            waiting_for_queued = queued > 0
+            wait = max(deadline - time.monotonic(), QUEUED_SECONDS if waiting_for_queued else 0)
             if wait <= 0:
                 return
             try:
                 connection.drain_events(timeout=wait)
+                queued -= 1
             except TimeoutError:
-                if deadline is None:
+                if not waiting_for_queued or time.monotonic() >= deadline:
                     return
+                queued = 0  # another query process took them
 
     def _answer(self, messages: list[Message]) -> None:
         """Answer a batch, then acknowledge it; a message that is not a search is dropped with a log line."""

@@ -4,24 +4,29 @@ It loads the owner's latest snapshot (read-only, from the index folder the owner
 replica runs on another machine), then applies the change feed (`worker.feed`) from there, one change after the
 other, never one twice. A gap (a trimmed stream, a restart after a long stop) is closed by loading a newer
 snapshot, which the replica asks the owner to write when there is none. It never writes anything of the owner's.
-While it is more than LOOKALIKE_MAX_LAG seconds behind, it takes no reads (`ReadGate`).
+It takes reads from the `lookalike:reads` list (`protocol.readers`) while at most LOOKALIKE_MAX_LAG seconds behind.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
-from celery import Celery, bootsteps
+from celery import Celery
 
+from common.errors import ErrorCode
 from common.settings import Settings
+from protocol import keys
 from protocol.heartbeats import Role, alive
-from protocol.queues import Queue, Task
-from worker import runtime
+from protocol.jobs import item_error
+from protocol.queues import Task
+from protocol.readers import ANSWER_SECONDS, READS
 from worker.aliases import serving_folder
 from worker.calibrations import PublishedCalibration
 from worker.feed import ChangeFeed, Entry, entry_id
@@ -219,28 +224,51 @@ class Replica(IndexState):
     def heartbeat(self) -> dict[str, Any]:
         return {**self.status(), **self.reader.filterable()}
 
+    # serving -------------------------------------------------------------------------------------------------
 
-class ReadGate(bootsteps.StartStopStep):
-    """Takes reads (consumes the `read` queue) only while the replica is at most LOOKALIKE_MAX_LAG seconds behind.
+    def serve_reads(self, answer: Callable[[str, list[Any]], Any], stopping: threading.Event) -> None:
+        """Take reads from the `lookalike:reads` list and push each answer (`answer(task, args)`) where the read
+        says, while at most LOOKALIKE_MAX_LAG seconds behind the owner; until `stopping` is set."""
+        while not stopping.is_set():
+            if not self.gate():
+                stopping.wait(GATE_SECONDS)
+                continue
+            try:
+                taken = self.redis.brpop([keys.READS], timeout=GATE_SECONDS)
+                if taken is not None:
+                    self._answer(taken[1], answer)
+            except redis.RedisError as error:  # the asker gives up and asks the owner; this replica tries again
+                log.warning("replica: reads can't be taken or answered now: %s", error)
+                stopping.wait(WAIT_SECONDS)
 
-    Runs on the worker's own event loop, between tasks, which is where Celery itself adds and cancels consumers."""
+    def gate(self) -> bool:
+        """Whether the replica takes reads: only while at most LOOKALIKE_MAX_LAG seconds behind the owner."""
+        keeping_up = self.lag()[1] <= self.settings.max_lag
+        if keeping_up and not self.taking_reads:
+            log.info("replica: taking reads (at change %d)", self.seq)
+        elif not keeping_up and self.taking_reads:
+            log.warning("replica: %.1f s behind the owner: no reads until it caught up", self.lag()[1])
+        self.taking_reads = keeping_up
+        return keeping_up
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def start(self, consumer: Any) -> None:
-        self.timer = consumer.timer.call_repeatedly(GATE_SECONDS, self.check, (consumer,))
-
-    def stop(self, consumer: Any) -> None:
-        self.timer.cancel()
-
-    def check(self, consumer: Any) -> None:
-        replica = runtime.state().replica
-        keeping_up = replica.lag()[1] <= replica.settings.max_lag
-        taking = consumer.task_consumer.consuming_from(Queue.READ)
-        if keeping_up and not taking:
-            consumer.add_task_queue(Queue.READ, exchange=Queue.READ, exchange_type="direct", routing_key=Queue.READ)
-            log.info("replica: taking reads (at change %d)", replica.seq)
-        elif not keeping_up and taking:
-            consumer.cancel_task_queue(Queue.READ)
-            log.warning("replica: %.1f s behind the owner: no reads until it caught up", replica.lag()[1])
-        replica.taking_reads = keeping_up
+    def _answer(self, raw: bytes, answer: Callable[[str, list[Any]], Any]) -> None:
+        try:
+            read = json.loads(raw)
+            task, args, answer_to, expires = read["task"], list(read["args"]), str(read["answer_to"]), read["expires"]
+        except (ValueError, TypeError, KeyError) as error:
+            log.error("replica: dropped a read it can't parse: %s", error)
+            return
+        if task not in READS or not answer_to.startswith(keys.read_answer("")):
+            log.error("replica: dropped a read of %r answered to %r: not a read of the protocol", task, answer_to)
+            return
+        if time.time() > expires:
+            return  # its asker gave up on it and asked the owner
+        try:
+            answered = answer(task, args)
+        except Exception as error:  # a read it can't answer (arguments no client sends): that read's error only
+            log.exception("replica: a %s read failed", task)
+            answered = {"error": item_error(ErrorCode.BAD_PARAMETER, f"the read could not be answered: {error}")}
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(answer_to, json.dumps(answered))
+            pipe.expire(answer_to, ANSWER_SECONDS)
+            pipe.execute()
