@@ -38,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
     if not settings.api_key:
         announce_api_key(settings.data_dir)
     app = create_app(settings)  # which reads the key file when LOOKALIKE_API_KEY is empty
-    log.info("lookalike web on http://%s:%d/ (%d threads)", args.host, args.port, settings.web_threads)
+    threads = settings.web_threads + settings.web_waiting  # the requests that wait have threads of their own
+    log.info("lookalike web on http://%s:%d/ (%d threads)", args.host, args.port, threads)
     serve(
         app,
         host=args.host,
         port=args.port,
-        threads=settings.web_threads,
+        threads=threads,
         # waitress stops accepting at 100 open connections: one more keep-alive client than that waits in the
         # kernel's queue until its SYN retries (up to ~30 s); idle connections are cheap to hold.
         connection_limit=CONNECTION_LIMIT,

@@ -22,6 +22,7 @@ import redis
 from common.errors import ErrorCode
 from common.settings import Settings
 from protocol import keys
+from protocol.queues import Queue
 
 STATES = ("queued", "running", "done", "failed", "partial")
 FINISHED = ("done", "failed", "partial")
@@ -247,12 +248,19 @@ class Jobs:
 
     def live_searches(self) -> tuple[int, float]:
         """How many search records are kept now, and in how many seconds the oldest of them expires."""
+        _, live, oldest_expires_in = self.search_load()
+        return live, oldest_expires_in
+
+    def search_load(self) -> tuple[int, int, float]:
+        """What a new search would join, in one round trip: the searches queued for the query processes, the search
+        records kept, and in how many seconds the oldest of those expires."""
         with self.redis.pipeline() as pipe:
+            pipe.llen(Queue.QUERY)
             pipe.zremrangebyscore(keys.SEARCHES, "-inf", time.time() - self.search_ttl)
             pipe.zcard(keys.SEARCHES)
             pipe.zrange(keys.SEARCHES, 0, 0, withscores=True)
-            _, live, oldest = pipe.execute()
-        return live, (oldest[0][1] + self.search_ttl - time.time()) if oldest else 0.0
+            queued, _, live, oldest = pipe.execute()
+        return queued, live, (oldest[0][1] + self.search_ttl - time.time()) if oldest else 0.0
 
     def _forget_expired_loads(self) -> None:
         """Unlist the loads whose records expired (only loads created longer ago than the retention can be)."""
@@ -354,20 +362,19 @@ class Jobs:
 
     def wait_until_finished(self, job_id: str, timeout: float) -> bool:
         """Block up to `timeout` seconds for the job to finish (woken at once when it does); every waiter of the job
-        wakes: each hands the word on to the next."""
+        wakes: the word is moved back onto its own list as it is taken, for the next (in one command)."""
         key = keys.job_key(job_id, keys.FINISHED)
-        woken = self.redis.blpop([key], timeout=timeout) if timeout > 0 else None
-        if woken is None:
-            return False
-        with self.redis.pipeline() as pipe:
-            pipe.lpush(key, woken[1])
-            pipe.expire(key, FINISHED_WORD_SECONDS)
-            pipe.execute()
-        return True
+        return timeout > 0 and self.redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None
 
     def get(self, job_id: str, error_offset: int = 0, error_limit: int = ERROR_PAGE) -> dict[str, Any] | None:
         """The job as the API shows it: state, progress counters, a page of item errors, result or error."""
-        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.job_key(job_id)).items()}
+        with self.redis.pipeline() as pipe:  # the record and its counts as of one moment, in one round trip
+            pipe.hgetall(keys.job_key(job_id))
+            pipe.scard(keys.job_key(job_id, keys.DONE))
+            pipe.hlen(keys.job_key(job_id, keys.FAILED))
+            pipe.zcard(keys.job_key(job_id, keys.ERROR_IDS))
+            fields, done, failed, stored = pipe.execute()
+        raw = {k.decode(): v.decode() for k, v in fields.items()}
         if "kind" not in raw:
             return None
         if raw["kind"] == "search" and raw["state"] not in FINISHED and self._overdue(raw["created"]):
@@ -375,11 +382,6 @@ class Jobs:
             message = f"no index worker answered within {self.search_timeout} s; try again"
             self.fail(job_id, item_error(ErrorCode.TIMED_OUT, message))
             return self.get(job_id, error_offset, error_limit)
-        with self.redis.pipeline() as pipe:
-            pipe.scard(keys.job_key(job_id, keys.DONE))
-            pipe.hlen(keys.job_key(job_id, keys.FAILED))
-            pipe.zcard(keys.job_key(job_id, keys.ERROR_IDS))
-            done, failed, stored = pipe.execute()
         job: dict[str, Any] = {
             "id": raw["id"],
             "kind": raw["kind"],

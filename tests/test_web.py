@@ -271,6 +271,22 @@ def test_thumbnails_never_leave_the_catalogue(module_redis, tmp_path, reference)
     assert web.get(f"/thumbnails/{reference}").status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "argument", "value"),
+    [("api.item", "item_id", "10186"), ("pages.item", "item_id", "a b/é?#%&+"),
+     ("pages.thumbnail", "reference", "catalog/img dir/ü#1.jpg"), ("pages.thumbnail", "reference", "LINK-MARK")],
+)  # fmt: skip
+def test_the_links_of_hits_are_the_urls_url_for_builds(module_redis, tmp_path, endpoint, argument, value):
+    from flask import url_for
+
+    from web.api import link
+
+    app = create_app(Settings.from_env({"LOOKALIKE_REDIS_URL": module_redis, "LOOKALIKE_DATA_DIR": str(tmp_path)}))
+    with app.test_request_context("/", base_url="http://shop.example/lookalike"):
+        assert link(endpoint, **{argument: value}) == url_for(endpoint, **{argument: value})
+        assert link(endpoint, **{argument: "10227"}) == url_for(endpoint, **{argument: "10227"})  # built once
+
+
 def test_thumbnails_are_small_jpegs_the_browser_may_cache(idle):
     response = idle.get("/thumbnails/catalog/fashion/images/10186.jpg")
     assert response.status_code == 200 and response.mimetype == "image/jpeg"

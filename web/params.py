@@ -12,7 +12,7 @@ from web.errors import bad_parameter, not_found
 
 DEFAULT_K = 5
 MAX_K = 100
-MAX_WAIT_SECONDS = 10  # a request that waits for its job holds one of the web's threads (LOOKALIKE_WEB_WAITING)
+MAX_WAIT_SECONDS = 10  # a request that waits for its job holds one of the web's waiting threads (LOOKALIKE_WEB_WAITING)
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 MAX_SEQ = 10**18 - 1
 DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "²", which int() refuses

@@ -25,9 +25,9 @@ from common.vectors import STRATEGIES
 from protocol import keys
 from protocol.client import MAX_EXAMPLES, Client, ReadError
 from protocol.connection import redis_client, redis_memory
-from protocol.heartbeats import Role, alive
+from protocol.heartbeats import RECENT_SECONDS, Role, alive
 from protocol.jobs import FINISHED, Jobs
-from protocol.queues import Queue, queue_depths
+from protocol.queues import queue_depths
 from protocol.readers import NoReaderAnswered, keeping_up
 from web.errors import ApiError, bad_parameter, busy, not_found, unavailable
 from web.params import MAX_WAIT_SECONDS, check_item_id
@@ -51,8 +51,8 @@ class Service:
         self.redis = self.jobs.redis
         self._form_secret: bytes | None = None
         self._decodes = threading.BoundedSemaphore(settings.web_decodes)
-        # A thread is always left to answer: at most LOOKALIKE_WEB_THREADS - 1 wait.
-        self._waiting = threading.BoundedSemaphore(max(0, min(settings.web_waiting, settings.web_threads - 1)))
+        # Waitress has a thread for each of these beside LOOKALIKE_WEB_THREADS: those are always left to answer.
+        self._waiting = threading.BoundedSemaphore(settings.web_waiting) if settings.web_waiting else None
         # A wait blocks on Redis for up to MAX_WAIT_SECONDS: its client's socket must outlast it.
         self._waiter = Jobs(redis_client(settings.redis_url, MAX_WAIT_SECONDS + settings.call_timeout))
         self._memory: tuple[float, dict[str, Any]] = (-float("inf"), {})
@@ -162,10 +162,9 @@ class Service:
     def refuse_when_busy(self) -> None:
         """Back-pressure: a search behind a queue this long would be answered after its shopper gave up; and what
         anonymous searches keep in Redis is bounded, by count and by Redis's memory cap."""
-        waiting = self.redis.llen(Queue.QUERY)
+        waiting, live, oldest_expires_in = self.jobs.search_load()
         if waiting >= self.settings.max_queued_searches:
             raise busy(f"{waiting} searches are waiting already; try again in a few seconds", BUSY_RETRY_SECONDS)
-        live, oldest_expires_in = self.jobs.live_searches()
         if live >= self.settings.max_live_searches:
             message = f"{live} search results are kept already (LOOKALIKE_MAX_LIVE_SEARCHES); try again later"
             raise busy(message, max(BUSY_RETRY_SECONDS, math.ceil(oldest_expires_in)))
@@ -190,12 +189,13 @@ class Service:
         """The job once it finished, waiting up to `seconds` for it (woken by its finish, not by polling); as it is
         when it did not finish in time, or when LOOKALIKE_WEB_WAITING requests of this process wait already."""
         job = self.job(job_id, error_offset, error_limit)
-        if not seconds or job["state"] in FINISHED or not self._waiting.acquire(blocking=False):
+        waiting = self._waiting
+        if not seconds or job["state"] in FINISHED or waiting is None or not waiting.acquire(blocking=False):
             return job
         try:
             self._waiter.wait_until_finished(job_id, seconds)
         finally:
-            self._waiting.release()
+            waiting.release()
         return self.job(job_id, error_offset, error_limit)
 
     def preview(self, job_id: str) -> bytes:
@@ -308,20 +308,22 @@ class Service:
 
     def index_owner(self) -> dict[str, Any]:
         """The live index owner's heartbeat; 503 when none reported in lately."""
-        owners = alive(self.redis, Role.INDEX)
+        owners = alive(self.redis, Role.INDEX, fresh=RECENT_SECONDS)
         if not owners:
             raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
         return owners[0]
 
     def searchable(self) -> None:
         """503 unless a query process and an index reader (a replica, or the owner) are alive."""
-        if not alive(self.redis, Role.QUERY):
+        if not alive(self.redis, Role.QUERY, fresh=RECENT_SECONDS):
             raise unavailable(ErrorCode.NO_WORKER, "no query worker is running (start `lookalike worker query`)")
         self.readers()
 
     def readers(self) -> None:
         """503 unless an index reader (a replica, or the owner) is alive."""
-        if not (alive(self.redis, Role.REPLICA) or alive(self.redis, Role.INDEX)):
+        if not (
+            alive(self.redis, Role.REPLICA, fresh=RECENT_SECONDS) or alive(self.redis, Role.INDEX, fresh=RECENT_SECONDS)
+        ):
             raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
 
     def facets(self) -> dict[str, list[str]]:
@@ -341,7 +343,9 @@ class Service:
 
     def _filterable(self) -> dict[str, Any]:
         """An index reader's heartbeat, which lists the fields and facets a filter may name ({} without one)."""
-        readers = alive(self.redis, Role.INDEX) + alive(self.redis, Role.REPLICA)
+        readers = alive(self.redis, Role.INDEX, fresh=RECENT_SECONDS) + alive(
+            self.redis, Role.REPLICA, fresh=RECENT_SECONDS
+        )
         return readers[0] if readers else {}
 
     def health(self) -> dict[str, Any]:
