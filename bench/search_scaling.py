@@ -9,7 +9,7 @@
    query processes formed.
 2. kNN alone at one replica: the 39,072 catalogue's EfficientNet-Lite0 vectors (embedded once, cached), 1,000 held
    out as queries, top-10 at ef 128; in this process on one core (`IndexReader.nearest`, one query a call), and
-   through the `read` queue to one replica process.
+   asked directly of one replica process (`protocol.readers.ask_replicas`).
 3. Micro-batching: query images/s of the model at batch 1 against larger batches, on the providers asked for
    (`--providers cuda` on an NVIDIA machine: batch 1/8/32/64, and the provider really used).
 """

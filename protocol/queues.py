@@ -6,6 +6,8 @@ from enum import StrEnum
 
 import redis
 
+from protocol import keys
+
 
 class Queue(StrEnum):
     EMBED = "embed"  # bulk catalogue embedding: any number of processes on any number of machines
@@ -58,9 +60,15 @@ ROUTES: dict[Task, Queue] = {
 }
 
 
+READS_LIST = "reads"  # how queue_depths names the replicas' list of reads (`protocol.keys.READS`)
+
+
 def queue_depths(client: redis.Redis) -> dict[str, int]:
-    """Messages waiting in each queue (kombu's Redis transport keeps a queue as a list under its name)."""
+    """Messages waiting in each queue (kombu's Redis transport keeps a queue as a list under its name), and the
+    reads no replica took yet."""
     with client.pipeline() as pipe:
         for queue in Queue:
             pipe.llen(queue)
-        return {str(queue): depth for queue, depth in zip(Queue, pipe.execute(), strict=True)}
+        pipe.llen(keys.READS)
+        depths = pipe.execute()
+    return {**{str(queue): depth for queue, depth in zip(Queue, depths, strict=False)}, READS_LIST: depths[-1]}

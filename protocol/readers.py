@@ -20,8 +20,10 @@ from protocol.heartbeats import RECENT_SECONDS, Role, alive
 from protocol.queues import Queue, Task
 
 READS = frozenset({Task.NEAREST, Task.SIMILAR_ITEMS, Task.GET_ITEM, Task.INDEX_STATS})
-BLOCK_SECONDS = 5.0  # the longest single blocking pop: a client's socket time-out is longer (10 s)
+BLOCK_SECONDS = 0.5  # the longest single blocking pop: shorter than any client's socket time-out (at least 1 s)
 ANSWER_SECONDS = 10  # how long an answer no asker took stays in Redis
+# Answers that send a read to the other kind of reader: this one is behind the change asked for, or failed on it.
+PASSED_OVER = frozenset({ErrorCode.BEHIND, ErrorCode.INDEX_ERROR})
 
 
 class NoReaderAnswered(celery.exceptions.TimeoutError):
@@ -29,9 +31,9 @@ class NoReaderAnswered(celery.exceptions.TimeoutError):
 
 
 def keeping_up(client: redis.Redis, max_lag: float, fresh: float = 0.0) -> list[dict[str, Any]]:
-    """The replicas alive now that are at most `max_lag` seconds behind the owner (`fresh`: as `alive`)."""
+    """The replicas alive now that take reads, at most `max_lag` seconds behind the owner (`fresh`: as `alive`)."""
     replicas = alive(client, Role.REPLICA, fresh=fresh)
-    return [beat for beat in replicas if beat.get("lag_seconds", float("inf")) <= max_lag]
+    return [beat for beat in replicas if beat.get("taking_reads") and beat.get("lag_seconds", float("inf")) <= max_lag]
 
 
 def latest_change(client: redis.Redis) -> int | None:
@@ -50,11 +52,13 @@ def ask_replicas(client: redis.Redis, task: Task, args: list[Any], wait: float) 
     read = json.dumps({"task": task, "args": args, "answer_to": answer_key, "expires": time.time() + wait})
     client.lpush(keys.READS, read)
     deadline = time.monotonic() + wait
-    while (left := deadline - time.monotonic()) > 0:
-        answered = client.brpop([answer_key], timeout=min(left, BLOCK_SECONDS))
-        if answered is not None:
-            return json.loads(answered[1])
-    client.lrem(keys.READS, 1, read)
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            answered = client.brpop([answer_key], timeout=min(left, BLOCK_SECONDS))
+            if answered is not None:
+                return json.loads(answered[1])
+    finally:
+        client.lrem(keys.READS, 1, read)  # not taken yet: no replica will (a no-op when one took it)
     return None
 
 
@@ -74,8 +78,8 @@ def ask_reader(
     app: Celery, client: redis.Redis, task: Task, args: list[Any], timeout: float, max_lag: float, patience: float
 ) -> Any:
     """Send a read and return its answer: to the replicas when one keeps up, else to the owner; the other kind is
-    asked after `patience` seconds without an answer (or on a `behind` one), until `timeout` seconds have passed:
-    then the last `behind` answer, or NoReaderAnswered."""
+    asked after `patience` seconds without an answer (or on a `behind` or `index_error` one), until `timeout`
+    seconds have passed: then the last such answer, or NoReaderAnswered."""
     if task not in READS:
         raise ValueError(f"{task} is not a read")
     deadline = time.monotonic() + timeout
@@ -88,7 +92,7 @@ def ask_reader(
         attempt += 1
         if answer is None:
             continue
-        if isinstance(answer, dict) and answer.get("error", {}).get("code") == ErrorCode.BEHIND:
+        if isinstance(answer, dict) and answer.get("error", {}).get("code") in PASSED_OVER:
             behind = answer
             continue
         return answer

@@ -23,6 +23,7 @@ from PIL import Image
 
 from lookalike.redis_server import EmbeddedRedis, free_port
 from lookalike.stack import Stack
+from protocol import keys
 from protocol.client import Client
 from protocol.queues import Task
 from protocol.readers import ask_replicas
@@ -344,6 +345,23 @@ def test_reads_and_searches_waiting_for_a_change_never_made_are_refused_at_once_
     started = time.monotonic()
     replica = ask_replicas(served.client.jobs.redis, Task.GET_ITEM, ["10186", bogus], 30)
     assert replica["error"]["code"] == "behind" and time.monotonic() - started < 0.5
+
+
+def test_a_replica_drops_reads_it_cant_parse_and_answers_one_it_fails_on_with_index_error(served):
+    """Garbage pushed to the replicas' list of reads is dropped with a log line (an answer never goes to a key that
+    is not an answer's), a read the replica fails on is answered `index_error` (its asker then asks the owner),
+    and the replica answers the next read."""
+    client = served.client.jobs.redis
+    outside = keys.job_key("0" * 32, keys.FINISHED)
+    read = {"task": Task.GET_ITEM, "args": ["10186", 0], "answer_to": outside, "expires": time.time() + 60}
+    garbage = [b"not json", json.dumps({"task": Task.GET_ITEM}), json.dumps(read),
+               json.dumps({**read, "answer_to": keys.read_answer("x"), "expires": "soon"}),
+               json.dumps({**read, "task": Task.DELETE_ITEMS, "answer_to": keys.read_answer("y")})]  # fmt: skip
+    client.lpush(keys.READS, *garbage)
+    failed = ask_replicas(client, Task.GET_ITEM, ["10186", "not a number"], 30)
+    assert failed["error"]["code"] == "index_error"
+    assert ask_replicas(client, Task.GET_ITEM, ["10186", 0], 30)["item"]["id"] == "10186"
+    assert not client.exists(outside, keys.read_answer("x"), keys.read_answer("y")) and not client.llen(keys.READS)
 
 
 def test_search_records_are_small_and_bounded_and_redis_is_capped_without_eviction(make_stack, shared_dir):

@@ -258,8 +258,9 @@ def test_reads_go_to_the_owner_when_no_replica_keeps_up_and_a_read_no_replica_to
         def forget(self) -> None:
             pass
 
-    def beat(pid: int, lag_seconds: float) -> None:
-        status = {"role": Role.REPLICA, "pid": pid, "host": "h", "lag_seconds": lag_seconds, "seen": time.time()}
+    def beat(pid: int, lag_seconds: float, taking_reads: bool = True) -> None:
+        status = {"role": Role.REPLICA, "pid": pid, "host": "h", "lag_seconds": lag_seconds,
+                  "taking_reads": taking_reads, "seen": time.time()}  # fmt: skip
         client.hset(keys.WORKERS, f"replica:h:{pid}", json.dumps(status))
 
     def read() -> dict:
@@ -268,8 +269,9 @@ def test_reads_go_to_the_owner_when_no_replica_keeps_up_and_a_read_no_replica_to
     owner = Owner()
     assert read() == {"from": "owner"} and owner.asked == 1 and client.llen(keys.READS) == 0
     beat(1, 30.0)
+    beat(3, 0.0, taking_reads=False)  # stopping: its last beats say it takes no more reads
     time.sleep(RECENT_SECONDS)  # a reading of the beats a second old will do for a read
-    assert read() == {"from": "owner"} and owner.asked == 2  # too far behind
+    assert read() == {"from": "owner"} and owner.asked == 2  # too far behind, or stopping
     beat(2, 0.2)
     time.sleep(RECENT_SECONDS)
     # a replica keeps up, but none takes the read: it is withdrawn, and the owner answers

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, g, jsonify, request, send_file, url_for
 
-from protocol.jobs import ERROR_PAGE, FINISHED
+from protocol.jobs import ERROR_PAGE
 from web.params import check_item_id, check_job_id, parse_filters, parse_k, parse_min_seq, parse_wait, parse_whole
 from web.service import LOADS_SHOWN
 from web.service import current_service as service
@@ -103,9 +103,8 @@ def openapi() -> Response:
 
 def answered(job_id: str, seconds: int) -> tuple[Response, int, dict[str, str]]:
     """200 and the finished job when it finishes within `seconds`, else 202 and where to follow it."""
-    job = service().finished_job(job_id, seconds) if seconds else None
-    if job is not None and job["state"] in FINISHED:
-        return jsonify(present_job(job)), 200, {"Location": url_for("api.job", job_id=job_id)}
+    if seconds and service().wait_for(job_id, seconds):  # queued this instant: no need to read it before the wait
+        return jsonify(present_job(service().job(job_id))), 200, {"Location": url_for("api.job", job_id=job_id)}
     return accepted(job_id)
 
 
@@ -159,4 +158,4 @@ def link(endpoint: str, **argument: str) -> str:
     template = templates.get(endpoint)
     if template is None:
         template = templates[endpoint] = url_for(endpoint, **{name: LINK_MARK})
-    return template.replace(LINK_MARK, quote(value, safe=PATH_SEGMENT_SAFE))
+    return template.replace(LINK_MARK, quote(str(value), safe=PATH_SEGMENT_SAFE))

@@ -189,14 +189,20 @@ class Service:
         """The job once it finished, waiting up to `seconds` for it (woken by its finish, not by polling); as it is
         when it did not finish in time, or when LOOKALIKE_WEB_WAITING requests of this process wait already."""
         job = self.job(job_id, error_offset, error_limit)
-        waiting = self._waiting
-        if not seconds or job["state"] in FINISHED or waiting is None or not waiting.acquire(blocking=False):
+        if not seconds or job["state"] in FINISHED or not self.wait_for(job_id, seconds):
             return job
+        return self.job(job_id, error_offset, error_limit)
+
+    def wait_for(self, job_id: str, seconds: int) -> bool:
+        """Wait up to `seconds` for the job to finish (woken by its finish, not by polling): whether it did; False at
+        once when LOOKALIKE_WEB_WAITING requests of this process wait already."""
+        waiting = self._waiting
+        if waiting is None or not waiting.acquire(blocking=False):
+            return False
         try:
-            self._waiter.wait_until_finished(job_id, seconds)
+            return self._waiter.wait_until_finished(job_id, seconds)
         finally:
             waiting.release()
-        return self.job(job_id, error_offset, error_limit)
 
     def preview(self, job_id: str) -> bytes:
         data = self.jobs.preview(job_id)

@@ -103,14 +103,14 @@ def run_replica(app: Celery, settings: Settings, loglevel: str) -> None:
     replica = Replica(settings, runtime.state().redis, app).open()
     runtime.state().replica = replica
     replica.start_following()
-    start_heartbeat(runtime.state().redis, Role.REPLICA, replica.heartbeat, every=1)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    log.info("replica %d: taking reads", os.getpid())
+    start_heartbeat(runtime.state().redis, Role.REPLICA, replica.heartbeat, every=1)
     try:
         replica.serve_reads(lambda task, args: app.tasks[task](*args), stopping)
     finally:
+        replica.taking_reads = False  # a beat the heartbeat thread still sends says so: no read is sent here
         forget_heartbeat(runtime.state().redis, Role.REPLICA)
 
 

@@ -240,6 +240,8 @@ class Replica(IndexState):
             except redis.RedisError as error:  # the asker gives up and asks the owner; this replica tries again
                 log.warning("replica: reads can't be taken or answered now: %s", error)
                 stopping.wait(WAIT_SECONDS)
+            except Exception:  # nothing one read does may stop the replica answering the next
+                log.exception("replica: a read could not be answered")
 
     def gate(self) -> bool:
         """Whether the replica takes reads: only while at most LOOKALIKE_MAX_LAG seconds behind the owner."""
@@ -254,7 +256,8 @@ class Replica(IndexState):
     def _answer(self, raw: bytes, answer: Callable[[str, list[Any]], Any]) -> None:
         try:
             read = json.loads(raw)
-            task, args, answer_to, expires = read["task"], list(read["args"]), str(read["answer_to"]), read["expires"]
+            task, args, answer_to = read["task"], list(read["args"]), str(read["answer_to"])
+            expires = float(read["expires"])
         except (ValueError, TypeError, KeyError) as error:
             log.error("replica: dropped a read it can't parse: %s", error)
             return
@@ -265,9 +268,9 @@ class Replica(IndexState):
             return  # its asker gave up on it and asked the owner
         try:
             answered = answer(task, args)
-        except Exception as error:  # a read it can't answer (arguments no client sends): that read's error only
+        except Exception as error:  # that read's failure only; its asker asks the owner instead
             log.exception("replica: a %s read failed", task)
-            answered = {"error": item_error(ErrorCode.BAD_PARAMETER, f"the read could not be answered: {error}")}
+            answered = {"error": item_error(ErrorCode.INDEX_ERROR, f"the replica could not answer the read: {error}")}
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.lpush(answer_to, json.dumps(answered))
             pipe.expire(answer_to, ANSWER_SECONDS)
