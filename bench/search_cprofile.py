@@ -40,10 +40,10 @@ WEB_FUNCTIONS = [
     ("preview: decode and 320 px JPEG (`thumbnail_jpeg`)", "common/images.py", "thumbnail_jpeg"),
     ("job record (`Jobs.create`)", "protocol/jobs.py", "create"),
     ("message published (celery `send_task`)", "celery/app/base.py", "send_task"),
-    ("wait and read the finished job (`Service.finished_job`)", "web/service.py", "finished_job"),
-    ("  job read, all calls (`Jobs.get`)", "protocol/jobs.py", "get"),
+    ("wait for the job's finish (`Service.wait_for`)", "web/service.py", "wait_for"),
+    ("job read, all calls (`Jobs.get`)", "protocol/jobs.py", "get"),
     ("answer with links (`present_job`)", "web/api.py", "present_job"),
-    ("  links of the hits (flask `url_for`)", "flask/helpers.py", "url_for"),
+    ("  links of the hits (`link`, a route's URL built once per answer)", "web/api.py", "link"),
     ("JSON (`jsonify`)", "flask/json/__init__.py", "jsonify"),
     ("request metrics, headers (`after_request`)", "web/app.py", "finish"),
 ]

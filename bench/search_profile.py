@@ -213,7 +213,7 @@ def print_stages(stack: Stack, mine: dict, anchor: dict, pieces: dict[str, list[
         ("the rest: message, compact hits", "difference",
          query - part["decode"] - part["embed"] - part["read"] - part["finish"]),
         ("**job finished -> answer at the client**", "client - record", back),
-        ("wake of the waiting request (BLPOP after the finish)", "timed here", part["wake"]),
+        ("wake of the waiting request (BLMOVE after the finish)", "timed here", part["wake"]),
         ("job read again (`Jobs.get`)", "timed here", part["reread"]),
         ("the rest: answer, JSON, HTTP and waitress", "difference", back - part["wake"] - part["reread"]),
     ]  # fmt: skip
