@@ -33,7 +33,6 @@ HIT_PHOTOS = 4  # photos a search record keeps of each hit: the item has them al
 SEARCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 ITEM, PLANNING = "i:", "p:"  # how a failure is keyed: an item's id, or a row refused while planning
 SCAN_CHUNK = 1000
-FINISHED_WORD_SECONDS = 60  # how long the word that a job finished waits for its waiters
 
 # The keys every script below is given, in this order: 1 the record, 2-10 its parts as keys.PARTS lists them
 # (2 done, 3 failed, 4 errors, 5 error ids, 6 error codes, 7 items, 8 deliveries, 9 preview, 10 rows), 11 the list
@@ -57,7 +56,7 @@ local function close(state)
   redis.call('DEL', KEYS[7])
   redis.call('SREM', KEYS[13], ARGV[6])
   redis.call('LPUSH', KEYS[11], state)
-  redis.call('EXPIRE', KEYS[11], 60)  -- FINISHED_WORD_SECONDS
+  redis.call('EXPIRE', KEYS[11], 60)  -- how long the word waits for its waiters (each moves it back: BLMOVE)
   if redis.call('HGET', KEYS[1], 'kind') == 'load' then keep_for(ARGV[3]) else keep_for(ARGV[4]) end
 end
 """

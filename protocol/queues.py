@@ -70,5 +70,5 @@ def queue_depths(client: redis.Redis) -> dict[str, int]:
         for queue in Queue:
             pipe.llen(queue)
         pipe.llen(keys.READS)
-        depths = pipe.execute()
-    return {**{str(queue): depth for queue, depth in zip(Queue, depths, strict=False)}, READS_LIST: depths[-1]}
+        *depths, reads = pipe.execute()
+    return {**{str(queue): depth for queue, depth in zip(Queue, depths, strict=True)}, READS_LIST: reads}

@@ -189,9 +189,10 @@ class Service:
         """The job once it finished, waiting up to `seconds` for it (woken by its finish, not by polling); as it is
         when it did not finish in time, or when LOOKALIKE_WEB_WAITING requests of this process wait already."""
         job = self.job(job_id, error_offset, error_limit)
-        if not seconds or job["state"] in FINISHED or not self.wait_for(job_id, seconds):
+        if not seconds or job["state"] in FINISHED:
             return job
-        return self.job(job_id, error_offset, error_limit)
+        self.wait_for(job_id, seconds)
+        return self.job(job_id, error_offset, error_limit)  # as it is now, finished or not (a load's progress)
 
     def wait_for(self, job_id: str, seconds: int) -> bool:
         """Wait up to `seconds` for the job to finish (woken by its finish, not by polling): whether it did; False at
@@ -314,22 +315,20 @@ class Service:
 
     def index_owner(self) -> dict[str, Any]:
         """The live index owner's heartbeat; 503 when none reported in lately."""
-        owners = alive(self.redis, Role.INDEX, fresh=RECENT_SECONDS)
+        owners = self._alive(Role.INDEX)
         if not owners:
             raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
         return owners[0]
 
     def searchable(self) -> None:
         """503 unless a query process and an index reader (a replica, or the owner) are alive."""
-        if not alive(self.redis, Role.QUERY, fresh=RECENT_SECONDS):
+        if not self._alive(Role.QUERY):
             raise unavailable(ErrorCode.NO_WORKER, "no query worker is running (start `lookalike worker query`)")
         self.readers()
 
     def readers(self) -> None:
         """503 unless an index reader (a replica, or the owner) is alive."""
-        if not (
-            alive(self.redis, Role.REPLICA, fresh=RECENT_SECONDS) or alive(self.redis, Role.INDEX, fresh=RECENT_SECONDS)
-        ):
+        if not (self._alive(Role.REPLICA) or self._alive(Role.INDEX)):
             raise unavailable(ErrorCode.NO_WORKER, "no index worker is running (start `lookalike worker index`)")
 
     def facets(self) -> dict[str, list[str]]:
@@ -349,10 +348,13 @@ class Service:
 
     def _filterable(self) -> dict[str, Any]:
         """An index reader's heartbeat, which lists the fields and facets a filter may name ({} without one)."""
-        readers = alive(self.redis, Role.INDEX, fresh=RECENT_SECONDS) + alive(
-            self.redis, Role.REPLICA, fresh=RECENT_SECONDS
-        )
+        readers = self._alive(Role.INDEX) + self._alive(Role.REPLICA)
         return readers[0] if readers else {}
+
+    def _alive(self, role: Role) -> list[dict[str, Any]]:
+        """Processes of `role` alive, as this process read the heartbeats at most RECENT_SECONDS ago: for the checks
+        every request makes (/healthz reads them afresh)."""
+        return alive(self.redis, role, fresh=RECENT_SECONDS)
 
     def health(self) -> dict[str, Any]:
         """Every part, as /healthz shows it: `ok` when all are there, `degraded` when searches are answered but
