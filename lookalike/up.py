@@ -9,13 +9,13 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
 
 from common.errors import LookalikeError
 from common.settings import Settings, defaults
+from lookalike.cli import STOP_SIGNALS
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
 from lookalike.web_cli import announce_api_key
@@ -24,7 +24,6 @@ from protocol.heartbeats import Role, alive
 WATCH_SECONDS = 1.0
 ROOT_FILE = "catalog-root"  # in DATA_DIR: the catalogue root `up` chose; item references are relative to it
 OWN_CATALOG = "catalog"  # in DATA_DIR: the catalogue root until a --catalog names one
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ProcessExited(LookalikeError):
@@ -77,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         )
     load_model(settings.model, ["cpu"])  # refuses a model that breaks the contract, here, in one line
 
-    stop_on_signals()
     embedded = None
     if not os.environ.get("LOOKALIKE_REDIS_URL"):
         embedded = EmbeddedRedis(settings.data_dir / "redis", maxmemory=settings.redis_maxmemory)
@@ -217,13 +215,3 @@ def check_processes(stack: Stack) -> None:
     for kind, process in stack.processes.items():
         if process.poll() is not None:
             raise ProcessExited(f"the {kind} process exited ({process.returncode}); see {stack.log_paths[kind]}")
-
-
-def stop_on_signals() -> None:
-    """SIGTERM (docker stop, systemd, kill) and SIGHUP (a closed terminal) stop everything as Ctrl-C does."""
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, interrupt)
