@@ -19,6 +19,8 @@ EXAMPLES = """\
 examples:
   lookalike export                                   ResNet50 + max pooling, ImageNet weights
   lookalike export --weights ~/resnet50_notop.h5     the same from a weights file you downloaded
+  lookalike export --from https://shop.example/m.onnx --out models/model.onnx --if-missing
+                                                     a model you already have (a path or URL): checked, copied
   lookalike export --quantize int8 --calibration catalog/images
                                                      export, then an INT8 copy calibrated on your images
   lookalike export --quantize int8 --model SRC.onnx --calibration DIR --out DST.onnx
@@ -46,6 +48,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="imagenet|none|PATH",
         help="ImageNet weights from Keras (default), random weights (none, for tests), or a local Keras weights "
         "file (*_notop.h5 or *.weights.h5)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="imagenet|PATH|URL",
+        help="where the model comes from: Keras's ImageNet weights (as without it), or a path or http(s) URL of an "
+        "ONNX model with the contract (checked, then copied to --out with its card) or of Keras weights (*.h5)",
+    )
+    parser.add_argument(
+        "--if-missing", action="store_true", help="do nothing when --out exists already (a deployment's first start)"
     )
     parser.add_argument("--sample", type=Path, metavar="DIR", help="real images for the parity check")
     parser.add_argument("--quantize", choices=["int8"], help="also write a static INT8 model")
@@ -86,7 +98,12 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError("--quantize int8 needs --calibration DIR, a folder of your catalogue's images")
     progress = Progress()
     fp32_default = MODELS_DIR / f"resnet50_{args.pooling}.onnx"
-    if args.model:
+    if args.if_missing and (args.out or fp32_default).is_file():
+        print(f"{args.out or fp32_default} is there already: nothing to do (remove it to export again)")
+        return 0
+    if args.source:
+        export_from(args, args.out or fp32_default, progress)
+    elif args.model:
         _quantize(args, args.model, args.out or int8_path(args.model), progress)
     elif not args.quantize:
         export_resnet50(args.out or fp32_default, args.pooling, args.weights, args.sample, progress)
@@ -101,6 +118,31 @@ def run(args: argparse.Namespace) -> int:
         export_resnet50(fp32_out, args.pooling, args.weights, args.sample, progress)
         _quantize(args, fp32_out, int8_out, progress)
     return 0
+
+
+def export_from(args: argparse.Namespace, out: Path, progress: Progress) -> None:
+    """`--from`: ResNet50 with Keras's ImageNet weights, or a model or weights file the shop already has."""
+    import shutil
+
+    from export.errors import ExportError
+    from export.exporter import export_resnet50
+    from export.source import copy_onnx_model, is_onnx, local_copy
+
+    if args.model or args.quantize or args.weights != "imagenet":
+        raise ExportError("--from names the model or its weights: give it without --weights, --model or --quantize")
+    if args.source.lower() == "imagenet":
+        export_resnet50(out, args.pooling, "imagenet", args.sample, progress)
+        return
+    path, download = local_copy(args.source, out)
+    try:
+        if is_onnx(path):
+            copy_onnx_model(path, out)
+            print(f"{out}: the model from {args.source}, with lookalike's model contract")
+        else:
+            export_resnet50(out, args.pooling, str(path), args.sample, progress)
+    finally:
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
 
 
 def int8_path(source: Path) -> Path:
