@@ -26,6 +26,7 @@ from lookalike.up import catalog_root, owner_lives
 from protocol.client import Client
 from protocol.heartbeats import Role, alive
 from tests.test_project import REPO, readme_commands
+from web.app import create_app
 
 pytestmark = pytest.mark.slow
 
@@ -101,15 +102,15 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
     processes: they all come up, and nothing is embedded again."""
     (run_command,) = readme_commands("run-command")
     port = free_port()
-    catalog = shared_dir / "data" / "fashion"
+    catalog = shared_dir / "data" / "demo"  # the Makefile's own default when the shared folder is beside the repo
     demo = Up(tmp_path, run_command.split(), PORT=str(port), LOOKALIKE_MODEL=str(pretrained_model),
-              LOOKALIKE_DEMO_CATALOG=str(catalog))  # fmt: skip
+              SHARED_DIR=str(shared_dir))  # fmt: skip
     try:
         made = demo.wait_for_output(r"API key for loads and deletes \(shown only now; kept in (\S+)\): (\S+)")
         key_file = Path(made.group(1))
         assert key_file.read_text().strip() == made.group(2) and key_file.stat().st_mode & 0o777 == 0o600
         demo.wait_for_output(rf"lookalike is up: http://127.0.0.1:{port}/")
-        demo.wait_for_output(r"load partial: 1,002 indexed, 43,444 failed of 44,446")
+        demo.wait_for_output(r"load done: 1,002 indexed")
         health = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         health.request("GET", "/healthz")
         assert health.getresponse().status == 200
@@ -126,7 +127,7 @@ def test_the_readmes_first_command_serves_then_a_restart_reuses_the_index(tmp_pa
             "--query-processes", "2"]  # fmt: skip
     again = Up(tmp_path, [LOOKALIKE, "up", *args])
     try:
-        again.wait_for_output(r"load partial: 1,002 indexed")
+        again.wait_for_output(r"load done: 1,002 indexed")
         assert made.group(2) not in again.out.read_text() + again.err.read_text()  # shown only when it was made
         assert f"API key for loads and deletes: in {key_file}" in again.err.read_text()
         redis_url = again.redis_url()
@@ -220,6 +221,17 @@ def test_the_catalogue_root_is_remembered_so_item_references_stay_valid(tmp_path
     assert catalog_root(data, shop / "spring") == shop  # a folder inside it
     with pytest.raises(LookalikeError, match="outside"):
         catalog_root(data, other)
+
+
+def test_make_demo_without_the_shared_folder_serves_an_empty_catalogue_whose_page_says_how_to_load_one(make_stack):
+    (run_command,) = readme_commands("run-command")
+    planned = subprocess.run([*run_command.split(), "-n", "SHARED_DIR=/nowhere"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.splitlines()  # fmt: skip
+    assert planned[-1].startswith(".venv/bin/lookalike up --port") and "--catalog" not in planned[-1]
+    stack = make_stack()
+    stack.start("index")
+    page = create_app(stack.settings).test_client().get("/").get_data(as_text=True)
+    assert "The catalogue is empty" in page and "lookalike ingest PATH" in page and 'href="/catalog"' in page
 
 
 def test_up_refuses_a_second_index_worker_on_the_same_redis(make_stack, tmp_path, pretrained_model):
