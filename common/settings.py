@@ -42,6 +42,11 @@ class Settings:
     redis_url: str = variable("redis://127.0.0.1:6379/0", "Redis: the Celery broker and result store, and job records")
     data_dir: Path = variable("./lookalike-data", "state: the index, extracted archives, logs")
     model: Path = variable("models/resnet50_max.onnx", "the ONNX model (any model with the contract)")
+    model_wait: int = variable(
+        "0",
+        "seconds a starting worker waits for the model file to appear (a deployment's export service writes it)",
+        minimum=0,
+    )
     index_dir: Path = variable("", "the index files; empty: DATA_DIR/index")
     catalog_root: Path = variable(".", "catalogue loads may only read files under this folder")
     batch: int = variable("32", "images per embedding batch (one task, one onnxruntime run)", minimum=1)

@@ -1,5 +1,8 @@
 # The web (pages, JSON API, /healthz, /metrics): Flask under waitress. No onnxruntime, TensorFlow, hnswlib or pandas.
-FROM python:3.11-slim
+# The base: the official image by default; any Python 3.11.4+ image with pip and the headers (CI makes one from
+# Debian's packages with docker/local/base-images, as it reaches no registry).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 # The dependencies first, from pyproject.toml alone (an empty README stands in): a change of code or docs

@@ -22,6 +22,8 @@ API_DOC = REPO / "docs" / "api.md"
 # Commands run elsewhere: their first words -> the file that runs them (and must contain what proves it).
 RUN_ELSEWHERE = {
     "make demo": ("tests/test_up.py", 'readme_commands("run-command")'),
+    "docker/local/base-images": ("tests/test_containers.py", '"base-images"'),
+    "export CONTAINERS_CONF=": ("tests/test_containers.py", '"CONTAINERS_CONF"'),
     "make test": (".ci/run", "make test"),
     ".venv/bin/python bench/": ("bench", ""),  # benchmarks print tables; a run takes minutes (see below)
 }
@@ -50,24 +52,24 @@ def api_examples() -> str:
 def test_every_documented_command_is_run_by_a_test_or_ci(command):
     if command in api_examples().replace("\\\n", " "):
         return  # run below, for real
+    compose_text = (REPO / "docker-compose.yml").read_text()
     assignments = re.match(r"((?:[A-Z_]+=\S+ )*)(.*)", command)
-    if assignments.group(1) and assignments.group(2):  # settings for one command: they must be settings
-        assert set(re.findall(r"([A-Z_]+)=", assignments.group(1))) <= set(defaults())
-        command = assignments.group(2)
+    if assignments.group(1) and assignments.group(2):  # variables for one command: settings or the compose file's
+        names = re.findall(r"([A-Z_]+)=", assignments.group(1))
+        assert all(name in set(defaults()) or f"${{{name}" in compose_text for name in names), names
+        command = assignments.group(2).strip()
     if command.startswith("export LOOKALIKE_"):
         # settings: each variable is one the code reads, or one docker-compose.yml reads from the host
-        compose = (REPO / "docker-compose.yml").read_text()
         names = re.findall(r"\b(LOOKALIKE_[A-Z_]+)=", command)
-        assert all(name in set(defaults()) or f"${{{name}" in compose for name in names), names
+        assert all(name in set(defaults()) or f"${{{name}" in compose_text for name in names), names
         return
-    if command.startswith("docker compose "):
-        # no Docker engine here: tests/test_docker.py checks the file and builds the images' environments;
-        # this checks that the services and profiles the command names are in it
-        compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    if command.startswith(("docker compose ", "podman-compose ")):
+        # tests/test_containers.py runs the deployment with podman-compose; this checks that the files and
+        # services the command names are there
+        files = re.findall(r"-f (\S+)", command) or ["docker-compose.yml"]
+        services = {name for file in files for name in yaml.safe_load((REPO / file).read_text())["services"]}
         for service in re.findall(r"--scale (\S+)=\d+", command):
-            assert service in compose["services"], service
-        for profile in re.findall(r"--profile (\S+)", command):
-            assert any(profile in s.get("profiles", []) for s in compose["services"].values()), profile
+            assert service in services, service
         return
     if command.startswith(".venv/bin/lookalike "):
         # a valid command line of this version; each kind is run end to end by its part's tests

@@ -31,12 +31,15 @@ from worker.watchdog import LoadWatchdog
 log = logging.getLogger(__name__)
 
 BUILD_CHECK_SECONDS = 2.0
+MODEL_POLL_SECONDS = 1.0
 BUILD_ASK_AGAIN_SECONDS = 60.0  # an `advance_build` not handled by then (lost, or a long queue): another one
 
 
 def run_worker(kind: str, loglevel: str) -> int:
     """Run a worker of `kind` in this process until it is stopped."""
     settings = runtime.settings()
+    if kind != "replica":  # a replica answers by vector: it never opens the model
+        wait_for_model(settings)
     app = create_celery(settings, publish_patience=runtime.REDIS_PATIENCE)
     if kind in ("embed", "index"):  # a Celery worker; a query process lists what it holds itself, a replica none
         watch_for_orphans(app, settings)
@@ -48,6 +51,16 @@ def run_worker(kind: str, loglevel: str) -> int:
     }
     starts[kind](app, settings, loglevel)
     return 0
+
+
+def wait_for_model(settings: Settings) -> None:
+    """Up to LOOKALIKE_MODEL_WAIT seconds for the model file: in a deployment, the export service may still be
+    writing it (it appears whole, renamed into place); then opening it says what is wrong, as without a wait."""
+    deadline = time.monotonic() + settings.model_wait
+    if not settings.model.exists() and settings.model_wait:
+        log.info("waiting up to %d s for the model at %s", settings.model_wait, settings.model)
+    while not settings.model.exists() and time.monotonic() < deadline:
+        time.sleep(MODEL_POLL_SECONDS)
 
 
 def _argv(queues: str, pool: str, name: str, loglevel: str, *extra: str) -> list[str]:
