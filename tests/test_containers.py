@@ -219,6 +219,12 @@ def demo_photos(shared_dir: Path) -> list[Path]:
     return chosen + [image for image in images[:200:10] if image not in chosen][: SEARCHES - len(chosen)]
 
 
+def test_the_webs_health_check_runs_in_its_container_and_passes(deployment):
+    """podman schedules health checks only with systemd; `podman healthcheck run` runs the file's own command."""
+    compose, _ = deployment
+    assert compose.podman("healthcheck", "run", compose.container("web")).strip() in ("", "healthy")
+
+
 def test_a_load_needs_the_key_and_the_mounted_demo_catalogue_loads_whole(deployment, shared_dir):
     compose, url = deployment
     body = json.dumps({"source": "."}).encode()
