@@ -75,22 +75,38 @@ def configure_logging() -> None:
         logging.getLogger(package).setLevel(logging.INFO)
 
 
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: a stop asked for, which ends as cleanly as Ctrl-C but exits 0 (systemd and container
+    engines count any other status as a failure)."""
+
+
 def stop_on_signals() -> None:
     """SIGTERM (docker stop, systemd, kill) and SIGHUP (a closed terminal) stop a command as Ctrl-C does. Said
     out loud because a container's first process, PID 1, ignores every signal it has no handler for: without
-    this, `docker stop` waits its whole time-out and kills. Workers and the web put their own in place later."""
+    this, `docker stop` waits its whole time-out and kills. A signal already ignored stays so (`nohup`, a
+    background job's SIGINT); workers and the web put their own handlers in place later."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if signum == signal.SIGINT else StopRequested
 
     for signum in STOP_SIGNALS:
-        signal.signal(signum, interrupt)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     stop_on_signals()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        return run(argv)
+    except StopRequested:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(argv: Sequence[str] | None) -> int:
+    """The command `argv` names, with the errors a user can fix as one line and a status."""
+    args = build_parser().parse_args(argv)
     configure_logging()
     try:
         return args.handler(args) or 0
@@ -101,8 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lookalike {args.command}: error: can't reach Redis ({error}); is LOOKALIKE_REDIS_URL right?",
               file=sys.stderr)  # fmt: skip
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

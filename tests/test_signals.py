@@ -5,6 +5,7 @@ when its time-out (10 s by default) runs out."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -15,7 +16,7 @@ import pytest
 from lookalike.redis_server import free_port
 from lookalike.stack import LOOKALIKE, Stack, _answers
 
-STOP_SECONDS = 5  # what "within seconds" means here; an engine would wait 10 and then kill
+STOP_SECONDS = 8  # what "within seconds" means here, on two busy cores; an engine waits 10 and then kills
 
 
 def start_as_init(stack: Stack, name: str, *argv: str) -> subprocess.Popen:
@@ -49,8 +50,7 @@ def assert_stops_on_sigterm(stack: Stack, process: subprocess.Popen, kind: str) 
     except subprocess.TimeoutExpired:
         log = (stack.logs / f"{kind}.log").read_text()[-3000:]
         raise AssertionError(f"{kind} as PID 1 still runs {STOP_SECONDS} s after SIGTERM:\n{log}") from None
-    assert process.returncode >= 0, f"{kind} was killed ({process.returncode}), not stopped"
-    assert time.monotonic() - started < STOP_SECONDS
+    assert process.returncode == 0, f"{kind} ended {process.returncode} after {time.monotonic() - started:.1f} s"
 
 
 @pytest.mark.parametrize("kind", ["embed", "index", "query"])
@@ -77,9 +77,19 @@ def test_the_web_stops_on_sigterm_as_a_containers_first_process(make_stack):
     assert_stops_on_sigterm(stack, process, "web")
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE).group(1), 16)
+    return bool(caught & 1 << (signal.SIGTERM - 1))
+
+
 def test_an_embed_worker_stops_on_sigterm_while_it_starts(make_stack):
-    """The window before Celery puts its own handler in place: the model check in a process of its own."""
+    """The window before Celery puts its own handler in place (the model check, in a process of its own): the
+    signal is sent as soon as the process catches it, long before the worker reports in."""
     stack = make_stack()
     process = start_as_init(stack, "embed", "worker", "embed")
-    time.sleep(1)
+    pid = init_pid(process)
+    stack.wait_for(lambda: catches_sigterm(pid), "the embed worker to catch SIGTERM", process=process)
+    assert not stack.heartbeat("embed")
     assert_stops_on_sigterm(stack, process, "embed")
