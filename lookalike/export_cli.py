@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError("--quantize int8 needs --calibration DIR, a folder of your catalogue's images")
     progress = Progress()
     fp32_default = MODELS_DIR / f"resnet50_{args.pooling}.onnx"
-    if args.if_missing and (args.out or fp32_default).is_file():
-        print(f"{args.out or fp32_default} is there already: nothing to do (remove it to export again)")
+    last_written = args.out or (int8_path(args.model or fp32_default) if args.quantize else fp32_default)
+    if args.if_missing and last_written.is_file():
+        print(f"{last_written} is there already: nothing to do (remove it to export again)")
         return 0
     if args.source:
         export_from(args, args.out or fp32_default, progress)
@@ -122,27 +123,24 @@ def run(args: argparse.Namespace) -> int:
 
 def export_from(args: argparse.Namespace, out: Path, progress: Progress) -> None:
     """`--from`: ResNet50 with Keras's ImageNet weights, or a model or weights file the shop already has."""
-    import shutil
+    import tempfile
 
     from export.errors import ExportError
     from export.exporter import export_resnet50
-    from export.source import copy_onnx_model, is_onnx, local_copy
+    from export.source import copy_onnx_model, is_onnx, local_file
 
     if args.model or args.quantize or args.weights != "imagenet":
         raise ExportError("--from names the model or its weights: give it without --weights, --model or --quantize")
     if args.source.lower() == "imagenet":
         export_resnet50(out, args.pooling, "imagenet", args.sample, progress)
         return
-    path, download = local_copy(args.source, out)
-    try:
+    with tempfile.TemporaryDirectory(prefix="lookalike-download-") as downloads:
+        path = local_file(args.source, out, Path(downloads))
         if is_onnx(path):
-            copy_onnx_model(path, out)
+            copy_onnx_model(path, out, args.source)
             print(f"{out}: the model from {args.source}, with lookalike's model contract")
         else:
             export_resnet50(out, args.pooling, str(path), args.sample, progress)
-    finally:
-        if download is not None:
-            shutil.rmtree(download, ignore_errors=True)
 
 
 def int8_path(source: Path) -> Path:

@@ -44,10 +44,22 @@ def test_a_model_file_with_the_contract_is_checked_and_copied_with_its_card(tmp_
 
 def test_a_model_at_a_url_is_downloaded_checked_and_copied_leaving_no_download_behind(tmp_path, pretrained_model):
     out = tmp_path / "models" / "model.onnx"
-    with serving(pretrained_model.parent) as url:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.json").write_text('{"name": "the model that was here before"}')
+    with serving(pretrained_model.parent) as url:  # the server has no card for it: a 404 is no error
         assert main(["export", "--from", f"{url}/{pretrained_model.name}", "--out", str(out)]) == 0
     assert file_sha256(out) == file_sha256(pretrained_model)
-    assert sorted(path.name for path in out.parent.iterdir()) == ["model.onnx"]
+    assert sorted(path.name for path in out.parent.iterdir()) == ["model.onnx"]  # nor another model's card
+
+
+def test_a_model_at_a_url_comes_with_its_card_when_the_server_has_one(tmp_path):
+    (tmp_path / "shop").mkdir()
+    pooling_model(tmp_path / "shop" / "ours.onnx")
+    (tmp_path / "shop" / "ours.json").write_text('{"name": "ours"}')
+    out = tmp_path / "models" / "model.onnx"
+    with serving(tmp_path / "shop") as url:
+        assert main(["export", "--from", f"{url}/ours.onnx", "--out", str(out)]) == 0
+    assert (tmp_path / "models" / "model.json").read_text() == '{"name": "ours"}'
 
 
 def test_if_missing_keeps_the_model_that_is_there(tmp_path, capsys):
@@ -76,7 +88,17 @@ def test_a_source_that_is_not_a_usable_model_is_refused_in_one_line_and_writes_n
     assert not out.exists() and not any(out.parent.glob(".*"))
 
 
-def test_from_is_refused_beside_weights_or_quantize(tmp_path, capsys):
-    out = tmp_path / "model.onnx"
-    assert main(["export", "--from", "imagenet", "--weights", "none", "--out", str(out)]) == 1
+@pytest.mark.parametrize("other", [["--weights", "none"], ["--model", "m.onnx", "--quantize", "int8",
+                                                            "--calibration", "."]])  # fmt: skip
+def test_from_is_refused_beside_weights_or_quantize(tmp_path, capsys, other):
+    assert main(["export", "--from", "imagenet", *other, "--out", str(tmp_path / "model.onnx")]) == 1
     assert "--from" in capsys.readouterr().err
+
+
+def test_if_missing_looks_at_the_file_a_quantisation_would_write(tmp_path, capsys):
+    source = pooling_model(tmp_path / "ours.onnx")
+    int8 = pooling_model(tmp_path / "ours_int8.onnx")
+    before = int8.stat().st_mtime_ns
+    argv = ["export", "--quantize", "int8", "--model", str(source), "--calibration", str(tmp_path), "--if-missing"]
+    assert main(argv) == 0
+    assert int8.stat().st_mtime_ns == before and "ours_int8.onnx is there already" in capsys.readouterr().out
