@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` (a first run with results on screen) and `make test`.
 PORT ?= 8000
-SHARED_DIR ?= ../shared
+SHARED_DIR ?= $(or $(LOOKALIKE_SHARED_DIR),../shared)
 # The demo catalogue: LOOKALIKE_DEMO_CATALOG, else the 1,002 photos beside this repository, else none (an empty
 # catalogue, whose page says how to load one).
 DEMO_CATALOG := $(or $(LOOKALIKE_DEMO_CATALOG),$(wildcard $(SHARED_DIR)/data/demo))

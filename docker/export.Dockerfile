@@ -17,4 +17,4 @@ COPY web web
 COPY lookalike lookalike
 RUN pip install --no-deps .
 ENTRYPOINT ["lookalike"]
-CMD ["export", "--out", "/models/resnet50_max.onnx"]
+CMD ["export", "--out", "/models/model.onnx", "--if-missing"]

@@ -37,8 +37,12 @@ def check_health(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(url, timeout=HEALTHCHECK_SECONDS) as response:
             print(json.load(response)["status"])
             return 0
-    except urllib.error.HTTPError as error:  # 503 unavailable, with the parts that are missing
-        print(f"{url}: {error.code} {error.read(500).decode(errors='replace')}")
+    except urllib.error.HTTPError as error:  # 503: searches can't be answered
+        try:
+            status = json.load(error).get("status")
+        except ValueError:
+            status = "no JSON"
+        print(f"{url}: {error.code} {status} (see the whole answer there)")
     except (OSError, ValueError, KeyError) as error:
         print(f"{url}: no answer ({error})")
     return 1

@@ -28,7 +28,7 @@ def test_a_service_that_cannot_answer_searches_fails_its_health_check(make_stack
     stack = make_stack()
     url = stack.start_web(free_port())  # no index owner, replica or query worker
     check = healthcheck(url)
-    assert check.returncode == 1 and "503" in check.stdout and '"unavailable"' in check.stdout, check
+    assert check.returncode == 1 and "503 unavailable" in check.stdout, check
     nobody = f"http://127.0.0.1:{free_port()}"
     check = healthcheck(nobody)
     assert check.returncode == 1 and "no answer" in check.stdout, check
