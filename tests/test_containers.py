@@ -170,8 +170,9 @@ def deployment(shared_dir) -> Iterator[tuple[Compose, str]]:
         "LOOKALIKE_MODEL_SOURCE": "/import/efficientnet_lite0_max.onnx",
     }
     compose = Compose(f"lookalike-test-{os.getpid()}", environment)
-    base = subprocess.run([str(LOCAL / "base-images"), "podman"], env=environment, capture_output=True, text=True,
-                          timeout=900, check=False)  # fmt: skip
+    base = timed(compose.figures, "base images (made once per machine; 0 when there)", subprocess.run,
+                 [str(LOCAL / "base-images"), "podman"], env=environment, capture_output=True, text=True, timeout=900,
+                 check=False)  # fmt: skip
     assert base.returncode == 0, base.stdout + base.stderr
     timed(compose.figures, "build (CPU images; cold on a fresh machine)", compose, "build")
     timed(compose.figures, "build again (warm cache)", compose, "build")
