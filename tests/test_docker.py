@@ -87,9 +87,17 @@ def test_the_export_writes_the_model_the_workers_read_and_only_once():
 
 @pytest.mark.parametrize(("name", "base"), [("worker-embed-gpu", "worker-embed"), ("worker-query-gpu", "worker-query")])
 def test_the_gpu_file_adds_workers_on_onnxruntime_gpu_that_reserve_nvidia_gpus(name, base):
-    gpu = GPU_SERVICES[name]
-    assert gpu["extends"] == {"file": "docker-compose.yml", "service": base}
-    assert gpu["build"]["args"]["EXTRA"] == "gpu" and gpu["image"] == "lookalike-worker:gpu"
+    """Written out again (docker compose refuses `extends` of a service with depends_on): the same command,
+    settings, volumes and order as the CPU worker, and only the GPU's own differences."""
+    gpu, cpu = GPU_SERVICES[name], SERVICES[base]
+    assert gpu["build"]["args"] == {**cpu["build"]["args"], "EXTRA": "gpu"} and gpu["image"] == "lookalike-worker:gpu"
+    assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"]
+    for key in ("command", "volumes", "depends_on", "restart"):
+        assert gpu[key] == cpu[key], key
+    own = {"LOOKALIKE_PROVIDERS", "LOOKALIKE_QUERY_BATCH", "LOOKALIKE_EMBED_PROCESSES"}
+    assert {k: v for k, v in gpu["environment"].items() if k not in own} == {
+        k: v for k, v in cpu["environment"].items() if k not in own
+    }
     assert gpu["environment"]["LOOKALIKE_PROVIDERS"] == "cuda"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
