@@ -115,7 +115,7 @@ def stage_parts(stack: Stack, photos: list[Path], searches: int, args: argparse.
     settings = stack.settings
     client = Client(settings)
     service = Service(settings, client)
-    waiter = Jobs(redis_client(settings.redis_url, WAIT_SECONDS + settings.call_timeout))
+    waiter = Jobs(redis_client(settings, WAIT_SECONDS + settings.call_timeout))
     model = load_model(args.model, settings.providers, intra_op_threads=settings.query_threads)
     catalogue = build_catalogue(model, args.sample, settings)  # the anchor's index: its vectors are cached
     times: dict[str, list[float]] = defaultdict(list)

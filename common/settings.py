@@ -39,7 +39,15 @@ def variable(default: str, meaning: str, *, minimum: int | None = None, choices:
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = variable("redis://127.0.0.1:6379/0", "Redis: the Celery broker and result store, and job records")
+    redis_url: str = variable(
+        "redis://127.0.0.1:6379/0",
+        "Redis: the Celery broker and result store, and job records; or its sentinels, "
+        "`sentinel://host:port;sentinel://host:port/db` (the primary's password as `sentinel://:password@host:port`)",
+    )
+    redis_master: str = variable("mymaster", "with sentinels: the name they know the Redis primary by")
+    redis_sentinel_password: str = variable(
+        "", "with sentinels: the sentinels' own password (`requirepass` in sentinel.conf); empty: none", secret=True
+    )
     data_dir: Path = variable("./lookalike-data", "state: the index, extracted archives, logs")
     model: Path = variable("models/resnet50_max.onnx", "the ONNX model (any model with the contract)")
     model_wait: int = variable(
@@ -190,6 +198,15 @@ class Settings:
         if not re.fullmatch(r"\d+(b|k|kb|m|mb|g|gb)?", settings.redis_maxmemory, re.IGNORECASE):
             raise LookalikeError(
                 f"LOOKALIKE_REDIS_MAXMEMORY is {settings.redis_maxmemory!r}; give bytes or a size such as 512mb or 2gb"
+            )
+        scheme = settings.redis_url.split("://", 1)[0]
+        sentinels = settings.redis_url.split(";")
+        if scheme not in ("redis", "rediss", "unix", "sentinel") or (
+            scheme == "sentinel" and not all(re.match(r"\s*sentinel://[^/;]*[^:/;@]", part) for part in sentinels)
+        ):
+            raise LookalikeError(
+                f"LOOKALIKE_REDIS_URL is {settings.redis_url!r}; give redis://host:port/db or, with Redis Sentinel, "
+                "sentinel://host:port;sentinel://host:port/db"
             )
         if settings.pca_dim and settings.pca_fit_items <= settings.pca_dim:
             raise LookalikeError(

@@ -14,10 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from common.errors import LookalikeError
 from common.settings import Settings
+from protocol.connection import redis_client
 from protocol.heartbeats import heartbeats
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
@@ -67,7 +66,7 @@ class Stack:
             **extra_env,
         }
         self.settings = Settings.from_env(self.env)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = redis_client(self.settings)
         self.processes: dict[str, subprocess.Popen] = {}
         self.log_paths: dict[str, Path] = {}  # kind -> the log of its latest process, <kind>.log
         self.logs = data_dir / "logs"

@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from common.errors import LookalikeError
 from common.settings import Settings, defaults
 from lookalike.cli import STOP_SIGNALS
 from lookalike.redis_server import EmbeddedRedis
 from lookalike.stack import Stack
 from lookalike.web_cli import announce_api_key
+from protocol.connection import redis_client
 from protocol.heartbeats import Role, alive
 
 WATCH_SECONDS = 1.0
@@ -33,6 +32,11 @@ class ProcessExited(LookalikeError):
 def configure(up: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=int, default=8000, help="port of the web pages and API (default 8000)")
     up.add_argument("--host", default="127.0.0.1", help="address the web listens on (default 127.0.0.1)")
+    up.add_argument(
+        "--redis-url",
+        help="a Redis of your own, or its sentinels (sentinel://host:port;sentinel://host:port/db, with "
+        "LOOKALIKE_REDIS_MASTER), instead of the embedded one (default LOOKALIKE_REDIS_URL when set)",
+    )
     up.add_argument(
         "--model", type=Path, help=f"an ONNX model with the contract (default: {defaults()['LOOKALIKE_MODEL']})"
     )
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from common.model import load_model
 
     environ = dict(os.environ)
+    if args.redis_url:
+        environ["LOOKALIKE_REDIS_URL"] = args.redis_url
     for variable, value in (("LOOKALIKE_REPLICAS", args.replicas), ("LOOKALIKE_QUERY_PROCESSES", args.query_processes)):
         if value is not None:
             environ[variable] = str(value)  # checked with the other settings, below
@@ -77,18 +83,18 @@ def run(args: argparse.Namespace) -> int:
     load_model(settings.model, ["cpu"])  # refuses a model that breaks the contract, here, in one line
 
     embedded = None
-    if not os.environ.get("LOOKALIKE_REDIS_URL"):
+    if not environ.get("LOOKALIKE_REDIS_URL"):
         embedded = EmbeddedRedis(settings.data_dir / "redis", maxmemory=settings.redis_maxmemory)
     stack = None
     try:
         if embedded is not None:
             embedded.start()
             print(f"redis: {embedded.url} (embedded, data in {embedded.directory})", file=sys.stderr)
-        redis_url = embedded.url if embedded else settings.redis_url
-        refuse_a_second_index_owner(redis_url, settings.index_dir)
+            environ["LOOKALIKE_REDIS_URL"] = embedded.url
+            settings = Settings.from_env(environ)
+        refuse_a_second_index_owner(settings)
         extra = {name: environ[name] for name in environ if name.startswith("LOOKALIKE_")}
-        extra["LOOKALIKE_REDIS_URL"] = redis_url
-        stack = Stack(redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
+        stack = Stack(settings.redis_url, settings.data_dir, settings.model, settings.catalog_root, **extra)
         if embedded is not None:
             stack.log_paths["redis"] = embedded.log  # capped with the others while up runs
         if not settings.api_key:
@@ -147,15 +153,15 @@ def catalog_root(data_dir: Path, catalog: Path | None) -> Path:
     return root
 
 
-def refuse_a_second_index_owner(redis_url: str, index_dir: Path) -> None:
+def refuse_a_second_index_owner(settings: Settings) -> None:
     """One index owner per Redis: another one (a shared external Redis) would take our searches and changes."""
-    beats = alive(redis.Redis.from_url(redis_url, socket_connect_timeout=5), Role.INDEX)
-    owners = [beat for beat in beats if owner_lives(beat, index_dir)]
+    beats = alive(redis_client(settings, timeout=5), Role.INDEX)
+    owners = [beat for beat in beats if owner_lives(beat, settings.index_dir)]
     if owners:
         owner = owners[0]
         raise LookalikeError(
-            f"an index worker already runs against {redis_url} (pid {owner['pid']} on {owner['host']}); stop it, or "
-            "point LOOKALIKE_REDIS_URL at a Redis of this deployment's own"
+            f"an index worker already runs against {settings.redis_url} (pid {owner['pid']} on {owner['host']}); "
+            "stop it, or point LOOKALIKE_REDIS_URL at a Redis of this deployment's own"
         )
 
 

@@ -11,6 +11,10 @@ from kombu import Queue as KombuQueue
 
 from common.settings import Settings
 from protocol.queues import ROUTES, Queue
+from protocol.sentinel import transport_options, uses_sentinel
+
+SENTINEL_TRANSPORT = "protocol.sentinel:Transport"  # kombu's, on connections that follow a switch at once
+BROKER_SOCKET_TIMEOUT = 30  # seconds; more than kombu's 1 s BRPOP and its health checks (25 s) take
 
 
 def create_celery(settings: Settings, publish_patience: int = 0) -> Celery:
@@ -28,8 +32,16 @@ def create_celery(settings: Settings, publish_patience: int = 0) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=settings.task_time_limit - 5,
-        # Redis re-delivers an unacknowledged message after this long: longer than any task may run.
-        broker_transport_options={"visibility_timeout": settings.task_time_limit * 3},
+        broker_transport_options={
+            # Redis re-delivers an unacknowledged message after this long: longer than any task may run.
+            "visibility_timeout": settings.task_time_limit * 3,
+            # kombu's sockets wait for ever by default: a primary that vanished mid-command would hang the worker
+            "socket_timeout": BROKER_SOCKET_TIMEOUT,
+            "socket_connect_timeout": 5,
+            **transport_options(settings),
+        },
+        result_backend_transport_options=transport_options(settings),
+        broker_transport=SENTINEL_TRANSPORT if uses_sentinel(settings.redis_url) else None,
         result_expires=settings.search_ttl,
         # Each queue its own direct exchange and routing key: a message's routing key then names its queue,
         # which is how a restarted index owner finds the messages its killed predecessor had taken.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 
 from common.areas import id_problem
@@ -49,7 +51,7 @@ class Client:
         self.settings = settings
         self.celery = celery or create_celery(settings)
         self.timeout = timeout
-        self.jobs = Jobs.for_settings(redis_client(settings.redis_url, timeout), settings)
+        self.jobs = Jobs.for_settings(redis_client(settings, timeout), settings)
 
     # jobs: an id at once, the outcome in the job's record -------------------------------------------------------
 
@@ -58,6 +60,7 @@ class Client:
         params = {"source": str(source), "metadata": str(metadata_csv) if metadata_csv else None}
         job_id = self.jobs.create("load", params)
         self._enqueue(job_id, Task.PLAN_LOAD, params["source"], params["metadata"])
+        self.jobs.confirm_replicated()
         return job_id
 
     def search(
@@ -157,15 +160,23 @@ class Client:
         self.jobs.start(job_id)  # before its total: a job that stayed `queued` could never be closed by its item
         self.jobs.set_total(job_id, 1)
         self._enqueue(job_id, Task.EMBED_BATCH, [message])
+        self.jobs.confirm_replicated()
         return job_id
 
     def follow(
         self, job_id: str, timeout: float | None = None, on_update: Callable[[dict[str, Any]], None] | None = None
     ) -> dict[str, Any]:
-        """Follow the job record until it is finished (or `timeout` seconds pass); returns the finished record."""
+        """Follow the job record until it is finished (or `timeout` seconds pass); returns the finished record.
+        A lost connection to Redis (a restart, a failover) is waited out within the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.jobs.get(job_id, error_limit=0)  # counters only: sorting every item error is for the end
+            try:
+                job = self.jobs.get(job_id, error_limit=0)  # counters only: sorting every item error is for the end
+            except redis.ConnectionError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                time.sleep(PROGRESS_SECONDS)
+                continue
             if job is None:
                 raise LookalikeError(f"job {job_id} does not exist (expired?)")
             if on_update:
@@ -176,7 +187,8 @@ class Client:
                 raise LookalikeError(
                     f"job {job_id} is still {job['state']} after {timeout:.0f} s; is a worker running?"
                 )
-            self.jobs.wait_until_finished(job_id, PROGRESS_SECONDS)
+            with contextlib.suppress(redis.ConnectionError):  # the next read waits it out
+                self.jobs.wait_until_finished(job_id, PROGRESS_SECONDS)
 
     # reads, answered by any index reader -----------------------------------------------------------------------
 

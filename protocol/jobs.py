@@ -22,7 +22,9 @@ import redis
 from common.errors import ErrorCode
 from common.settings import Settings
 from protocol import keys
+from protocol.connection import wait_for_replica
 from protocol.queues import Queue
+from protocol.sentinel import uses_sentinel
 
 STATES = ("queued", "running", "done", "failed", "partial")
 FINISHED = ("done", "failed", "partial")
@@ -200,8 +202,10 @@ class Jobs:
         search_timeout: int = 60,
         retention: int = 7 * 24 * 3600,
         most_errors: int = 10_000,
+        replicated: bool = False,
     ) -> None:
         self.redis = client
+        self.replicated = replicated  # Redis has replicas (Sentinel): what a client is told is done waits for one
         self.search_ttl = search_ttl
         self.search_timeout = search_timeout
         self.retention = retention  # seconds a finished load is kept
@@ -215,7 +219,13 @@ class Jobs:
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings) -> Jobs:
         limits = (settings.search_ttl, settings.search_timeout, settings.job_retention, settings.max_job_errors)
-        return cls(client, *limits)
+        return cls(client, *limits, replicated=uses_sentinel(settings.redis_url))
+
+    def confirm_replicated(self) -> None:
+        """With Redis replicas, before a client is told a load was accepted or finished: until one holds it (a
+        failover then keeps it); searches don't wait, a lost one is asked again."""
+        if self.replicated:
+            wait_for_replica(self.redis)
 
     def _script_keys(self, job_id: str) -> list[str]:
         parts = [keys.job_key(job_id, part) for part in keys.PARTS]
@@ -332,6 +342,8 @@ class Jobs:
             return False
         closed = args[0]
         kind, created = (raw.decode() if raw else "" for raw in self.redis.hmget(key, "kind", "created"))
+        if kind == "load":
+            self.confirm_replicated()
         with self.redis.pipeline() as pipe:
             pipe.hincrby(keys.METRICS, f"finished:{kind}:{state}", 1)
             if kind == "search" and created:

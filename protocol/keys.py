@@ -14,6 +14,7 @@ SERVING = f"{PREFIX}:index:serving"  # JSON: the serving index's id and model, s
 CALIBRATION = f"{PREFIX}:index:calibration"  # hash: the serving index's calibration (index_id, sha256, calibration)
 SEARCHES = f"{PREFIX}:searches"  # sorted set: search job id -> created; those within LOOKALIKE_SEARCH_TTL are live
 READS = f"{PREFIX}:reads"  # list: reads for the replicas that keep up, JSON, each naming where its answer goes
+REPLICATION_MARK = f"{PREFIX}:replication-mark"  # a counter written to learn when a Redis replica holds all before it
 FORM_SECRET = f"{PREFIX}:web:form-secret"  # the HMAC key of the forms' CSRF tokens, shared by web processes
 
 # The parts of a job beside its record (a hash at job_key(id)):

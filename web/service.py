@@ -54,7 +54,7 @@ class Service:
         # Waitress has a thread for each of these beside LOOKALIKE_WEB_THREADS: those are always left to answer.
         self._waiting = threading.BoundedSemaphore(settings.web_waiting) if settings.web_waiting else None
         # A wait blocks on Redis for up to MAX_WAIT_SECONDS: its client's socket must outlast it.
-        self._waiter = Jobs(redis_client(settings.redis_url, MAX_WAIT_SECONDS + settings.call_timeout))
+        self._waiter = Jobs(redis_client(settings, MAX_WAIT_SECONDS + settings.call_timeout))
         self._memory: tuple[float, dict[str, Any]] = (-float("inf"), {})
 
     def form_secret(self, refresh: bool = False) -> bytes:

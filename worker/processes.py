@@ -100,7 +100,7 @@ def run_query_process(app: Celery, settings: Settings, loglevel: str) -> None:
              model.provider, settings.query_threads, settings.query_batch)  # fmt: skip
     consumer = QueryConsumer(app, settings)
     client = runtime.state().redis
-    start_watching(app, redis_client(settings.redis_url), consumer.held_ids)
+    start_watching(app, redis_client(settings), consumer.held_ids)
     identity = {"provider": model.provider, "model": model.path.name, "model_sha256": model.sha256}
     start_heartbeat(client, Role.QUERY, lambda: {**identity, **consumer.figures.as_dict()})
     try:

@@ -57,7 +57,7 @@ def give_back(app: Celery, orphaned: Verdict) -> set[bytes]:
 
 def watch_for_orphans(app: Celery, settings: Settings) -> None:
     """Once this Celery worker consumes: publish what it holds, and sweep for orphans every few seconds."""
-    client = redis_client(settings.redis_url)  # no patience: a beat is stamped when it is written, not a minute early
+    client = redis_client(settings)  # no patience: a beat is stamped when it is written, not a minute early
 
     @signals.worker_ready.connect(weak=False)
     def start(**_: object) -> None:

@@ -45,7 +45,7 @@ class ProcessState:
 @cache
 def _process_state(pid: int) -> ProcessState:
     """Keyed by pid so that a forked child never uses its parent's sessions or sockets."""
-    client = redis_client(settings().redis_url, patience=REDIS_PATIENCE)
+    client = redis_client(settings(), patience=REDIS_PATIENCE)
     return ProcessState(client, Jobs.for_settings(client, settings()))
 
 

@@ -1,0 +1,159 @@
+"""Redis Sentinel: the `sentinel://` form of LOOKALIKE_REDIS_URL, and connections (redis-py's and kombu's) to the
+primary the sentinels name, which follow their `+switch-master` announcements to a new one at once."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from kombu.transport import redis as kombu_redis
+from redis.sentinel import Sentinel, SentinelManagedConnection
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCHEME = "sentinel"
+DEFAULT_PORT = 26379
+TIMEOUT = 2.0  # seconds for a sentinel's answer: another sentinel is asked after that
+SWITCH_CHANNEL = "+switch-master"
+WATCH_AGAIN_SECONDS = 1.0  # after a sentinel dropped the watch: the next one is asked
+
+
+def uses_sentinel(url: str) -> bool:
+    return url.startswith(f"{SCHEME}://")
+
+
+def sentinel_addresses(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
+    """The sentinels (host, port), the primary's password and the database of a `sentinel://` URL in kombu's form:
+    `sentinel://[:password@]host:port;sentinel://host:port/db`."""
+    hosts, password, db = [], None, 0
+    for part in url.split(";"):
+        parsed = urlsplit(part.strip())
+        if parsed.scheme != SCHEME or not parsed.hostname:
+            raise ValueError(f"{part!r} is no sentinel://host:port address")
+        hosts.append((parsed.hostname, parsed.port or DEFAULT_PORT))
+        password = unquote(parsed.password) if parsed.password else password
+        db = int(parsed.path.strip("/") or db)
+    return hosts, password, db
+
+
+def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """How to talk to the sentinels themselves."""
+    own = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
+    return own | ({"password": settings.redis_sentinel_password} if settings.redis_sentinel_password else {})
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """What kombu and Celery's result backend need besides a `sentinel://` URL (nothing for a plain Redis URL)."""
+    if not uses_sentinel(settings.redis_url):
+        return {}
+    return {"master_name": settings.redis_master, "sentinel_kwargs": sentinel_kwargs(settings)}
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the sentinels name: it asks them each time it connects, and it is dropped, its
+    next command failing as a lost connection (which every client here retries on a new one), once they announce
+    another primary.
+
+    redis-py 8 reconnects a dropped connection through `connect_check_health`, past SentinelManagedConnection's own
+    `connect`, and so went on dialling a dead primary for a worker's whole patience (redis-py#3874). And a demoted
+    primary takes writes until Sentinel tells it what it is now (some 10 s after a switch): the clients that stayed on
+    it would lose them."""
+
+    switches_seen = -1  # how many switches of its primary the process had heard of when this one connected
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock:
+            return
+        pool = self.connection_pool
+        watch = watch_switches(pool.service_name, pool.sentinel_manager.sentinels)
+        self.switches_seen = watch.switches
+        self.host, self.port = pool.get_master_address()
+        # one try per address: the command's own retry asks the sentinels again, after its backoff
+        super().connect_check_health(check_health, retry_socket_connect=False)
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        watch = _watches.get(_watch_key(self.connection_pool.service_name))  # none yet in a forked child
+        if self._sock and (watch is None or self.switches_seen != watch.switches):
+            self.disconnect()
+            raise redis.ConnectionError(f"the Redis primary of {self.connection_pool.service_name!r} switched")
+        super().send_packed_command(command, check_health)
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):
+    connection_class = PrimaryConnection
+
+
+class Transport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport on PrimaryConnection (Celery's `broker_transport` with a `sentinel://` URL)."""
+
+    Channel = SentinelChannel
+
+
+def primary_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A client of the primary the sentinels name."""
+    hosts, password, db = sentinel_addresses(settings.redis_url)
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs(settings))
+    return sentinel.master_for(
+        settings.redis_master, password=password, db=db, connection_class=PrimaryConnection, **options
+    )
+
+
+class SwitchWatch(threading.Thread):
+    """Counts the sentinels' `+switch-master` announcements of one primary, subscribed to one sentinel after the
+    other for as long as the process lives."""
+
+    def __init__(self, master: str, sentinels: list[redis.Redis]) -> None:
+        super().__init__(name="sentinel-watch", daemon=True)
+        self.master = master
+        self.sentinels = list(sentinels)
+        self.switches = 0
+
+    def run(self) -> None:
+        for turn in itertools.count():
+            sentinel = self.sentinels[turn % len(self.sentinels)]
+            try:
+                self._watch(sentinel)
+            except redis.RedisError as error:  # that sentinel is away: the next one
+                log.debug("sentinel %s can't be watched: %s", sentinel, error)
+            time.sleep(WATCH_AGAIN_SECONDS)
+
+    def _watch(self, sentinel: redis.Redis) -> None:
+        with sentinel.pubsub(ignore_subscribe_messages=True) as pubsub:
+            pubsub.subscribe(SWITCH_CHANNEL)
+            while True:
+                message = pubsub.get_message(timeout=TIMEOUT * 5)
+                if message is None:
+                    pubsub.ping()  # a sentinel that died in silence is found here
+                    continue
+                if message["type"] != "message":  # the ping's pong
+                    continue
+                name, *_, host, port = message["data"].decode().split()
+                if name == self.master:
+                    self.switches += 1
+                    log.warning("the Redis primary %r switched to %s:%s: reconnecting", name, host, port)
+
+
+_watches: dict[tuple[int, str], SwitchWatch] = {}
+_watches_lock = threading.Lock()
+
+
+def _watch_key(master: str) -> tuple[int, str]:
+    return os.getpid(), master  # a forked child watches for itself: threads don't survive a fork
+
+
+def watch_switches(master: str, sentinels: list[redis.Redis]) -> SwitchWatch:
+    """This process's watch of the primary `master`, started on first use."""
+    with _watches_lock:
+        watch = _watches.get(_watch_key(master))
+        if watch is None:
+            watch = _watches[_watch_key(master)] = SwitchWatch(master, sentinels)
+            watch.start()
+        return watch
