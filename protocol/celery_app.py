@@ -11,7 +11,7 @@ from kombu import Queue as KombuQueue
 
 from common.settings import Settings
 from protocol.queues import ROUTES, Queue
-from protocol.sentinel import transport_options, uses_sentinel
+from protocol.sentinel import broker_url, transport_options, uses_sentinel
 
 SENTINEL_TRANSPORT = "protocol.sentinel:Transport"  # kombu's, on connections that follow a switch at once
 BROKER_SOCKET_TIMEOUT = 30  # seconds; more than kombu's 1 s BRPOP and its health checks (25 s) take
@@ -21,8 +21,8 @@ def create_celery(settings: Settings, publish_patience: int = 0) -> Celery:
     """The app; with `publish_patience`, a send rides out that many seconds of Redis restarting (the workers')."""
     app = Celery("lookalike", set_as_current=True)
     app.conf.update(
-        broker_url=settings.redis_url,
-        result_backend=settings.redis_url,
+        broker_url=broker_url(settings),
+        result_backend=broker_url(settings),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

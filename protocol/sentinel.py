@@ -3,13 +3,12 @@ primary the sentinels name, which follow their `+switch-master` announcements to
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -23,7 +22,8 @@ SCHEME = "sentinel"
 DEFAULT_PORT = 26379
 TIMEOUT = 2.0  # seconds for a sentinel's answer: another sentinel is asked after that
 SWITCH_CHANNEL = "+switch-master"
-WATCH_AGAIN_SECONDS = 1.0  # after a sentinel dropped the watch: the next one is asked
+SENTINELS_AGREE_SECONDS = 30.0  # after a switch, by when every sentinel names the new primary (they talk every 2 s)
+WATCH_AGAIN_SECONDS = 1.0  # after a sentinel dropped the watch: it is asked again
 
 
 def uses_sentinel(url: str) -> bool:
@@ -44,6 +44,16 @@ def sentinel_addresses(url: str) -> tuple[list[tuple[str, int]], str | None, int
     return hosts, password, db
 
 
+def broker_url(settings: Settings) -> str:
+    """LOOKALIKE_REDIS_URL as kombu and Celery's result backend read it: they take the database and the password
+    from the first sentinel's address only, so each address carries them (the other clients here read either form)."""
+    if not uses_sentinel(settings.redis_url):
+        return settings.redis_url
+    hosts, password, db = sentinel_addresses(settings.redis_url)
+    credentials = f":{quote(password, safe='')}@" if password else ""
+    return ";".join(f"{SCHEME}://{credentials}{host}:{port}/{db}" for host, port in hosts)
+
+
 def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     """How to talk to the sentinels themselves."""
     own = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
@@ -58,15 +68,13 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 
 class PrimaryConnection(SentinelManagedConnection):
-    """A connection to the primary the sentinels name: it asks them each time it connects, and it is dropped, its
-    next command failing as a lost connection (which every client here retries on a new one), once they announce
-    another primary.
+    """A connection to the primary the sentinels name, which follows them to a new one. It asks them each time it
+    connects: redis-py 8 reconnects a dropped connection through `connect_check_health`, past
+    SentinelManagedConnection's own `connect`, and so went on dialling a dead primary for a worker's whole patience
+    (redis-py#3874). And it leaves the old primary as soon as they announce a switch: a demoted primary takes writes
+    until Sentinel tells it what it is now (some 10 s later), and the clients that stayed on it would lose them."""
 
-    redis-py 8 reconnects a dropped connection through `connect_check_health`, past SentinelManagedConnection's own
-    `connect`, and so went on dialling a dead primary for a worker's whole patience (redis-py#3874). And a demoted
-    primary takes writes until Sentinel tells it what it is now (some 10 s after a switch): the clients that stayed on
-    it would lose them."""
-
+    reconnects_in_place = True  # False for kombu's polled connection: its poller must learn of a new socket
     switches_seen = -1  # how many switches of its primary the process had heard of when this one connected
 
     def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
@@ -75,20 +83,29 @@ class PrimaryConnection(SentinelManagedConnection):
         pool = self.connection_pool
         watch = watch_switches(pool.service_name, pool.sentinel_manager.sentinels)
         self.switches_seen = watch.switches
-        self.host, self.port = pool.get_master_address()
+        # the sentinel asked may not have heard of the switch yet; the one that announced it has
+        self.host, self.port = watch.recent_primary() or pool.get_master_address()
         # one try per address: the command's own retry asks the sentinels again, after its backoff
         super().connect_check_health(check_health, retry_socket_connect=False)
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         watch = _watches.get(_watch_key(self.connection_pool.service_name))  # none yet in a forked child
         if self._sock and (watch is None or self.switches_seen != watch.switches):
-            self.disconnect()
-            raise redis.ConnectionError(f"the Redis primary of {self.connection_pool.service_name!r} switched")
+            self.disconnect()  # nothing of this command was sent: it goes to the new primary whole
+            if not self.reconnects_in_place:
+                raise redis.ConnectionError(f"the Redis primary of {self.connection_pool.service_name!r} switched")
         super().send_packed_command(command, check_health)
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
     connection_class = PrimaryConnection
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params = super()._connparams(asynchronous)
+        if asynchronous:  # a consumer's socket is in kombu's poller: a switch goes through kombu's reconnection
+            polled = type("PolledPrimaryConnection", (params["connection_class"],), {"reconnects_in_place": False})
+            params["connection_class"] = polled
+        return params
 
 
 class Transport(kombu_redis.SentinelTransport):
@@ -106,22 +123,25 @@ def primary_client(settings: Settings, **options: Any) -> redis.Redis:
     )
 
 
-class SwitchWatch(threading.Thread):
-    """Counts the sentinels' `+switch-master` announcements of one primary, subscribed to one sentinel after the
-    other for as long as the process lives."""
+class SwitchWatch:
+    """Counts the switches of one primary the sentinels announce (`+switch-master`), listening to every sentinel at
+    once: each announces a switch when it learns of it, the leader of the failover at once, the others up to a few
+    seconds later."""
 
     def __init__(self, master: str, sentinels: list[redis.Redis]) -> None:
-        super().__init__(name="sentinel-watch", daemon=True)
         self.master = master
-        self.sentinels = list(sentinels)
         self.switches = 0
+        self.primary: tuple[str, int] | None = None  # as the last announcement named it
+        self.announced = 0.0  # when (monotonic)
+        self._lock = threading.Lock()
+        for sentinel in sentinels:
+            threading.Thread(target=self._listen, args=(sentinel,), name="sentinel-watch", daemon=True).start()
 
-    def run(self) -> None:
-        for turn in itertools.count():
-            sentinel = self.sentinels[turn % len(self.sentinels)]
+    def _listen(self, sentinel: redis.Redis) -> None:
+        while True:
             try:
                 self._watch(sentinel)
-            except redis.RedisError as error:  # that sentinel is away: the next one
+            except redis.RedisError as error:  # that sentinel is away: the others still tell
                 log.debug("sentinel %s can't be watched: %s", sentinel, error)
             time.sleep(WATCH_AGAIN_SECONDS)
 
@@ -137,8 +157,19 @@ class SwitchWatch(threading.Thread):
                     continue
                 name, *_, host, port = message["data"].decode().split()
                 if name == self.master:
-                    self.switches += 1
-                    log.warning("the Redis primary %r switched to %s:%s: reconnecting", name, host, port)
+                    self._switched_to((host, int(port)))
+
+    def _switched_to(self, primary: tuple[str, int]) -> None:
+        with self._lock:
+            if primary == self.primary:
+                return  # another sentinel telling the same switch
+            self.primary, self.announced = primary, time.monotonic()
+            self.switches += 1
+        log.warning("the Redis primary %r switched to %s:%d: reconnecting", self.master, *primary)
+
+    def recent_primary(self) -> tuple[str, int] | None:
+        """The primary the last switch named, while some sentinels may not know of it yet."""
+        return self.primary if time.monotonic() - self.announced < SENTINELS_AGREE_SECONDS else None
 
 
 _watches: dict[tuple[int, str], SwitchWatch] = {}
@@ -155,5 +186,4 @@ def watch_switches(master: str, sentinels: list[redis.Redis]) -> SwitchWatch:
         watch = _watches.get(_watch_key(master))
         if watch is None:
             watch = _watches[_watch_key(master)] = SwitchWatch(master, sentinels)
-            watch.start()
         return watch

@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import requests
 
+from common.settings import Settings
 from lookalike.redis_server import SentinelRedis, free_port
-from lookalike.stack import Stack
+from lookalike.stack import LOOKALIKE, Stack
 from lookalike.up import start_workers
 from protocol import keys
+from protocol.celery_app import create_celery
 from protocol.client import Client
 from protocol.connection import redis_client
 from protocol.sentinel import sentinel_addresses
+from tests.test_up import Up, search
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +40,8 @@ class Search:
 
 @dataclass
 class Shoppers:
-    """Clients searching through the web, one photo after the other, each search timed and its outcome kept."""
+    """Clients searching through the web, one photo after the other, each search timed and its outcome kept. Each
+    waits up to 3 s for its answer (`wait`), then follows its job."""
 
     url: str
     photos: list[Path]
@@ -70,14 +74,14 @@ class Shoppers:
 
     def _search(self, session: requests.Session, photo: Path) -> str:
         try:
-            response = session.post(f"{self.url}/api/search", data={"k": "5", "wait": "10"},
+            response = session.post(f"{self.url}/api/search", data={"k": "5", "wait": "3"},
                                     files={"image": photo.read_bytes()}, timeout=30)  # fmt: skip
             status_url = response.headers.get("Location", "")
             while response.status_code in (200, 202):
                 job = response.json()
                 if job.get("state") in ("done", "failed", "partial"):
                     return "answered" if job["state"] == "done" else f"failed {job.get('error', {}).get('code')}"
-                response = session.get(f"{self.url}{status_url}", params={"wait": "10"}, timeout=30)
+                response = session.get(f"{self.url}{status_url}", params={"wait": "3"}, timeout=30)
         except requests.RequestException as error:
             return f"no answer: {type(error).__name__}"
         if response.status_code == 503 and "Retry-After" in response.headers:
@@ -162,9 +166,16 @@ def check_searches(shoppers: Shoppers, failovers: list[tuple[float, float]]) -> 
         assert again and again[0].ended <= promoted + ANSWERED_AGAIN_WITHIN, (promoted, shoppers.after(promoted)[:5])
 
 
-def test_the_sentinel_url_names_every_sentinel_and_the_database():
-    url = "sentinel://:secret@10.0.0.1:26379;sentinel://10.0.0.2:26380;sentinel://10.0.0.3/2"
-    assert sentinel_addresses(url) == ([("10.0.0.1", 26379), ("10.0.0.2", 26380), ("10.0.0.3", 26379)], "secret", 2)
+def test_the_sentinel_url_names_every_sentinel_the_database_and_password_and_kombu_reads_them_from_any_form():
+    url = "sentinel://:s%40cret@10.0.0.1:26379;sentinel://10.0.0.2:26380;sentinel://10.0.0.3/2"
+    assert sentinel_addresses(url) == ([("10.0.0.1", 26379), ("10.0.0.2", 26380), ("10.0.0.3", 26379)], "s@cret", 2)
+    settings = Settings.from_env({"LOOKALIKE_REDIS_URL": url, "LOOKALIKE_REDIS_MASTER": "shop"})
+    broker = create_celery(settings).connection_for_write()
+    assert broker.transport_cls == "protocol.sentinel:Transport"
+    assert (broker.virtual_host, broker.password) == ("2", "s@cret")
+    addresses = ["10.0.0.1:26379/2", "10.0.0.2:26380/2", "10.0.0.3:26379/2"]
+    assert [address.split("@")[-1] for address in broker.alt] == addresses
+    assert broker.transport_options["master_name"] == "shop"
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +247,20 @@ def test_a_demoted_primary_s_blocked_clients_follow_the_new_one_and_an_accepted_
     assert stack.heartbeat("replica")[0]["items"] == 1001
     assert still_the_same_processes(stack, started_as)
     assert redis_client(stack.settings).info("replication")["role"] == "master"
+
+
+def test_lookalike_up_serves_on_the_sentinels_it_is_given_and_starts_no_redis_of_its_own(
+    sentinels, tmp_path, pretrained_model, sample
+):
+    folder, photos = sample
+    port = free_port()
+    redis_url = sentinels.url.removesuffix("/0") + "/1"  # database 0 is the stack's above, its owner still alive
+    up = Up(tmp_path, [LOOKALIKE, "up", "--redis-url", redis_url, "--port", str(port), "--model",
+                       str(pretrained_model), "--catalog", str(folder)])  # fmt: skip
+    try:
+        up.wait_for_output(r"load done: 1,002 indexed")
+        assert "(embedded, data in" not in up.err.read_text()
+        assert not (tmp_path / "data" / "redis").exists()
+        assert search(port, photos[0])["result"]["hits"][0]["id"] == photos[0].stem
+    finally:
+        assert up.stop() == 0

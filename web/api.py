@@ -104,7 +104,11 @@ def openapi() -> Response:
 def answered(job_id: str, seconds: int) -> tuple[Response, int, dict[str, str]]:
     """200 and the finished job when it finishes within `seconds`, else 202 and where to follow it."""
     if seconds and service().wait_for(job_id, seconds):  # queued this instant: no need to read it before the wait
-        return jsonify(present_job(service().job(job_id))), 200, {"Location": url_for("api.job", job_id=job_id)}
+        return (
+            jsonify(present_job(service().job_made_here(job_id))),
+            200,
+            {"Location": url_for("api.job", job_id=job_id)},
+        )
     return accepted(job_id)
 
 

@@ -185,6 +185,14 @@ class Service:
             raise not_found(f"no job with id {job_id} (search results are kept {self.settings.search_ttl} s)")
         return job
 
+    def job_made_here(self, job_id: str) -> dict[str, Any]:
+        """A job this very request created: gone means Redis lost it with the last writes before a failover (its
+        replica never had them): 503, to be sent again, not a 404 for an id the client was just given."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise unavailable(ErrorCode.BROKER_UNAVAILABLE, "Redis lost the job as it failed over: send it again")
+        return job
+
     def finished_job(self, job_id: str, seconds: int, error_offset: int = 0, error_limit: int = 50) -> dict[str, Any]:
         """The job once it finished, waiting up to `seconds` for it (woken by its finish, not by polling); as it is
         when it did not finish in time, or when LOOKALIKE_WEB_WAITING requests of this process wait already."""
