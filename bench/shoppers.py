@@ -17,6 +17,7 @@ FIRST_POLL, BACKOFF, LONGEST_POLL = 0.05, 1.5, 2.0  # as web/static/app.js polls
 PATIENCE = 120  # seconds a client follows one job before it counts the search as failed
 FAILED = -1  # the status under which a client counts an accepted search that did not end done
 REFUSED = "refused"  # a search the service refused (busy): not a failed one
+ANSWERED = "answered"
 K = 10  # results a search asks for
 
 
@@ -42,8 +43,9 @@ class Shopper(threading.Thread):
 
     A refused upload waits as its Retry-After says; `refusals` counts each answer but 202 by status and error
     code ("no reason" when the body has none, "no Retry-After" when a 429/503 lacks it). An accepted search that
-    ends failed, can't be followed (its job answers other than 200) or takes longer than PATIENCE counts as
-    FAILED; a client that breaks off (a dropped connection) counts its upload as FAILED too.
+    ends failed, can't be followed (its job answers other than 200; a 503 is asked again after its Retry-After) or
+    takes longer than PATIENCE counts as FAILED; a client that breaks off (a dropped connection) counts its upload
+    as FAILED too. `timeline` keeps each search's start, end and outcome.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Shopper(threading.Thread):
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
         self.refusals: Counter[str] = Counter()
+        self.timeline: list[tuple[float, float, str]] = []  # (started, ended: monotonic, outcome) of each search
 
     def run(self) -> None:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
@@ -63,16 +66,17 @@ class Shopper(threading.Thread):
         while time.monotonic() < self.until and self.budget.take():
             photo = self.photos[(self.offset + made) % len(self.photos)]
             made += 1
-            started = time.perf_counter()
+            started, outcome = time.monotonic(), False
             try:
                 outcome = self.search(connection, photo)
-                if outcome is True:
-                    self.latencies.append(time.perf_counter() - started)
-                if outcome is not False:
-                    continue
             except (OSError, http.client.HTTPException, ValueError, KeyError):
                 connection.close()  # the next request opens a new connection
-            self.statuses[FAILED] += 1
+            ended = time.monotonic()
+            if outcome is True:
+                self.latencies.append(ended - started)
+            elif outcome is False:
+                self.statuses[FAILED] += 1
+            self.timeline.append((started, ended, {True: ANSWERED, False: "failed"}.get(outcome, REFUSED)))
 
     def search(self, connection: http.client.HTTPConnection, photo: Path) -> bool | str:
         """One search: True when it ended done, False when not, REFUSED when the service refused it."""
@@ -100,6 +104,9 @@ class Shopper(threading.Thread):
             connection.request("GET", status_url)
             response = connection.getresponse()
             job = json.loads(response.read())
+            if response.status == 503:  # Redis away (a restart, a failover): asked again as Retry-After says
+                time.sleep(min(float(response.getheader("Retry-After", "1")), 5.0))
+                continue
             if response.status != 200:
                 return False
             if job["state"] in ("done", "failed"):

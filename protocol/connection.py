@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import redis
@@ -18,6 +19,22 @@ log = logging.getLogger(__name__)
 REPLICA_WAIT_MS = 1000  # how long an acknowledged write waits for a Redis replica to hold it
 
 
+class Patience(Retry):
+    """A worker's retries: about `patience` seconds' worth while the process runs, none once it is stopping (a stop
+    must not wait a minute for a Redis that is away). redis-py copies a client's Retry into each connection, and a
+    call under way retries with its copy, so the one switch for them all is this class's."""
+
+    stopping = threading.Event()
+
+    @property  # type: ignore[override]
+    def _retries(self) -> int:
+        return 0 if Patience.stopping.is_set() else self.__dict__["retries_while_running"]
+
+    @_retries.setter
+    def _retries(self, value: int) -> None:
+        self.__dict__["retries_while_running"] = value
+
+
 def redis_client(settings: Settings, timeout: float = 10, patience: float = 0) -> redis.Redis:
     """A client that gives up on an unresponsive Redis after `timeout` seconds (connecting: at most 5).
 
@@ -30,7 +47,7 @@ def redis_client(settings: Settings, timeout: float = 10, patience: float = 0) -
         "socket_timeout": timeout,
         "socket_connect_timeout": min(timeout, 5),
         "health_check_interval": 30,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05) if patience else NoBackoff(), retries=retries),
+        "retry": Patience(ExponentialBackoff(cap=1.0, base=0.05), retries) if patience else Retry(NoBackoff(), retries),
         # not on time-outs: a command whose answer was lost may have run, and some can't run twice
         "retry_on_error": [redis.ConnectionError],
     }

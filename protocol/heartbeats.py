@@ -74,8 +74,11 @@ def start_heartbeat(
 
 
 def forget_heartbeat(client: redis.Redis, role: str) -> None:
-    """A clean stop: this process is gone now, not in ALIVE_SECONDS."""
-    client.hdel(keys.WORKERS, _field(role))
+    """A clean stop: this process is gone now, not in ALIVE_SECONDS (unless Redis is away: then it ages out)."""
+    try:
+        client.hdel(keys.WORKERS, _field(role))
+    except redis.RedisError as error:
+        log.warning("could not tell Redis this %s process stopped (its heartbeat ages out instead): %s", role, error)
 
 
 def heartbeats(client: redis.Redis, role: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:

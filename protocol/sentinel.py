@@ -12,7 +12,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from kombu.transport import redis as kombu_redis
-from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
 from common.settings import Settings
 
@@ -84,9 +84,20 @@ class PrimaryConnection(SentinelManagedConnection):
         watch = watch_switches(pool.service_name, pool.sentinel_manager.sentinels)
         self.switches_seen = watch.switches
         # the sentinel asked may not have heard of the switch yet; the one that announced it has
-        self.host, self.port = watch.recent_primary() or pool.get_master_address()
+        self.host, self.port = watch.recent_primary() or self._primary_address()
         # one try per address: the command's own retry asks the sentinels again, after its backoff
         super().connect_check_health(check_health, retry_socket_connect=False)
+
+    def _primary_address(self) -> tuple[str, int]:
+        pool = self.connection_pool
+        try:
+            return pool.get_master_address()
+        except MasterNotFoundError:
+            if pool.master_address is None or any(_answers(sentinel) for sentinel in pool.sentinel_manager.sentinels):
+                raise  # they know of no primary now: a failover under way
+            # No sentinel answers (they are stopped before the workers, or restarting): the primary they last named
+            # still serves as far as anyone knows; a dead one refuses the connection, as it would anyway.
+            return pool.master_address
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         watch = _watches.get(_watch_key(self.connection_pool.service_name))  # none yet in a forked child
@@ -95,6 +106,13 @@ class PrimaryConnection(SentinelManagedConnection):
             if not self.reconnects_in_place:
                 raise redis.ConnectionError(f"the Redis primary of {self.connection_pool.service_name!r} switched")
         super().send_packed_command(command, check_health)
+
+
+def _answers(sentinel: redis.Redis) -> bool:
+    try:
+        return bool(sentinel.ping())
+    except redis.RedisError:
+        return False
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):

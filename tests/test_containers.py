@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,7 @@ def deployment(shared_dir) -> Iterator[tuple[Compose, str]]:
         "LOOKALIKE_CATALOG": str(shared_dir / "data" / "demo"),
         "LOOKALIKE_MODEL_IMPORT": str(shared_dir / "models"),
         "LOOKALIKE_MODEL_SOURCE": "/import/efficientnet_lite0_max.onnx",
+        "LOOKALIKE_SENTINEL_DOWN_AFTER_MS": "2000",  # docker-compose.ha.yml's, when the test adds it
     }
     compose = Compose(f"lookalike-test-{os.getpid()}", environment)
     base = timed(compose.figures, "base images (made once per machine; 0 when there)", subprocess.run,
@@ -314,6 +316,46 @@ def test_every_container_stops_on_sigterm_and_down_then_up_keeps_every_item(depl
     assert compose.containers(every=True) == {}
     compose("up", "-d")
     wait_until(lambda: health(url).get("index", {}).get("items") == 1001, "the index again, whole", 300)
+
+
+def test_with_the_ha_file_a_killed_primary_s_searches_are_503_until_its_replica_takes_over_and_it_rejoins(
+    deployment, shared_dir
+):
+    """docker-compose.ha.yml: a replica and three sentinels beside `redis`, every service on the sentinels."""
+    compose, url = deployment
+    compose("down", "-t", "10")  # podman-compose 1.0.3 leaves running containers as they are, new settings or not
+    compose.files = (*compose.files, "docker-compose.ha.yml")  # from here on: stop, down and up act on all
+    compose("up", "-d")
+    wait_until(lambda: health(url).get("index", {}).get("items") == 1001, "the index on the sentinels' primary", 300)
+    photo = demo_photos(shared_dir)[1]
+    assert first_hit(search(url, photo)[1]) == photo.stem
+
+    def replica_known() -> bool:  # sentinels learn of replicas from the primary, every 10 s: none, no failover
+        replicas = [compose.podman("exec", compose.container(name), "redis-cli", "-p", "26379", "sentinel", "replicas",
+                                   "lookalike") for name in ("sentinel-1", "sentinel-2", "sentinel-3")]  # fmt: skip
+        return all("redis-replica" in known and "\nslave\n" in known for known in replicas)
+
+    wait_until(replica_known, "every sentinel to know the replica", 60)
+    compose.podman("kill", compose.container("redis"))
+    killed, statuses = time.monotonic(), Counter()
+
+    def answered() -> bool:
+        status, job = search(url, photo)
+        statuses[status] += 1
+        return status == 200 and first_hit(job) == photo.stem
+
+    wait_until(answered, "a search answered on the promoted replica", 60, every=0.5)
+    compose.figures["primary's container killed to a search answered (down-after 2 s)"] = (
+        f"{time.monotonic() - killed:.1f} s ({statuses[503]} searches refused 503 meanwhile)"
+    )
+    assert set(statuses) <= {200, 503}, statuses
+    compose.podman("start", compose.container("redis"))
+
+    def replicating() -> bool:
+        return "role:slave" in compose.podman("exec", compose.container("redis"), "redis-cli", "info", "replication")
+
+    wait_until(replicating, "the old primary to come back as a replica", 60)
+    wait_until(lambda: health(url).get("status") == "ok", "every worker to report in on the new primary", 60)
 
 
 def test_down_v_leaves_no_container_network_or_volume(deployment):

@@ -28,6 +28,9 @@ pytestmark = pytest.mark.slow
 
 API_KEY = "failover"
 ANSWERED_AGAIN_WITHIN = 10.0  # seconds after a promotion by which searches must be answered again
+# After a planned switch: a consumer blocked on the demoted primary (kombu's BRPOP) may stay until Sentinel tells that
+# primary what it is, about 10 s later, and it answers UNBLOCKED
+ANSWERED_AGAIN_AFTER_DEMOTION = 25.0
 ROLES = ("index", "replica", "query", "embed")
 
 
@@ -146,7 +149,9 @@ def fail_over(sentinels: SentinelRedis, how: str) -> tuple[float, float]:
     return died, time.monotonic()
 
 
-def check_searches(shoppers: Shoppers, failovers: list[tuple[float, float]]) -> None:
+def check_searches(
+    shoppers: Shoppers, failovers: list[tuple[float, float]], within: float = ANSWERED_AGAIN_WITHIN
+) -> None:
     """No search failed but while Redis had no primary (from a little before its death: a search under way then),
     each with a 503 and Retry-After or a failed job with a code; after each promotion, searches answered again soon.
 
@@ -157,13 +162,13 @@ def check_searches(shoppers: Shoppers, failovers: list[tuple[float, float]]) -> 
     assert not wrong, wrong
 
     def in_a_window(search: Search) -> bool:
-        return any(died - 12 <= search.started <= promoted + ANSWERED_AGAIN_WITHIN for died, promoted in failovers)
+        return any(died - 12 <= search.started <= promoted + within for died, promoted in failovers)
 
     outside = [search for search in shoppers.searches if search.outcome != "answered" and not in_a_window(search)]
     assert not outside, outside
     for _, promoted in failovers:
         again = [search for search in shoppers.after(promoted) if search.outcome == "answered"]
-        assert again and again[0].ended <= promoted + ANSWERED_AGAIN_WITHIN, (promoted, shoppers.after(promoted)[:5])
+        assert again and again[0].ended <= promoted + within, (promoted, shoppers.after(promoted)[:5])
 
 
 def test_the_sentinel_url_names_every_sentinel_the_database_and_password_and_kombu_reads_them_from_any_form():
@@ -238,8 +243,8 @@ def test_a_demoted_primary_s_blocked_clients_follow_the_new_one_and_an_accepted_
             time.sleep(float(deleted.headers["Retry-After"]))
             deleted = requests.delete(f"{stack.url}/api/items/{photos[0].stem}", headers=headers, timeout=30)
         assert deleted.status_code in (200, 202), deleted.text
-        time.sleep(ANSWERED_AGAIN_WITHIN + 2)
-    check_searches(shoppers, [failover])
+        time.sleep(ANSWERED_AGAIN_AFTER_DEMOTION + 2)
+    check_searches(shoppers, [failover], ANSWERED_AGAIN_AFTER_DEMOTION)
 
     seq = client.stats()["seq"]
     stack.wait_for(lambda: stack.heartbeat("replica")[0]["seq"] >= seq, "the replica to follow the new primary", 30)

@@ -43,6 +43,7 @@ def run_worker(kind: str, loglevel: str) -> int:
     app = create_celery(settings, publish_patience=runtime.REDIS_PATIENCE)
     if kind in ("embed", "index"):  # a Celery worker; a query process lists what it holds itself, a replica none
         watch_for_orphans(app, settings)
+        signals.worker_shutting_down.connect(lambda **_: runtime.stop_waiting_for_redis(), weak=False)
     starts: dict[str, Callable[[Celery, Settings, str], None]] = {
         "embed": run_embedders,
         "index": run_index_owner,
@@ -106,6 +107,7 @@ def run_query_process(app: Celery, settings: Settings, loglevel: str) -> None:
     try:
         consumer.run()
     finally:
+        runtime.stop_waiting_for_redis()
         forget_heartbeat(client, Role.QUERY)
         forget_heartbeat(client, Role.HOLDER)
 
@@ -117,8 +119,13 @@ def run_replica(app: Celery, settings: Settings, loglevel: str) -> None:
     runtime.state().replica = replica
     replica.start_following()
     stopping = threading.Event()
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        runtime.stop_waiting_for_redis()  # a read waiting on a Redis that is away gives up now
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, stop)
     start_heartbeat(runtime.state().redis, Role.REPLICA, replica.heartbeat, every=1)
     try:
         replica.serve_reads(lambda task, args: app.tasks[task](*args), stopping)

@@ -14,7 +14,7 @@ import redis
 from common.model import EmbeddingModel, load_model
 from common.settings import Settings
 from protocol import keys
-from protocol.connection import redis_client
+from protocol.connection import Patience, redis_client
 from protocol.jobs import Jobs
 
 REDIS_PATIENCE = 60  # seconds a worker's Redis calls keep trying while Redis restarts
@@ -51,6 +51,13 @@ def _process_state(pid: int) -> ProcessState:
 
 def state() -> ProcessState:
     return _process_state(os.getpid())
+
+
+def stop_waiting_for_redis() -> None:
+    """On the way out: this process's Redis calls fail at once instead of riding out an outage for REDIS_PATIENCE,
+    so a stop does not wait a minute for a Redis stopped before it (podman-compose stops services in file order,
+    and after a failover the primary is a service listed after the workers)."""
+    Patience.stopping.set()
 
 
 def jobs() -> Jobs:
