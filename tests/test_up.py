@@ -82,8 +82,12 @@ class Up:
         self.out = tmp_path / f"up-{uuid.uuid4().hex[:6]}.out"
         self.err = self.out.with_suffix(".err")
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.process = subprocess.Popen(argv, env=environ, stdout=out, stderr=err, cwd=REPO,
-                                            start_new_session=True)  # fmt: skip
+            # SIGINT as a terminal's Ctrl-C delivers it, also when the suite itself was started with it ignored
+            # (in the background of a shell): a process keeps an ignored SIGINT ignored, `lookalike up` too
+            self.process = subprocess.Popen(
+                argv, env=environ, stdout=out, stderr=err, cwd=REPO, start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )  # fmt: skip
 
     def wait_for_output(self, pattern: str, timeout: float = 300) -> re.Match:
         return Stack.wait_for(lambda: re.search(pattern, self.out.read_text()), f"{pattern!r} from lookalike up",
